@@ -1,0 +1,9 @@
+"""Typed Python wrappers of the fused ops, with their fake (meta) kernels for torch.compile.
+
+One module per op, named like the op; each wraps one ``torch.ops.dspark.<name>`` schema whose CPU
+and CUDA kernels are registered from ``csrc/torch/<name>.cpp``. The wrappers only normalise
+arguments (scalars -> per-request tensors) and document shapes. Pure-PyTorch references with
+identical semantics live in :mod:`dspark_native.reference`.
+"""
+
+from .verify_chain import DRAFT_LOGITS, DRAFT_ONE_HOT, DRAFT_PROBS, VerifyChainOutput, verify_chain  # noqa: F401

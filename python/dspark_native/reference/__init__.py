@@ -1,0 +1,9 @@
+"""Pure-PyTorch references of every fused op: the executable specification the kernels are tested
+against, and a fallback where the extension is missing. One module per op, named like the op;
+:mod:`.sampling` holds the conventions they share (Philox counters, tie rules, inverse-CDF draws).
+They follow the kernels exactly, so the same (seed, offset) gives the same tokens up to
+floating-point ties. They favour clarity over speed.
+"""
+
+from .sampling import *  # noqa: F401,F403
+from .verify_chain import verify_chain_reference  # noqa: F401
