@@ -1,0 +1,45 @@
+"""Targets, drafters and checkpoint loaders for DSpark speculative decoding (pure PyTorch).
+
+See docs/models.md for formats, errors and the per-round API.
+"""
+
+from .cache import ContextLengthError, KVCache
+from .config import (
+    CheckpointError,
+    DrafterConfig,
+    ModelConfig,
+    default_target_layer_ids,
+)
+from .drafter import ConfidenceHead, DSparkDrafter, MarkovHead
+from .eagle3 import Eagle3Drafter
+from .loaders import (
+    build_drafter,
+    build_target,
+    load_drafter,
+    load_target,
+    read_safetensors_dir,
+    save_drafter,
+    save_target,
+)
+from .target import TargetModel
+
+__all__ = [
+    "CheckpointError",
+    "ConfidenceHead",
+    "ContextLengthError",
+    "DSparkDrafter",
+    "DrafterConfig",
+    "Eagle3Drafter",
+    "KVCache",
+    "MarkovHead",
+    "ModelConfig",
+    "TargetModel",
+    "build_drafter",
+    "build_target",
+    "default_target_layer_ids",
+    "load_drafter",
+    "load_target",
+    "read_safetensors_dir",
+    "save_drafter",
+    "save_target",
+]

@@ -1,0 +1,352 @@
+"""DSpark / DFlash drafter: block-parallel backbone with KV context injection, Markov head and
+confidence head (DeepSpec checkpoint layout; parameter names are the checkpoint keys)."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .cache import ContextLengthError, KVCache
+from .config import DrafterConfig
+from .layers import DecoderLayer, RMSNorm, rope_cos_sin, sdpa
+from .target import _as_long_1d
+
+
+class MarkovHead(nn.Module):
+    """Low-rank transition bias B(prev, .) added to the base logits (paper Eq. 5-6).
+
+    Parameters (DeepSpec names): ``markov_w1`` Embedding [V, r], ``markov_w2`` Linear r -> V
+    (weight [V, r], no bias); gated adds ``gate_proj`` Linear(H + r -> r) on [h ; W1[prev]];
+    rnn adds ``joint_proj`` Linear(2r + H -> 3r) on [s ; W1[prev] ; h] split into gate,
+    candidate and output parts. All math is done in fp32 (weights are upcast), so the
+    reference sampler and the fused op can share it bit for bit.
+    """
+
+    def __init__(self, vocab_size: int, hidden_size: int, rank: int, head_type: str):
+        super().__init__()
+        if rank <= 0:
+            raise ValueError("MarkovHead needs rank > 0")
+        self.rank = rank
+        self.head_type = head_type
+        self.markov_w1 = nn.Embedding(vocab_size, rank)
+        self.markov_w2 = nn.Linear(rank, vocab_size, bias=False)
+        if head_type == "gated":
+            self.gate_proj = nn.Linear(hidden_size + rank, rank)
+        elif head_type == "rnn":
+            self.joint_proj = nn.Linear(2 * rank + hidden_size, 3 * rank)
+        elif head_type != "vanilla":
+            raise ValueError(f"markov_head_type {head_type!r} unknown")
+
+    def embed(self, prev: torch.Tensor) -> torch.Tensor:
+        """W1[prev]: int64 [...] -> fp32 [..., r]."""
+        return F.embedding(prev, self.markov_w1.weight).float()
+
+    def init_state(self, batch: int, device=None) -> Optional[torch.Tensor]:
+        """RNN state s_0 = 0, fp32 [batch, r]; None for the stateless variants."""
+        if self.head_type != "rnn":
+            return None
+        return torch.zeros(batch, self.rank, device=device or self.markov_w1.weight.device)
+
+    def step(
+        self, prev: torch.Tensor, h: torch.Tensor, state: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """One sequential step for a batch of rows.
+
+        Args: prev int64 [N] previous token, h [N, H] backbone hidden of this position,
+            state fp32 [N, r] (rnn only; None means s = 0).
+        Returns: bias fp32 [N, V], e = W1[prev] fp32 [N, r], new state (rnn) or None.
+        """
+        e = self.embed(prev)
+        w2 = self.markov_w2.weight.float()
+        if self.head_type == "vanilla":
+            return F.linear(e, w2), e, None
+        hf = h.float()
+        if self.head_type == "gated":
+            g = torch.sigmoid(
+                F.linear(torch.cat([hf, e], -1), self.gate_proj.weight.float(),
+                         self.gate_proj.bias.float())
+            )
+            return F.linear(g * e, w2), e, None
+        if state is None:
+            state = torch.zeros_like(e)
+        z = torch.cat([state.float(), e, hf], -1)
+        gco = F.linear(z, self.joint_proj.weight.float(), self.joint_proj.bias.float())
+        g, c, o = gco.split(self.rank, dim=-1)
+        g = torch.sigmoid(g)
+        new_state = g * state + (1 - g) * torch.tanh(c)
+        return F.linear(torch.tanh(o), w2), e, new_state
+
+    def teacher_forced(
+        self, prev: torch.Tensor, h: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Biases for known previous tokens (training, scoring).
+
+        prev int64 [..., g] (prev[..., 0] = anchor), h [..., g, H] -> bias fp32 [..., g, V],
+        e fp32 [..., g, r]. The rnn state runs left to right over the g positions.
+        """
+        if self.head_type != "rnn":
+            flat_b, flat_e, _ = self.step(prev.reshape(-1), h.reshape(-1, h.shape[-1]))
+            return (flat_b.reshape(*prev.shape, -1), flat_e.reshape(*prev.shape, -1))
+        lead = prev.shape[:-1]
+        g = prev.shape[-1]
+        p2 = prev.reshape(-1, g)
+        h2 = h.reshape(-1, g, h.shape[-1])
+        state = None
+        biases, es = [], []
+        for k in range(g):
+            b, e, state = self.step(p2[:, k], h2[:, k], state)
+            biases.append(b)
+            es.append(e)
+        return (torch.stack(biases, 1).reshape(*lead, g, -1),
+                torch.stack(es, 1).reshape(*lead, g, -1))
+
+
+class ConfidenceHead(nn.Module):
+    """c_k = sigmoid(w . [h_k ; W1[prev_k]] + b) (paper Eq. 7), fp32. ``proj``: Linear(in -> 1)."""
+
+    def __init__(self, in_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(in_dim, 1)
+
+    def logit(self, h: torch.Tensor, e: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """h [..., H], e fp32 [..., r] or None (head without Markov part) -> fp32 logit [...]."""
+        x = h.float() if e is None else torch.cat([h.float(), e.float()], -1)
+        if x.shape[-1] != self.proj.in_features:
+            raise ValueError(
+                f"confidence head expects {self.proj.in_features} input features, got {x.shape[-1]}"
+            )
+        return F.linear(x, self.proj.weight.float(), self.proj.bias.float()).squeeze(-1)
+
+    def forward(self, h: torch.Tensor, e: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return torch.sigmoid(self.logit(h, e))
+
+
+class DSparkDrafter(nn.Module):
+    """DSpark drafter (DFlash when markov_rank == 0 and no confidence head).
+
+    State per request slot: a KV cache of the projected target context, one entry per draft
+    layer. Per round the engine calls :meth:`ingest` (new context features), then
+    :meth:`propose` (one block; block K/V are never kept), and :meth:`crop` to roll back.
+    """
+
+    def __init__(self, cfg: DrafterConfig):
+        super().__init__()
+        if cfg.kind != "dspark":
+            raise ValueError(f"DSparkDrafter needs a DSpark config, got kind {cfg.kind!r}")
+        self.config = cfg
+        H = cfg.hidden_size
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, H)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(H, cfg.rms_norm_eps)
+        self.fc = nn.Linear(len(cfg.target_layer_ids) * H, H, bias=False)
+        self.hidden_norm = RMSNorm(H, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(H, cfg.vocab_size, bias=False)
+        self.markov_head = (
+            MarkovHead(cfg.vocab_size, H, cfg.markov_rank, cfg.markov_head_type)
+            if cfg.markov_rank > 0 else None
+        )
+        self.confidence_head = (
+            ConfidenceHead(cfg.confidence_input_dim) if cfg.enable_confidence_head else None
+        )
+        self.cache: Optional[KVCache] = None
+        # Keys taken from the target at load time (not written back by save_drafter).
+        self.shared_keys: Tuple[str, ...] = ()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.fc.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.fc.weight.device
+
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
+    def allocate_cache(self, max_requests: int, max_seq: int) -> KVCache:
+        """Create (and keep in ``self.cache``) the context KV cache."""
+        c = self.config
+        self.cache = KVCache(
+            c.num_hidden_layers, max_requests, c.num_key_value_heads, max_seq, c.head_dim,
+            dtype=self.dtype, device=self.device,
+        )
+        return self.cache
+
+    def _need_cache(self) -> KVCache:
+        if self.cache is None:
+            raise RuntimeError("call drafter.allocate_cache(max_requests, max_seq) first")
+        return self.cache
+
+    def project_context(self, ctx_features: torch.Tensor) -> torch.Tensor:
+        """C = hidden_norm(fc(ctx)): [..., k*H] -> [..., H] (model dtype)."""
+        want = self.fc.in_features
+        if ctx_features.shape[-1] != want:
+            raise ValueError(
+                f"ctx_features must have {want} = len(target_layer_ids) * hidden_size columns, "
+                f"got {ctx_features.shape[-1]}"
+            )
+        return self.hidden_norm(self.fc(ctx_features.to(self.dtype)))
+
+    @torch.no_grad()
+    def ingest(
+        self, request_ids: torch.Tensor, ctx_features: torch.Tensor, cu_seqlens: torch.Tensor
+    ) -> None:
+        """Append target context features to the per-request context cache.
+
+        request_ids int64 [R]; ctx_features [N, k*H] ragged (rows of request r are
+        cu[r]..cu[r+1]-1, at positions lengths[slot]..); cu_seqlens int64 [R+1].
+        """
+        cache = self._need_cache()
+        req = _as_long_1d(request_ids, "request_ids", self.device)
+        cu = _as_long_1d(cu_seqlens, "cu_seqlens", self.device)
+        if cu.numel() != req.numel() + 1 or int(cu[0]) != 0 or int(cu[-1]) != ctx_features.shape[0]:
+            raise ValueError("cu_seqlens must be [R+1], start at 0 and end at ctx_features rows")
+        if ctx_features.dim() != 2:
+            raise ValueError(f"ctx_features must be 2-D [N, k*H], got {tuple(ctx_features.shape)}")
+        counts = cu[1:] - cu[:-1]
+        if bool((counts < 0).any()):
+            raise ValueError("cu_seqlens must be non-decreasing")
+        if req.numel() and (int(req.min()) < 0 or int(req.max()) >= cache.max_requests):
+            raise ValueError(f"request_ids must be in [0, {cache.max_requests})")
+        over = cache.lengths[req] + counts > cache.max_seq
+        if bool(over.any()):
+            raise ContextLengthError(
+                f"drafter context cache max_seq = {cache.max_seq} exceeded for slots "
+                f"{req[over].tolist()}"
+            )
+        N = ctx_features.shape[0]
+        if N == 0:
+            return
+        row_req = torch.repeat_interleave(torch.arange(req.numel(), device=self.device), counts)
+        slot_t = req[row_req]
+        pos_t = cache.lengths[slot_t] + torch.arange(N, device=self.device) - cu[:-1][row_req]
+        C = self.project_context(ctx_features)
+        cos, sin = rope_cos_sin(pos_t, self.config.head_dim, self.config.rope_theta, C.dtype)
+        for li, layer in enumerate(self.layers):
+            # Context rows bypass input_layernorm (DFlash KV injection): k/v come from C directly.
+            k, v = layer.self_attn.kv(C, cos, sin)
+            cache.k_cache[li, slot_t, :, pos_t] = k
+            cache.v_cache[li, slot_t, :, pos_t] = v
+        cache.lengths[req] += counts
+
+    def crop(self, request_ids, lengths) -> None:
+        """Roll the context cache of the given slots back to ``lengths`` positions."""
+        self._need_cache().truncate(request_ids, lengths)
+
+    def block_input_ids(self, anchor_tokens: torch.Tensor) -> torch.Tensor:
+        """[anchor, mask, ..., mask]: int64 [R] -> [R, block_size]."""
+        R = anchor_tokens.shape[0]
+        ids = torch.full((R, self.block_size), self.config.mask_token_id, dtype=torch.int64,
+                         device=self.device)
+        ids[:, 0] = anchor_tokens
+        return ids
+
+    @torch.no_grad()
+    def propose(
+        self, request_ids: torch.Tensor, anchor_tokens: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Backbone forward over one block per request (parallel stage).
+
+        request_ids int64 [R]; anchor_tokens int64 [R] (last committed token, position =
+        cached context length). Returns base logits U fp32 [R, g, V] and hidden
+        h [R, g, H] (= norm(last layer output), model dtype; U = lm_head(h)). The cache is
+        unchanged: block K/V are attended to but never stored (the "crop").
+        """
+        cache = self._need_cache()
+        req = _as_long_1d(request_ids, "request_ids", self.device)
+        anchor = _as_long_1d(anchor_tokens, "anchor_tokens", self.device)
+        if anchor.numel() != req.numel():
+            raise ValueError("anchor_tokens must have one token per request")
+        if req.numel() and (int(req.min()) < 0 or int(req.max()) >= cache.max_requests):
+            raise ValueError(f"request_ids must be in [0, {cache.max_requests})")
+        if anchor.numel() and (int(anchor.min()) < 0 or int(anchor.max()) >= self.config.vocab_size):
+            raise ValueError(f"anchor_tokens out of range [0, {self.config.vocab_size})")
+        R, g = req.numel(), self.block_size
+        ctx_len = cache.lengths[req]
+        L = int(ctx_len.max()) if R else 0
+        ids = self.block_input_ids(anchor)
+        pos = ctx_len[:, None] + torch.arange(g, device=self.device)
+        j = torch.arange(L + g, device=self.device)
+        # Bidirectional block: each query sees the request's own context and the whole block.
+        mask = ((j[None, :] < ctx_len[:, None]) | (j[None, :] >= L))[:, None, None, :]
+        h = self.embed_tokens(ids)
+        cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, h.dtype)
+        for li, layer in enumerate(self.layers):
+            x = layer.input_layernorm(h)
+            q = layer.self_attn.q(x, cos, sin).transpose(1, 2)
+            k, v = layer.self_attn.kv(x, cos, sin)
+            K = torch.cat([cache.k_cache[li, req, :, :L], k.transpose(1, 2)], dim=2)
+            V = torch.cat([cache.v_cache[li, req, :, :L], v.transpose(1, 2)], dim=2)
+            attn = sdpa(q, K, V, mask).transpose(1, 2).flatten(2)
+            h = layer.finish(h, attn)
+        h = self.norm(h)
+        return self.lm_head(h).float(), h
+
+    def forward_train(
+        self, ctx_features: torch.Tensor, block_ids: torch.Tensor, anchor_positions: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced backbone forward for training (gradients flow).
+
+        Args:
+            ctx_features: [B, S, k*H] target features of positions 0..S-1.
+            block_ids: int64 [B, A, g] block inputs (anchor then mask tokens).
+            anchor_positions: int64 [B, A] position s of each anchor; block a sees context
+                positions < s and its own g rows (at positions s..s+g-1).
+        Returns: U fp32 [B, A, g, V], h [B, A, g, H] (normed, as in :meth:`propose`).
+        """
+        B, S, _ = ctx_features.shape
+        _, A, g = block_ids.shape
+        dev = ctx_features.device
+        C = self.project_context(ctx_features)
+        ctx_pos = torch.arange(S, device=dev).expand(B, S)
+        blk_pos = anchor_positions[:, :, None] + torch.arange(g, device=dev)
+        blk_pos = blk_pos.reshape(B, A * g)
+        hd, th = self.config.head_dim, self.config.rope_theta
+        ccos, csin = rope_cos_sin(ctx_pos, hd, th, C.dtype)
+        bcos, bsin = rope_cos_sin(blk_pos, hd, th, C.dtype)
+        a_of_row = torch.arange(A * g, device=dev) // g
+        ctx_ok = torch.arange(S, device=dev)[None, None, :] < anchor_positions[:, a_of_row, None]
+        blk_ok = (a_of_row[:, None] == a_of_row[None, :]).expand(B, A * g, A * g)
+        mask = torch.cat([ctx_ok, blk_ok], dim=2)[:, None]
+        h = self.embed_tokens(block_ids.reshape(B, A * g))
+        for layer in self.layers:
+            x = layer.input_layernorm(h)
+            q = layer.self_attn.q(x, bcos, bsin).transpose(1, 2)
+            kc, vc = layer.self_attn.kv(C, ccos, csin)
+            kb, vb = layer.self_attn.kv(x, bcos, bsin)
+            K = torch.cat([kc, kb], 1).transpose(1, 2)
+            V = torch.cat([vc, vb], 1).transpose(1, 2)
+            h = layer.finish(h, sdpa(q, K, V, mask).transpose(1, 2).flatten(2))
+        h = self.norm(h)
+        return self.lm_head(h).float().reshape(B, A, g, -1), h.reshape(B, A, g, -1)
+
+    def markov_bias(
+        self, prev: torch.Tensor, h: torch.Tensor, state: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """One Markov step (see :meth:`MarkovHead.step`); zeros when markov_rank == 0."""
+        if self.markov_head is None:
+            return (torch.zeros(prev.shape[0], self.config.vocab_size, device=self.device),
+                    None, None)
+        return self.markov_head.step(prev, h, state)
+
+    def heads_teacher_forced(
+        self, U: torch.Tensor, h: torch.Tensor, prev: torch.Tensor
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Corrected logits z = U + B(prev) fp32 [..., g, V] and confidence fp32 [..., g]
+        (None without a confidence head), for known prev tokens int64 [..., g]
+        (prev[..., 0] = anchor, prev[..., k] = token k-1 of the block)."""
+        e = None
+        z = U.float()
+        if self.markov_head is not None:
+            bias, e = self.markov_head.teacher_forced(prev, h)
+            z = z + bias
+        conf = None
+        if self.confidence_head is not None:
+            conf = self.confidence_head(
+                h, e if self.config.confidence_head_with_markov else None
+            )
+        return z, conf

@@ -1,0 +1,286 @@
+"""Loading and saving HF-style targets and DeepSpec drafter directories (safetensors).
+
+Layouts:
+- target: config.json + model.safetensors (or shards + model.safetensors.index.json), keys
+  ``model.embed_tokens.weight``, ``model.layers.{i}.*``, ``model.norm.weight``,
+  ``lm_head.weight`` (absent when tie_word_embeddings).
+- drafter: the DeepSpec layout (no ``model.`` prefix); see docs/models.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Iterable, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .config import CheckpointError, DrafterConfig, ModelConfig, read_config_json
+from .drafter import DSparkDrafter
+from .eagle3 import Eagle3Drafter
+from .target import TargetModel
+
+Drafter = Union[DSparkDrafter, Eagle3Drafter]
+SHARED_DRAFTER_KEYS = ("embed_tokens.weight", "lm_head.weight")
+# Buffers some HF exports carry; they are recomputed, never loaded.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def read_safetensors_dir(directory: str) -> Dict[str, torch.Tensor]:
+    """All tensors of ``model.safetensors`` or of the shards listed in
+    ``model.safetensors.index.json`` (CheckpointError naming the file/tensor on any problem)."""
+    from safetensors.torch import load_file
+
+    single = os.path.join(directory, "model.safetensors")
+    index = os.path.join(directory, "model.safetensors.index.json")
+    weight_map = None
+    if os.path.isfile(single):
+        files = [single]
+    elif os.path.isfile(index):
+        try:
+            with open(index, "r", encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not an object")
+        except Exception as e:
+            raise CheckpointError(f"{index}: unreadable shard index: {e}") from e
+        files = []
+        for shard in sorted(set(weight_map.values())):
+            path = os.path.join(directory, shard)
+            if not os.path.isfile(path):
+                raise CheckpointError(f"{index}: shard file {shard!r} does not exist")
+            files.append(path)
+    else:
+        raise CheckpointError(
+            f"no model.safetensors or model.safetensors.index.json in {directory!r}"
+        )
+    tensors: Dict[str, torch.Tensor] = {}
+    for path in files:
+        try:
+            part = load_file(path)
+        except Exception as e:
+            raise CheckpointError(f"{path}: unreadable or corrupt safetensors file: {e}") from e
+        for k, v in part.items():
+            if k in tensors:
+                raise CheckpointError(f"tensor {k!r} appears in more than one shard ({path})")
+            if weight_map is not None and weight_map.get(k) != os.path.basename(path):
+                raise CheckpointError(
+                    f"tensor {k!r} is in {os.path.basename(path)} but the index maps it to "
+                    f"{weight_map.get(k)!r}"
+                )
+            tensors[k] = v
+    if weight_map is not None:
+        for k in weight_map:
+            if k not in tensors:
+                raise CheckpointError(f"tensor {k!r} listed in the index is missing from its shard")
+    return tensors
+
+
+def _meta_shapes(module_factory) -> Dict[str, Tuple[int, ...]]:
+    with torch.device("meta"):
+        m = module_factory()
+    return {k: tuple(v.shape) for k, v in m.state_dict(keep_vars=False).items()}
+
+
+def check_tensors(
+    tensors: Dict[str, torch.Tensor],
+    expected: Dict[str, Tuple[int, ...]],
+    optional: Iterable[str] = (),
+    what: str = "checkpoint",
+) -> None:
+    """Raise CheckpointError naming the first missing, unexpected or wrongly shaped tensor."""
+    optional = set(optional)
+    for k in sorted(expected):
+        if k not in tensors and k not in optional:
+            raise CheckpointError(f"{what}: missing tensor {k!r} (expected shape {list(expected[k])})")
+    for k in sorted(tensors):
+        if k.endswith(_IGNORED_SUFFIXES):
+            continue
+        if k not in expected:
+            raise CheckpointError(f"{what}: unexpected tensor {k!r} (shape {list(tensors[k].shape)})")
+        if tuple(tensors[k].shape) != expected[k]:
+            raise CheckpointError(
+                f"{what}: tensor {k!r} has shape {list(tensors[k].shape)}, the config implies "
+                f"{list(expected[k])}"
+            )
+        if not tensors[k].is_floating_point():
+            raise CheckpointError(f"{what}: tensor {k!r} has non-float dtype {tensors[k].dtype}")
+
+
+def _assign(module: nn.Module, state: Dict[str, torch.Tensor], dtype, device) -> None:
+    state = {k: v.to(device=device, dtype=dtype).contiguous() for k, v in state.items()}
+    module.load_state_dict(state, strict=False, assign=True)
+
+
+def build_target(
+    cfg: ModelConfig, tensors: Dict[str, torch.Tensor], dtype=torch.float32, device="cpu"
+) -> TargetModel:
+    """TargetModel from HF-named tensors (``model.`` prefix), validated against ``cfg``."""
+    expected_inner = _meta_shapes(lambda: TargetModel(cfg))
+    expected = {("model." + k if not k.startswith("lm_head.") else k): s
+                for k, s in expected_inner.items()}
+    optional = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    check_tensors(tensors, expected, optional, "target checkpoint")
+    with torch.device("meta"):
+        model = TargetModel(cfg)
+    state = {}
+    for k, v in tensors.items():
+        if k.endswith(_IGNORED_SUFFIXES):
+            continue
+        inner = k[len("model."):] if k.startswith("model.") else k
+        if cfg.tie_word_embeddings and inner == "lm_head.weight":
+            continue  # tied: the embedding is the head
+        state[inner] = v
+    _assign(model, state, dtype, device)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.eval()
+    return model
+
+
+def load_target(
+    directory: str,
+    dtype: torch.dtype = torch.float32,
+    device: Union[str, torch.device] = "cpu",
+    target_layer_ids: Optional[Iterable[int]] = None,
+) -> TargetModel:
+    """Load an HF-style Llama / Qwen3 directory (config.json + safetensors, single or sharded)."""
+    raw = read_config_json(directory)
+    cfg = ModelConfig.from_dict(raw, list(target_layer_ids) if target_layer_ids is not None else None)
+    return build_target(cfg, read_safetensors_dir(directory), dtype, device)
+
+
+def save_target(model: TargetModel, directory: str, dtype: Optional[torch.dtype] = None) -> None:
+    """Write an HF-style directory (config.json + model.safetensors) for ``model``."""
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    tensors = {}
+    for k, v in model.state_dict().items():
+        if k == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue
+        name = k if k.startswith("lm_head.") else "model." + k
+        tensors[name] = v.detach().to(dtype or v.dtype).contiguous()
+    save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(model.config.to_dict(), f, indent=2)
+
+
+def _drafter_class(cfg: DrafterConfig):
+    return DSparkDrafter if cfg.kind == "dspark" else Eagle3Drafter
+
+
+def check_drafter_against_target(cfg: DrafterConfig, target: TargetModel) -> None:
+    """Field-by-field compatibility of a drafter config with a loaded target."""
+    t = target.config
+    if cfg.vocab_size != t.vocab_size:
+        raise CheckpointError(
+            f"drafter config.json: field 'vocab_size' = {cfg.vocab_size} does not match the "
+            f"target's {t.vocab_size}"
+        )
+    if cfg.hidden_size != t.hidden_size:
+        raise CheckpointError(
+            f"drafter config.json: field 'hidden_size' = {cfg.hidden_size} does not match the "
+            f"target's {t.hidden_size}"
+        )
+    if cfg.num_target_layers and cfg.num_target_layers != t.num_hidden_layers:
+        raise CheckpointError(
+            f"drafter config.json: field 'num_target_layers' = {cfg.num_target_layers} but the "
+            f"target has {t.num_hidden_layers} layers"
+        )
+    for i in cfg.target_layer_ids:
+        if not 0 <= i < t.num_hidden_layers:
+            raise CheckpointError(
+                f"drafter config.json: field 'target_layer_ids' has layer id {i} out of range "
+                f"for a target with {t.num_hidden_layers} layers"
+            )
+
+
+def build_drafter(
+    cfg: DrafterConfig,
+    tensors: Dict[str, torch.Tensor],
+    target: Optional[TargetModel] = None,
+    dtype: Optional[torch.dtype] = None,
+    device: Union[str, torch.device, None] = None,
+) -> Drafter:
+    """Drafter from DeepSpec-named tensors. Missing embed_tokens / lm_head are taken from the
+    target (shared, as in training); a target is then required."""
+    if target is not None:
+        check_drafter_against_target(cfg, target)
+        device = device or target.device
+    device = device or "cpu"
+    if dtype is None:
+        dtype = next(iter(tensors.values())).dtype if tensors else torch.bfloat16
+    cls = _drafter_class(cfg)
+    expected = _meta_shapes(lambda: cls(cfg))
+    check_tensors(tensors, expected, SHARED_DRAFTER_KEYS, "drafter checkpoint")
+    shared = []
+    for key in SHARED_DRAFTER_KEYS:
+        if key not in tensors:
+            if target is None:
+                raise CheckpointError(
+                    f"drafter checkpoint: tensor {key!r} is absent and no target was given to "
+                    "take it from"
+                )
+            shared.append(key)
+    with torch.device("meta"):
+        model = cls(cfg)
+    _assign(model, tensors, dtype, device)
+    for key in shared:
+        src = target.embed_tokens if key.startswith("embed_tokens") else target.lm_head
+        dst = model.embed_tokens if key.startswith("embed_tokens") else model.lm_head
+        w = src.weight
+        if w.dtype != dtype or w.device != torch.device(device):
+            w = nn.Parameter(w.detach().to(device=device, dtype=dtype), requires_grad=False)
+        dst.weight = w
+    model.shared_keys = tuple(shared)
+    model.eval()
+    return model
+
+
+def load_drafter(
+    directory: str,
+    target: Optional[TargetModel] = None,
+    dtype: Optional[torch.dtype] = None,
+    device: Union[str, torch.device, None] = None,
+    set_target_layers: bool = True,
+) -> Drafter:
+    """Load a DeepSpec drafter directory (Qwen3/Llama DSpark or EAGLE-3).
+
+    dtype: default the checkpoint's dtype. With ``target`` given the drafter is checked
+    against it, shares its embedding / lm_head when the checkpoint lacks them, and (if
+    set_target_layers) the target is told to return the drafter's target_layer_ids features.
+    """
+    cfg = DrafterConfig.from_dict(read_config_json(directory))
+    model = build_drafter(cfg, read_safetensors_dir(directory), target, dtype, device)
+    if target is not None and set_target_layers:
+        target.set_target_layer_ids(cfg.target_layer_ids)
+    return model
+
+
+def save_drafter(
+    drafter: Drafter,
+    directory: str,
+    dtype: Optional[torch.dtype] = None,
+    include_shared: Optional[bool] = None,
+) -> None:
+    """Write a DeepSpec directory: config.json + model.safetensors (no ``model.`` prefix).
+
+    include_shared: write embed_tokens / lm_head; default: only if they were in the loaded
+    checkpoint (so load -> save reproduces the checkpoint bit for bit).
+    """
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    skip = set() if include_shared else set(getattr(drafter, "shared_keys", ()))
+    if include_shared is False:
+        skip = set(SHARED_DRAFTER_KEYS)
+    tensors = {
+        k: v.detach().to(dtype or v.dtype).contiguous()
+        for k, v in drafter.state_dict().items()
+        if k not in skip
+    }
+    save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(drafter.config.to_dict(), f, indent=2)
