@@ -88,8 +88,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_chain(
   p.target_dtype = to_dspark_dtype(logits, kOp, "target_logits");
   p.target_row_stride = logits.stride(0);
   p.draft_tokens = toks.data_ptr<int64_t>();
-  p.draft_kind = static_cast<dspark_draft_kind>(draft_kind);
-  if (draft_kind != DSPARK_DRAFT_ONE_HOT) {
+  // With no draft rows at all (every l_r = 0) the draft distribution is never read.
+  p.draft_kind = N == R ? DSPARK_DRAFT_ONE_HOT : static_cast<dspark_draft_kind>(draft_kind);
+  if (p.draft_kind != DSPARK_DRAFT_ONE_HOT) {
     p.draft = draft->data_ptr();
     p.draft_dtype = to_dspark_dtype(*draft, kOp, "draft");
     p.draft_row_stride = draft->stride(0);

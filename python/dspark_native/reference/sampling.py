@@ -17,7 +17,7 @@ __all__ = [
     "RNG_SAMPLE",
     "RNG_DRAFT_SAMPLE",
     "target_probs",
-    "draft_probs",
+    "draft_distribution",
     "inverse_cdf",
     "first_argmax",
 ]
@@ -96,7 +96,7 @@ def target_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p
     return w / total
 
 
-def draft_probs(row: Optional[torch.Tensor], kind: str, token: int, V: int, temperature: float) -> torch.Tensor:
+def draft_distribution(row: Optional[torch.Tensor], kind: str, token: int, V: int, temperature: float) -> torch.Tensor:
     if kind == "one_hot":
         q = torch.zeros(V, dtype=torch.float64)
         if 0 <= token < V:

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from .sampling import (RNG_ACCEPT_COIN, RNG_SAMPLE, draft_probs, first_argmax, inverse_cdf, philox_uniform,
+from .sampling import (RNG_ACCEPT_COIN, RNG_SAMPLE, draft_distribution, first_argmax, inverse_cdf, philox_uniform,
                        target_probs)
 
 __all__ = ["verify_chain_reference"]
@@ -90,7 +90,7 @@ def verify_chain_reference(
             if k == l:
                 tokens[r, k] = inverse_cdf(p, philox_uniform(seeds[r], offs[r], k, RNG_SAMPLE))
                 break
-            q = draft_probs(draft[dbase + k] if draft is not None else None, kind, d, V, t)
+            q = draft_distribution(draft[dbase + k] if draft is not None else None, kind, d, V, t)
             if need_prob:
                 accept_prob[dbase + k] = float(torch.minimum(p, q).sum())
             if not accepting:
