@@ -21,9 +21,18 @@ from .loaders import (
     save_drafter,
     save_target,
 )
+from .embedded import EmbeddedModel, convert_gguf_to_hf, find_smollm2_gguf, load_embedded_smollm2
+from .gguf_loader import load_gguf_target
 from .target import TargetModel
+from .tokenizer import ChatTemplate
 
 __all__ = [
+    "ChatTemplate",
+    "EmbeddedModel",
+    "convert_gguf_to_hf",
+    "find_smollm2_gguf",
+    "load_embedded_smollm2",
+    "load_gguf_target",
     "CheckpointError",
     "ConfidenceHead",
     "ContextLengthError",
