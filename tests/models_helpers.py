@@ -1,0 +1,156 @@
+"""Test helpers: random checkpoints written from shapes spelled out here (independently of the
+package's modules) and straightforward reference math."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+
+
+def target_raw_config(arch="Qwen3ForCausalLM", **over):
+    raw = dict(
+        architectures=[arch], model_type="qwen3" if arch.startswith("Qwen3") else "llama",
+        vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=12 if arch.startswith("Qwen3") else 8,
+        rms_norm_eps=1e-6, rope_theta=10000.0, hidden_act="silu", tie_word_embeddings=False,
+        max_position_embeddings=512,
+    )
+    raw.update(over)
+    return raw
+
+
+def layer_shapes(prefix, c, qk_norm, attn_in=None):
+    H, I = c["hidden_size"], c["intermediate_size"]
+    hd, nh, kv = c["head_dim"], c["num_attention_heads"], c["num_key_value_heads"]
+    a = attn_in or H
+    s = {
+        prefix + "self_attn.q_proj.weight": (nh * hd, a),
+        prefix + "self_attn.k_proj.weight": (kv * hd, a),
+        prefix + "self_attn.v_proj.weight": (kv * hd, a),
+        prefix + "self_attn.o_proj.weight": (H, nh * hd),
+        prefix + "mlp.gate_proj.weight": (I, H),
+        prefix + "mlp.up_proj.weight": (I, H),
+        prefix + "mlp.down_proj.weight": (H, I),
+        prefix + "input_layernorm.weight": (H,),
+        prefix + "post_attention_layernorm.weight": (H,),
+    }
+    if qk_norm:
+        s[prefix + "self_attn.q_norm.weight"] = (hd,)
+        s[prefix + "self_attn.k_norm.weight"] = (hd,)
+    return s
+
+
+def target_shapes(c):
+    qk = c["architectures"][0].startswith("Qwen3")
+    s = {"model.embed_tokens.weight": (c["vocab_size"], c["hidden_size"]),
+         "model.norm.weight": (c["hidden_size"],)}
+    for i in range(c["num_hidden_layers"]):
+        s.update(layer_shapes(f"model.layers.{i}.", c, qk))
+    if not c.get("tie_word_embeddings", False):
+        s["lm_head.weight"] = (c["vocab_size"], c["hidden_size"])
+    return s
+
+
+def random_tensors(shapes, seed, dtype=torch.float32, scale=0.3):
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, shp in sorted(shapes.items()):
+        if k.endswith("norm.weight"):
+            t = 1.0 + 0.1 * torch.randn(shp, generator=g)
+        elif k.endswith(".bias"):
+            t = 0.1 * torch.randn(shp, generator=g)
+        else:
+            fan_in = shp[-1] if len(shp) > 1 else 1
+            t = torch.randn(shp, generator=g) * (scale if k.endswith("embed_tokens.weight")
+                                                 else 1.0 / math.sqrt(fan_in))
+        out[k] = t.to(dtype)
+    return out
+
+
+def write_checkpoint(directory, raw, tensors, shards=1):
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(raw, f)
+    if shards == 1:
+        save_file(tensors, os.path.join(directory, "model.safetensors"))
+        return
+    keys = sorted(tensors)
+    wmap = {}
+    for s in range(shards):
+        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: tensors[k] for k in keys[s::shards]}
+        save_file(part, os.path.join(directory, name))
+        wmap.update({k: name for k in part})
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": wmap}, f)
+
+
+# ---------------------------------------------------------------- reference math (fp64 capable)
+
+def rms(x, w, eps):
+    xf = x.double()
+    return (xf / torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + eps)) * w.double()
+
+
+def rope(x, pos, theta):
+    """Rotate-half RoPE on x [n, heads, d] at integer positions pos [n] (fp64)."""
+    d = x.shape[-1]
+    inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    ang = pos.double()[:, None] * inv[None, :]
+    cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+
+def attend(q, k, v, allowed):
+    """q [n, nh, d], k/v [m, nkv, d], allowed bool [n, m] -> [n, nh*d] (loops over heads)."""
+    nh, nkv, d = q.shape[1], k.shape[1], q.shape[2]
+    outs = []
+    for h in range(nh):
+        kh = h // (nh // nkv)
+        s = q[:, h] @ k[:, kh].T / math.sqrt(d)
+        s = s.masked_fill(~allowed, float("-inf"))
+        outs.append(torch.softmax(s, -1) @ v[:, kh])
+    return torch.stack(outs, 1).reshape(q.shape[0], -1)
+
+
+def mlp(x, W, p):
+    g = x @ W[p + "mlp.gate_proj.weight"].double().T
+    u = x @ W[p + "mlp.up_proj.weight"].double().T
+    return (torch.nn.functional.silu(g) * u) @ W[p + "mlp.down_proj.weight"].double().T
+
+
+def ref_target_forward(W, c, ids, allowed=None, pos=None):
+    """Whole-sequence reference forward. ids [n]; allowed [n, n] (default causal);
+    returns logits [n, V] and the list of raw layer outputs, fp64."""
+    qk = c["architectures"][0].startswith("Qwen3")
+    n = ids.numel()
+    eps, th = c["rms_norm_eps"], c["rope_theta"]
+    hd = c["head_dim"]
+    if allowed is None:
+        allowed = torch.ones(n, n, dtype=torch.bool).tril()
+    if pos is None:
+        pos = torch.arange(n)
+    h = W["model.embed_tokens.weight"].double()[ids]
+    outs = []
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        x = rms(h, W[p + "input_layernorm.weight"], eps)
+        q = (x @ W[p + "self_attn.q_proj.weight"].double().T).reshape(n, -1, hd)
+        k = (x @ W[p + "self_attn.k_proj.weight"].double().T).reshape(n, -1, hd)
+        v = (x @ W[p + "self_attn.v_proj.weight"].double().T).reshape(n, -1, hd)
+        if qk:
+            q = rms(q, W[p + "self_attn.q_norm.weight"], eps)
+            k = rms(k, W[p + "self_attn.k_norm.weight"], eps)
+        q, k = rope(q, pos, th), rope(k, pos, th)
+        h = h + attend(q, k, v, allowed) @ W[p + "self_attn.o_proj.weight"].double().T
+        h = h + mlp(rms(h, W[p + "post_attention_layernorm.weight"], eps), W, p)
+        outs.append(h)
+    head = W.get("lm_head.weight", W["model.embed_tokens.weight"]).double()
+    logits = rms(h, W["model.norm.weight"], eps) @ head.T
+    return logits, outs
