@@ -154,3 +154,106 @@ def ref_target_forward(W, c, ids, allowed=None, pos=None):
     head = W.get("lm_head.weight", W["model.embed_tokens.weight"]).double()
     logits = rms(h, W["model.norm.weight"], eps) @ head.T
     return logits, outs
+
+
+# ---------------------------------------------------------------- DeepSpec drafters
+
+def drafter_raw_config(target_raw, arch="Qwen3DSparkModel", **over):
+    """DeepSpec drafter config: a copy of the target's config plus the drafter fields."""
+    raw = dict(target_raw)
+    raw.update(architectures=[arch], num_target_layers=target_raw["num_hidden_layers"],
+               target_layer_ids=[1, 2, 3, 4, 5], tie_word_embeddings=False)
+    if "Eagle3" in arch:
+        raw.update(num_hidden_layers=1, ttt_length=7)
+    else:
+        raw.update(num_hidden_layers=2, block_size=5, mask_token_id=target_raw["vocab_size"] - 1,
+                   markov_rank=8, markov_head_type="vanilla", enable_confidence_head=True,
+                   confidence_head_with_markov=True)
+    raw.update(over)
+    return raw
+
+
+def drafter_shapes(c, with_shared=True):
+    """Exact DeepSpec key names / shapes (DSPARK.md)."""
+    H, V = c["hidden_size"], c["vocab_size"]
+    arch = c["architectures"][0]
+    qk = arch.startswith("Qwen3")
+    k = len(c["target_layer_ids"])
+    s = {"norm.weight": (H,), "fc.weight": (H, k * H)}
+    if with_shared:
+        s["embed_tokens.weight"] = (V, H)
+        s["lm_head.weight"] = (V, H)
+    if "Eagle3" in arch:
+        s.update(layer_shapes("layers.0.", c, qk, attn_in=2 * H))
+        s["layers.0.hidden_norm.weight"] = (H,)
+        return s
+    s["hidden_norm.weight"] = (H,)
+    for i in range(c["num_hidden_layers"]):
+        s.update(layer_shapes(f"layers.{i}.", c, qk))
+    r = c.get("markov_rank", 0)
+    if r > 0:
+        s["markov_head.markov_w1.weight"] = (V, r)
+        s["markov_head.markov_w2.weight"] = (V, r)
+        if c["markov_head_type"] == "gated":
+            s["markov_head.gate_proj.weight"] = (r, H + r)
+            s["markov_head.gate_proj.bias"] = (r,)
+        if c["markov_head_type"] == "rnn":
+            s["markov_head.joint_proj.weight"] = (3 * r, 2 * r + H)
+            s["markov_head.joint_proj.bias"] = (3 * r,)
+    if c.get("enable_confidence_head"):
+        cin = H + (r if c.get("confidence_head_with_markov", True) and r > 0 else 0)
+        s["confidence_head.proj.weight"] = (1, cin)
+        s["confidence_head.proj.bias"] = (1,)
+    return s
+
+
+def ref_dspark_block(W, c, ctx, anchor):
+    """Straightforward DSpark backbone: ctx [S, k*H] features of positions 0..S-1, anchor token
+    at position S. Returns U [g, V], h [g, H] (fp64)."""
+    qk = c["architectures"][0].startswith("Qwen3")
+    eps, th, hd, g = c["rms_norm_eps"], c["rope_theta"], c["head_dim"], c["block_size"]
+    S = ctx.shape[0]
+    C = rms(ctx.double() @ W["fc.weight"].double().T, W["hidden_norm.weight"], eps)
+    ids = torch.full((g,), c["mask_token_id"], dtype=torch.int64)
+    ids[0] = anchor
+    h = W["embed_tokens.weight"].double()[ids]
+    pos_all = torch.arange(S + g)
+    for i in range(c["num_hidden_layers"]):
+        p = f"layers.{i}."
+        x = rms(h, W[p + "input_layernorm.weight"], eps)
+        q = (x @ W[p + "self_attn.q_proj.weight"].double().T).reshape(g, -1, hd)
+        kv_in = torch.cat([C, x])  # context rows first
+        k = (kv_in @ W[p + "self_attn.k_proj.weight"].double().T).reshape(S + g, -1, hd)
+        v = (kv_in @ W[p + "self_attn.v_proj.weight"].double().T).reshape(S + g, -1, hd)
+        if qk:
+            q = rms(q, W[p + "self_attn.q_norm.weight"], eps)
+            k = rms(k, W[p + "self_attn.k_norm.weight"], eps)
+        q = rope(q, pos_all[S:], th)
+        k = rope(k, pos_all, th)
+        allowed = torch.ones(g, S + g, dtype=torch.bool)  # no mask at all
+        h = h + attend(q, k, v, allowed) @ W[p + "self_attn.o_proj.weight"].double().T
+        h = h + mlp(rms(h, W[p + "post_attention_layernorm.weight"], eps), W, p)
+    hn = rms(h, W["norm.weight"], eps)
+    return hn @ W["lm_head.weight"].double().T, hn
+
+
+def ref_eagle3_layer(W, c, toks, g_in):
+    """EAGLE-3 layer over a whole causal sequence of pairs: toks [n] (token t+1), g_in [n, H]
+    (feature of t), positions 0..n-1. Returns the layer output [n, H] (pre-norm) fp64."""
+    qk = c["architectures"][0].startswith("Qwen3")
+    eps, th, hd = c["rms_norm_eps"], c["rope_theta"], c["head_dim"]
+    n = toks.numel()
+    p = "layers.0."
+    e = rms(W["embed_tokens.weight"].double()[toks], W[p + "input_layernorm.weight"], eps)
+    x = torch.cat([e, rms(g_in.double(), W[p + "hidden_norm.weight"], eps)], -1)
+    q = (x @ W[p + "self_attn.q_proj.weight"].double().T).reshape(n, -1, hd)
+    k = (x @ W[p + "self_attn.k_proj.weight"].double().T).reshape(n, -1, hd)
+    v = (x @ W[p + "self_attn.v_proj.weight"].double().T).reshape(n, -1, hd)
+    if qk:
+        q = rms(q, W[p + "self_attn.q_norm.weight"], eps)
+        k = rms(k, W[p + "self_attn.k_norm.weight"], eps)
+    pos = torch.arange(n)
+    q, k = rope(q, pos, th), rope(k, pos, th)
+    allowed = torch.ones(n, n, dtype=torch.bool).tril()
+    h = g_in.double() + attend(q, k, v, allowed) @ W[p + "self_attn.o_proj.weight"].double().T
+    return h + mlp(rms(h, W[p + "post_attention_layernorm.weight"], eps), W, p)
