@@ -107,6 +107,16 @@ def rope(x, pos, theta):
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
 
 
+def rope_interleaved(x, pos, theta):
+    """llama.cpp "normal" RoPE: rotates adjacent pairs (x[2i], x[2i+1]) by pos * theta^(-2i/d)."""
+    d = x.shape[-1]
+    inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    ang = pos.double()[:, None] * inv[None, :]
+    cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]
+    a, b = x[..., 0::2], x[..., 1::2]
+    return torch.stack([a * cos - b * sin, b * cos + a * sin], -1).flatten(-2)
+
+
 def attend(q, k, v, allowed):
     """q [n, nh, d], k/v [m, nkv, d], allowed bool [n, m] -> [n, nh*d] (loops over heads)."""
     nh, nkv, d = q.shape[1], k.shape[1], q.shape[2]
@@ -125,7 +135,7 @@ def mlp(x, W, p):
     return (torch.nn.functional.silu(g) * u) @ W[p + "mlp.down_proj.weight"].double().T
 
 
-def ref_target_forward(W, c, ids, allowed=None, pos=None):
+def ref_target_forward(W, c, ids, allowed=None, pos=None, rope_fn=None):
     """Whole-sequence reference forward. ids [n]; allowed [n, n] (default causal);
     returns logits [n, V] and the list of raw layer outputs, fp64."""
     qk = c["architectures"][0].startswith("Qwen3")
@@ -147,7 +157,8 @@ def ref_target_forward(W, c, ids, allowed=None, pos=None):
         if qk:
             q = rms(q, W[p + "self_attn.q_norm.weight"], eps)
             k = rms(k, W[p + "self_attn.k_norm.weight"], eps)
-        q, k = rope(q, pos, th), rope(k, pos, th)
+        rf = rope_fn or rope
+        q, k = rf(q, pos, th), rf(k, pos, th)
         h = h + attend(q, k, v, allowed) @ W[p + "self_attn.o_proj.weight"].double().T
         h = h + mlp(rms(h, W[p + "post_attention_layernorm.weight"], eps), W, p)
         outs.append(h)

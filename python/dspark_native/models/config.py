@@ -334,8 +334,6 @@ class DrafterConfig(ModelConfig):
             cfg.confidence_head_with_markov = _get(
                 raw, "confidence_head_with_markov", bool, cfg.markov_rank > 0, where
             )
-            if cfg.markov_rank == 0:
-                cfg.confidence_head_with_markov = False
         else:
             cfg.ttt_length = _get(raw, "ttt_length", int, 7, where)
             if cfg.num_hidden_layers != 1:
