@@ -7,3 +7,5 @@ floating-point ties. They favour clarity over speed.
 
 from .sampling import *  # noqa: F401,F403
 from .verify_chain import verify_chain_reference  # noqa: F401
+from .verify_tree import verify_tree_reference  # noqa: F401
+from .kv_compact import kv_compact_reference  # noqa: F401
