@@ -1,6 +1,31 @@
 """dspark-native: fast, exact DSpark speculative decoding.
 
-The fused ops (``verify_chain`` ...) live in :mod:`dspark_native.ops` and need the compiled
-extension; they are loaded on first use so that pure-Python parts (models, scheduler policies)
-import without it.
+The fused ops (``verify_chain``, ...) are in :mod:`dspark_native.ops` and need the compiled
+extension, which is loaded on first use of an op so that the pure-Python parts (models, scheduler
+policies, references) import without it. C/C++ users find the torch-free core with
+:func:`get_include`, :func:`get_library_dir` and :func:`cmake_prefix_path`.
 """
+
+from __future__ import annotations
+
+from ._native import cmake_prefix_path, get_include, get_library_dir, has_native, load_library
+
+__version__ = "0.1.0"
+
+__all__ = ["get_include", "get_library_dir", "cmake_prefix_path", "has_native", "load_library", "__version__"]
+
+
+def __getattr__(name):
+    # `dn.verify_chain(...)` works without importing dspark_native.ops first; the extension is
+    # loaded only when an op is actually asked for.
+    if name.startswith("_"):
+        raise AttributeError(f"module 'dspark_native' has no attribute {name!r}")
+    try:
+        from . import ops
+    except ImportError as exc:
+        raise AttributeError(f"module 'dspark_native' has no attribute {name!r} ({exc})") from exc
+    if name == "ops":
+        return ops
+    if name in getattr(ops, "__all__", ()) or hasattr(ops, name):
+        return getattr(ops, name)
+    raise AttributeError(f"module 'dspark_native' has no attribute {name!r}")

@@ -87,12 +87,34 @@ inline float probability(const T* row, int64_t v, float inv_t, const RowDist& d)
   return static_cast<float>(w / d.sum);
 }
 
-// First index of the maximum (NaN never wins); -1 if no entry exceeds -inf.
+// First index of the maximum (NaN never wins); -1 if no entry exceeds -inf. Each lane keeps the
+// first index of its own maximum, so the answer is the smallest index among lanes holding the max.
 template <typename T>
 inline int64_t row_argmax(const T* row, int64_t V) {
+  float lane_max[LANES];
+  int64_t lane_idx[LANES];
+  for (int j = 0; j < LANES; ++j) {
+    lane_max[j] = detail::kNegInf;
+    lane_idx[j] = -1;
+  }
+  int64_t v = 0;
+  for (; v + LANES <= V; v += LANES) {
+    for (int j = 0; j < LANES; ++j) {
+      const float x = detail::load_as_float(row, v + j);
+      const bool gt = x > lane_max[j];
+      lane_max[j] = gt ? x : lane_max[j];
+      lane_idx[j] = gt ? v + j : lane_idx[j];
+    }
+  }
   float best = detail::kNegInf;
   int64_t arg = -1;
-  for (int64_t v = 0; v < V; ++v) {
+  for (int j = 0; j < LANES; ++j) {
+    if (lane_max[j] > best || (lane_max[j] == best && lane_idx[j] >= 0 && lane_idx[j] < arg)) {
+      best = lane_max[j];
+      arg = lane_idx[j];
+    }
+  }
+  for (; v < V; ++v) {
     const float x = detail::load_as_float(row, v);
     if (x > best) {
       best = x;
@@ -102,22 +124,65 @@ inline int64_t row_argmax(const T* row, int64_t V) {
   return arg;
 }
 
+// Inverse-CDF scan over weights produced block by block: returns the first v whose cumulative
+// weight (index order, double accumulation) exceeds `target`, or the last positive entry when
+// rounding leaves the target unreached (-1 if every weight is 0). `fill(v0, n, w)` writes the
+// weights of v0 .. v0+n-1 into w; it is a vectorisable loop, and whole blocks whose sum cannot
+// reach the target are skipped without a sequential scan.
+template <typename Fill>
+inline int64_t scan_blocks(int64_t V, double target, Fill&& fill) {
+  constexpr int64_t B = 512;
+  float w[B];
+  double cum = 0.0;
+  int64_t last_positive = -1;
+  for (int64_t v0 = 0; v0 < V; v0 += B) {
+    const int64_t n = V - v0 < B ? V - v0 : B;
+    fill(v0, n, w);
+    float lane[LANES] = {0};
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES)
+      for (int j = 0; j < LANES; ++j) lane[j] += w[i + j];
+    double block = 0.0;
+    for (; i < n; ++i) block += w[i];
+    for (int j = 0; j < LANES; ++j) block += lane[j];
+    if (block <= 0.0) continue;
+    if (cum + block * (1.0 + 1e-4) <= target) {  // cannot cross inside this block, even with rounding
+      cum += block;
+      for (int64_t k = n - 1; k >= 0; --k)
+        if (w[k] > 0.0f) {
+          last_positive = v0 + k;
+          break;
+        }
+      continue;
+    }
+    for (int64_t k = 0; k < n; ++k) {
+      if (w[k] > 0.0f) {
+        cum += w[k];
+        last_positive = v0 + k;
+        if (cum > target) return v0 + k;
+      }
+    }
+  }
+  return last_positive;
+}
+
 // Inverse-CDF draw from the row distribution with uniform u in [0, 1): the first v whose
 // cumulative weight exceeds u * S (double accumulation in index order).
 template <typename T>
 inline int64_t sample_from(const T* row, int64_t V, float inv_t, const RowDist& d, double u) {
-  const double target = u * d.sum;
-  double cum = 0.0;
-  int64_t last_positive = -1;
-  for (int64_t v = 0; v < V; ++v) {
-    const float w = detail::row_weight(detail::scaled_logit(detail::load_as_float(row, v), inv_t), d.m, d.thr);
-    if (w > 0.0f) {
-      cum += w;
-      last_positive = v;
-      if (cum > target) return v;
-    }
+  if (d.m == detail::kPosInf) {
+    return scan_blocks(V, u * d.sum, [&](int64_t v0, int64_t n, float* w) {
+      for (int64_t i = 0; i < n; ++i)
+        w[i] = detail::row_weight(detail::scaled_logit(detail::load_as_float(row, v0 + i), inv_t), d.m, d.thr);
+    });
   }
-  return last_positive;
+  return scan_blocks(V, u * d.sum, [&](int64_t v0, int64_t n, float* w) {
+    for (int64_t i = 0; i < n; ++i) {
+      const float s = detail::scaled_logit(detail::load_as_float(row, v0 + i), inv_t);
+      const float e = detail::exp_nonpos(s - d.m);
+      w[i] = s >= d.thr ? e : 0.0f;
+    }
+  });
 }
 
 // Scaled-logit threshold implementing top-k then top-p (ties at the boundary kept).

@@ -73,23 +73,54 @@ struct ChainTask {
     }
   }
 
-  // Draw from normalize(max(0, p - q)) with inverse-CDF uniform u.
+  // Draw from normalize(max(0, p - q)) with inverse-CDF uniform u (probability units).
   int64_t sample_residual(const T* trow, const RowDist& pd, const DraftDist& q, float inv_t,
                           double residual_sum, double u) const {
     const int64_t V = p.vocab_size;
     if (!(residual_sum > 0.0)) return sample_from(trow, V, inv_t, pd, u);
     const double target = u * residual_sum;
-    double cum = 0.0;
-    int64_t last_positive = -1;
-    for (int64_t v = 0; v < V; ++v) {
-      const double w = static_cast<double>(probability(trow, v, inv_t, pd)) - q_at(q, v, inv_t);
-      if (w > 0.0) {
-        cum += w;
-        last_positive = v;
-        if (cum > target) return v;
+    const float ip = static_cast<float>(1.0 / pd.sum);
+    const bool finite_p = pd.m != detail::kPosInf;
+    auto p_block = [&](int64_t v0, int64_t n, float* w) {
+      for (int64_t i = 0; i < n; ++i) {
+        const float s = detail::scaled_logit(detail::load_as_float(trow, v0 + i), inv_t);
+        const float e = detail::exp_nonpos(s - pd.m) * ip;
+        w[i] = s >= pd.thr ? e : 0.0f;
       }
+    };
+    int64_t v = -1;
+    if (finite_p && p.draft_kind == DSPARK_DRAFT_ONE_HOT) {
+      v = scan_blocks(V, target, [&](int64_t v0, int64_t n, float* w) {
+        p_block(v0, n, w);
+        if (q.token >= v0 && q.token < v0 + n) w[q.token - v0] = std::max(0.0f, w[q.token - v0] - 1.0f);
+      });
+    } else if (finite_p && p.draft_kind == DSPARK_DRAFT_LOGITS && q.dist.valid && q.dist.m != detail::kPosInf) {
+      const float iq = static_cast<float>(1.0 / q.dist.sum);
+      v = scan_blocks(V, target, [&](int64_t v0, int64_t n, float* w) {
+        p_block(v0, n, w);
+        for (int64_t i = 0; i < n; ++i) {
+          const float sq = detail::scaled_logit(detail::load_as_float(q.row, v0 + i), inv_t);
+          const float d = w[i] - detail::exp_nonpos(sq - q.dist.m) * iq;
+          w[i] = d > 0.0f ? d : 0.0f;
+        }
+      });
+    } else if (finite_p && p.draft_kind == DSPARK_DRAFT_PROBS) {
+      v = scan_blocks(V, target, [&](int64_t v0, int64_t n, float* w) {
+        p_block(v0, n, w);
+        for (int64_t i = 0; i < n; ++i) {
+          const float d = w[i] - detail::sanitize_prob(detail::load_as_float(q.row, v0 + i));
+          w[i] = d > 0.0f ? d : 0.0f;
+        }
+      });
+    } else {  // +inf rows or an invalid draft row: the exact but slower per-element path
+      v = scan_blocks(V, target, [&](int64_t v0, int64_t n, float* w) {
+        for (int64_t i = 0; i < n; ++i) {
+          const float d = probability(trow, v0 + i, inv_t, pd) - q_at(q, v0 + i, inv_t);
+          w[i] = d > 0.0f ? d : 0.0f;
+        }
+      });
     }
-    return last_positive >= 0 ? last_positive : sample_from(trow, V, inv_t, pd, u);
+    return v >= 0 ? v : sample_from(trow, V, inv_t, pd, u);
   }
 
   RowDist target_dist(const T* trow, float inv_t, int32_t top_k, float top_p) const {

@@ -12,6 +12,8 @@
 #include "dspark/common.h"
 #include "dspark/detail/hd.h"
 
+#include <math.h>
+
 namespace dspark {
 namespace detail {
 
@@ -25,9 +27,9 @@ DSPARK_HD float exp_nonpos(float x) {
   const float kLog2e = 1.44269504088896341f;
   const float kLn2Hi = 0.693145751953125f;
   const float kLn2Lo = 1.428606765330187045e-06f;
-  const bool underflow = !(x >= -87.0f);  // also catches -inf and NaN
-  const float xc = underflow ? -87.0f : (x > 0.0f ? 0.0f : x);
-  const float n = __builtin_floorf(xc * kLog2e + 0.5f);
+  // Selects, not branches: with -fno-trapping-math they compile to vector blends.
+  const float xc = x < -87.0f ? -87.0f : (x > 0.0f ? 0.0f : x);
+  const float n = floorf(xc * kLog2e + 0.5f);
   float r = xc - n * kLn2Hi;
   r = r - n * kLn2Lo;
   // exp(r) on [-ln2/2, ln2/2]: Taylor terms to r^6 are within 2^-24 relative
@@ -40,7 +42,7 @@ DSPARK_HD float exp_nonpos(float x) {
   p = p * r + 1.0f;
   const int32_t e = static_cast<int32_t>(n) + 127;  // n in [-126, 0]
   const float scale = bits_to_float(static_cast<uint32_t>(e) << 23);
-  return underflow ? 0.0f : p * scale;
+  return x >= -87.0f ? p * scale : 0.0f;  // also 0 for -inf and NaN
 }
 
 template <typename T>
