@@ -78,6 +78,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree(
   p.vocab_size = static_cast<int32_t>(V);
   p.max_nodes = static_cast<int32_t>(max_nodes);
   p.max_depth = static_cast<int32_t>(max_depth);
+  p.num_nodes = N;
   p.cu_nodes = cu.data_ptr<int64_t>();
   p.parents = par.data_ptr<int64_t>();
   p.tokens = toks.data_ptr<int64_t>();

@@ -167,6 +167,7 @@ dspark_status check_verify_tree_params(const dspark_verify_tree_params* p) {
   DSPARK_CHECK_ARG(p->max_nodes >= 1, "verify_tree: max_nodes must be >= 1");
   DSPARK_CHECK_ARG(p->max_depth >= 0 && p->max_depth < p->max_nodes,
                    "verify_tree: max_depth must be in [0, max_nodes - 1]");
+  DSPARK_CHECK_ARG(p->num_nodes >= p->num_requests, "verify_tree: num_nodes must be >= num_requests");
   DSPARK_CHECK_ARG(p->cu_nodes != nullptr, "verify_tree: cu_nodes is NULL (expected [R+1] int64)");
   DSPARK_CHECK_ARG(p->parents != nullptr, "verify_tree: parents is NULL (expected [N] int64)");
   DSPARK_CHECK_ARG(p->tokens != nullptr, "verify_tree: tokens is NULL (expected [N] int64)");
@@ -194,6 +195,10 @@ extern "C" dspark_status dspark_verify_tree_cpu(const dspark_verify_tree_params*
   std::vector<int32_t> depth;
   for (int32_t r = 0; r < p.num_requests; ++r) {
     const int64_t base = p.cu_nodes[r], n = p.cu_nodes[r + 1] - base;
+    if (p.cu_nodes[r + 1] > p.num_nodes)
+      return fail(DSPARK_ERR_INVALID_ARGUMENT, "verify_tree: cu_nodes[" + std::to_string(r + 1) + "] = " +
+                                                   std::to_string(p.cu_nodes[r + 1]) + " exceeds num_nodes = " +
+                                                   std::to_string(p.num_nodes));
     if (n < 1 || n > p.max_nodes)
       return fail(DSPARK_ERR_INVALID_ARGUMENT, "verify_tree: request " + std::to_string(r) + " has " +
                                                    std::to_string(n) + " nodes (cu_nodes), expected 1.." +

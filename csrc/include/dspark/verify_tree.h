@@ -70,7 +70,9 @@ typedef struct dspark_verify_tree_params {
   int32_t max_depth;    /* D, 0 <= D < M: the output width is D + 1; deeper trees are invalid */
 
   /* --- tree --- */
-  const int64_t* cu_nodes; /* [R + 1] int64, cu[0] = 0, non-decreasing, each n_r in [1, M] */
+  int64_t num_nodes;       /* N: rows of target_logits / entries of parents and tokens; a tree
+                              reaching past N is invalid (nothing beyond row N - 1 is read) */
+  const int64_t* cu_nodes; /* [R + 1] int64, cu[0] = 0, non-decreasing, each n_r in [1, M], cu[R] <= N */
   const int64_t* parents;  /* [N] int64 local parent index (-1 for each root), see the rules */
   const int64_t* tokens;   /* [N] int64 draft token of each node (root entries not read) */
 
