@@ -132,7 +132,23 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) 
     """Grouped-query SDPA. q [B, Hq, n, d], k/v [B, Hkv, L, d], bool mask broadcastable to
     [B, 1, n, L] (True = attend) -> [B, Hq, n, d]."""
     if k.shape[1] != q.shape[1]:
+        if _GQA_OK:
+            # Native GQA avoids materialising Hq/Hkv copies of the cached K/V.
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         rep = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _probe_gqa() -> bool:
+    try:
+        q = torch.zeros(1, 2, 1, 2)
+        k = torch.zeros(1, 1, 1, 2)
+        F.scaled_dot_product_attention(q, k, k, enable_gqa=True)
+        return True
+    except (TypeError, RuntimeError):
+        return False
+
+
+_GQA_OK = _probe_gqa()

@@ -1,0 +1,141 @@
+"""Target forward time on CPU: 1-token decode and verification blocks, R = 1 and R = 8.
+
+Each request slot holds a realistic cached context (default 256 tokens); one measurement is
+one ragged forward of R blocks of n tokens, after which the cache is truncated back (chain
+rollback), so every repetition sees the same context. Reports medians, FLOPs, bytes read
+(weights once per forward + the KV cache) and the floor = bytes / measured copy bandwidth.
+
+    PYTHONPATH=python python benchmarks/bench_target.py --out bench_target.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+
+from dspark_native.models import load_embedded_smollm2, load_target  # noqa: E402
+
+
+def median_time(fn, reps: int, warmup: int):
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    ts.sort()
+    return statistics.median(ts), ts[len(ts) // 10], ts[(len(ts) * 9) // 10]
+
+
+def copy_bandwidth(mbytes: int, reps: int) -> float:
+    """Bytes moved per second (read + write) by a large tensor copy."""
+    n = mbytes * (1 << 20) // 4
+    src = torch.randn(n)
+    dst = torch.empty_like(src)
+    t, _, _ = median_time(lambda: dst.copy_(src), reps, 2)
+    return 2 * src.numel() * 4 / t
+
+
+def weight_stats(model):
+    """Bytes of weights read by one forward and matmul parameter count (embedding lookup reads
+    only T rows, so it is excluded; a tied head is read once, as the head)."""
+    c = model.config
+    esize = model.embed_tokens.weight.element_size()
+    per_layer = sum(p.numel() for p in model.layers[0].parameters())
+    matmul_params = c.num_hidden_layers * per_layer + c.vocab_size * c.hidden_size
+    bytes_w = (matmul_params + c.hidden_size) * esize
+    return bytes_w, matmul_params
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="HF-style directory (default: embedded SmolLM2)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--ctx", type=int, default=256, help="cached context per request")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--blocks", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--copy-mb", type=int, default=256)
+    ap.add_argument("--out", default=None, help="write results as JSON here")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    dtype = getattr(torch, args.dtype)
+    if args.model:
+        model = load_target(args.model, dtype=dtype)
+        name = args.model
+    else:
+        model = load_embedded_smollm2(dtype=dtype).model
+        name = "SmolLM2-135M-Instruct (Q4_1 GGUF dequantised)"
+    c = model.config
+    bw = copy_bandwidth(args.copy_mb, 7)
+    bytes_w, matmul_params = weight_stats(model)
+    esize = model.embed_tokens.weight.element_size()
+    rows = []
+    header = (f"{'R':>3} {'n':>3} {'T':>4} {'median ms':>10} {'p10':>7} {'p90':>7} {'tok/s':>8} "
+              f"{'GFLOP/s':>8} {'MB read':>8} {'floor ms':>9} {'x floor':>8}")
+    print(f"model: {name}, dtype {args.dtype}, threads {torch.get_num_threads()}, "
+          f"ctx {args.ctx}")
+    print(f"weights read per forward: {bytes_w / 1e6:.1f} MB; copy bandwidth "
+          f"{bw / 1e9:.2f} GB/s (read+write of a {args.copy_mb} MiB tensor)")
+    print(header)
+    for R in args.batch:
+        cache = model.new_cache(R, args.ctx + max(args.blocks))
+        g = torch.Generator().manual_seed(R)
+        ctx_ids = torch.randint(0, c.vocab_size, (R * args.ctx,), generator=g)
+        cu_ctx = torch.arange(R + 1) * args.ctx
+        slots = torch.arange(R)
+        # Prefill one request at a time to keep peak memory small.
+        for r in range(R):
+            model(ctx_ids[r * args.ctx:(r + 1) * args.ctx], torch.tensor([0, args.ctx]),
+                  slots[r:r + 1], cache, return_hidden=False)
+        for n in args.blocks:
+            ids = torch.randint(0, c.vocab_size, (R * n,), generator=g)
+            cu = torch.arange(R + 1) * n
+
+            def step():
+                model(ids, cu, slots, cache, return_hidden=True)
+                cache.truncate(slots, args.ctx)
+
+            med, p10, p90 = median_time(step, args.reps, args.warmup)
+            T = R * n
+            L = args.ctx + n
+            attn_flops = 4 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * T * L
+            flops = 2 * matmul_params * T + attn_flops
+            kv_bytes = 2 * c.num_hidden_layers * R * c.num_key_value_heads * L * c.head_dim * esize
+            read = bytes_w + kv_bytes
+            floor = read / bw  # bytes a forward must move / measured bytes-moved rate
+            row = dict(R=R, n=n, T=T, median_s=med, p10_s=p10, p90_s=p90,
+                       tokens_per_s=T / med, flops=flops, gflops_per_s=flops / med / 1e9,
+                       weight_bytes=bytes_w, kv_bytes=kv_bytes, bytes_read=read,
+                       floor_s=floor, ratio_to_floor=med / floor)
+            rows.append(row)
+            print(f"{R:>3} {n:>3} {T:>4} {med * 1e3:>10.2f} {p10 * 1e3:>7.2f} {p90 * 1e3:>7.2f} "
+                  f"{T / med:>8.1f} {flops / med / 1e9:>8.1f} {read / 1e6:>8.1f} "
+                  f"{floor * 1e3:>9.2f} {med / floor:>8.1f}")
+    result = dict(
+        model=name, dtype=args.dtype, ctx=args.ctx, threads=torch.get_num_threads(),
+        cpu_count=os.cpu_count(), machine=platform.machine(), torch=torch.__version__,
+        copy_bandwidth_bytes_per_s=bw, weight_bytes=bytes_w, matmul_params=matmul_params,
+        reps=args.reps, rows=rows,
+        note="floor = (weights + KV bytes read) / copy bandwidth, where copy bandwidth = "
+             "(read + write bytes) / time of a large tensor copy",
+    )
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
