@@ -33,9 +33,20 @@ def test_c_program_links_only_the_core(source, tmp_path):
     assert " 0 failed" in run.stdout
 
 
-def test_cmake_package_config_is_shipped():
+@pytest.mark.skipif(CC is None or shutil.which("cmake") is None, reason="needs cmake and a C compiler")
+def test_cmake_find_package_builds_a_consumer(tmp_path):
+    """A downstream CMake project finds the core with find_package(dspark) and links dspark::core."""
     if not (Path(dspark_native.__file__).parent / "lib").is_dir():
         pytest.skip("running from a development build, not an installed wheel")
-    cfg = Path(dspark_native.cmake_prefix_path()) / "dspark" / "dspark-config.cmake"
-    assert cfg.is_file()
-    assert (Path(dspark_native.cmake_prefix_path()) / "dspark" / "dspark-targets.cmake").is_file()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.18)\nproject(consumer C)\nfind_package(dspark 0.1 REQUIRED)\n"
+        f"add_executable(consumer {HERE / 'c' / 'test_c_api.c'})\n"
+        "target_link_libraries(consumer PRIVATE dspark::core m)\n")
+    build = tmp_path / "build"
+    subprocess.run(["cmake", "-S", str(src), "-B", str(build), f"-DCMAKE_PREFIX_PATH={dspark_native.cmake_prefix_path()}"],
+                   check=True, capture_output=True, text=True)
+    subprocess.run(["cmake", "--build", str(build)], check=True, capture_output=True, text=True)
+    run = subprocess.run([str(build / "consumer")], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and " 0 failed" in run.stdout, run.stdout + run.stderr

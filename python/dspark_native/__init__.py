@@ -8,11 +8,11 @@ policies, references) import without it. C/C++ users find the torch-free core wi
 
 from __future__ import annotations
 
-from ._native import cmake_prefix_path, get_include, get_library_dir, has_native, load_library
+from ._native import cmake_prefix_path, get_include, get_library_dir, has_cuda, has_native, load_library
 
 __version__ = "0.1.0"
 
-__all__ = ["get_include", "get_library_dir", "cmake_prefix_path", "has_native", "load_library", "__version__"]
+__all__ = ["get_include", "get_library_dir", "cmake_prefix_path", "has_cuda", "has_native", "load_library", "__version__"]
 
 
 def __getattr__(name):

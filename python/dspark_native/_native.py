@@ -60,6 +60,15 @@ def has_native() -> bool:
         return False
 
 
+def has_cuda() -> bool:
+    """True when the loaded extension has CUDA kernels (a CUDA build of torch and nvcc at build time)."""
+    import ctypes
+
+    load_library()
+    lib = ctypes.CDLL(str(Path(get_library_dir()) / "libdspark_core.so"))
+    return bool(lib.dspark_has_cuda())
+
+
 def get_include() -> str:
     """Directory holding the public C headers (``#include <dspark/verify_chain.h>``)."""
     inc = _PKG_DIR / "include"
