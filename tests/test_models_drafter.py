@@ -231,3 +231,6 @@ def test_drafter_input_errors(tmp_path):
         drafter.ingest(_t([0]), torch.randn(5, 5 * c["hidden_size"]), _t([0, 5]))
     with pytest.raises(ValueError, match="anchor_tokens"):
         drafter.propose(_t([0]), _t([c["vocab_size"]]))
+    with pytest.raises(ValueError, match="request_ids"):
+        drafter.ingest(_t([1, 1]), torch.randn(2, 5 * c["hidden_size"]), _t([0, 1, 2]))
+    assert drafter.cache.lengths.tolist() == [0, 0]

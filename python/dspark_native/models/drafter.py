@@ -212,6 +212,8 @@ class DSparkDrafter(nn.Module):
             raise ValueError("cu_seqlens must be non-decreasing")
         if req.numel() and (int(req.min()) < 0 or int(req.max()) >= cache.max_requests):
             raise ValueError(f"request_ids must be in [0, {cache.max_requests})")
+        if req.unique().numel() != req.numel():
+            raise ValueError(f"request_ids must be distinct, got {req.tolist()}")
         over = cache.lengths[req] + counts > cache.max_seq
         if bool(over.any()):
             raise ContextLengthError(

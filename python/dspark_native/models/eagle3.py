@@ -98,6 +98,10 @@ class Eagle3Drafter(nn.Module):
                 f"ctx_features must be [N, {self.fc.in_features}], got {tuple(ctx_features.shape)}"
             )
         N = ctx_features.shape[0]
+        if req.unique().numel() != req.numel():
+            raise ValueError(f"request_ids must be distinct, got {req.tolist()}")
+        if req.numel() and (int(req.min()) < 0 or int(req.max()) >= cache.max_requests):
+            raise ValueError(f"request_ids must be in [0, {cache.max_requests})")
         if tok.numel() != N or cu.numel() != req.numel() + 1 or int(cu[-1]) != N:
             raise ValueError("tokens must match ctx_features rows and cu_seqlens must end at N")
         g_new = self.fc(ctx_features.to(self.dtype))
