@@ -60,3 +60,29 @@ void parallel_for(int64_t n, double cost_per_item, const std::function<void(int6
 }  // namespace dspark
 
 extern "C" void dspark_set_num_threads(int n) { dspark::cpu::g_num_threads.store(n > 0 ? n : 0); }
+
+#include <cstdlib>
+#include <cstring>
+
+#include "isa.h"
+
+namespace dspark {
+namespace cpu {
+
+bool use_avx512() {
+#if defined(DSPARK_HAVE_AVX512_VARIANTS) && (defined(__x86_64__) || defined(_M_X64))
+  static const bool ok = [] {
+    const char* env = std::getenv("DSPARK_CPU_ISA");
+    if (env != nullptr && std::strcmp(env, "baseline") == 0) return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+}  // namespace cpu
+}  // namespace dspark

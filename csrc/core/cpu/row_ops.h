@@ -13,6 +13,7 @@
 
 namespace dspark {
 namespace cpu {
+inline namespace DSPARK_ISA_TAG {
 
 constexpr int LANES = 16;
 
@@ -276,6 +277,7 @@ inline void overlap_probs(const T* trow, const RowDist& pd, const D* qrow, int64
   *residual_sum = res;
 }
 
+}  // namespace DSPARK_ISA_TAG
 }  // namespace cpu
 }  // namespace dspark
 

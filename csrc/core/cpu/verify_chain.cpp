@@ -1,5 +1,6 @@
 // CPU kernel of dspark_verify_chain: one request per task, rows read lazily (a row after the
 // first rejection is read only when accept probabilities are requested).
+// DSPARK_ISA_VARIANTS: compiled for the baseline and AVX-512 (see isa.h).
 #include <algorithm>
 #include <cmath>
 #include <new>
@@ -11,11 +12,13 @@
 #include "dspark/detail/philox.h"
 #include "dspark/detail/sampling.h"
 #include "dspark/verify_chain.h"
+#include "isa.h"
 #include "parallel.h"
 #include "row_ops.h"
 
 namespace dspark {
 namespace cpu {
+inline namespace DSPARK_ISA_TAG {
 namespace {
 
 using detail::kNegInf;
@@ -229,8 +232,21 @@ void dispatch_draft(const dspark_verify_chain_params& p) {
 }
 
 }  // namespace
+
+void verify_chain_kernel(const dspark_verify_chain_params& p) {
+  switch (p.target_dtype) {
+    case DSPARK_FLOAT32: dispatch_draft<float>(p); break;
+    case DSPARK_BFLOAT16: dispatch_draft<detail::bf16_t>(p); break;
+    case DSPARK_FLOAT16: dispatch_draft<detail::fp16_t>(p); break;
+  }
+}
+
+}  // namespace DSPARK_ISA_TAG
 }  // namespace cpu
 }  // namespace dspark
+
+#ifndef DSPARK_ISA_AVX512
+DSPARK_DECLARE_AVX512_VARIANT(void, verify_chain_kernel, (const dspark_verify_chain_params&))
 
 extern "C" dspark_status dspark_verify_chain_cpu(const dspark_verify_chain_params* params) {
   using namespace dspark;
@@ -255,11 +271,7 @@ extern "C" dspark_status dspark_verify_chain_cpu(const dspark_verify_chain_param
   const int64_t width = static_cast<int64_t>(p.max_drafts) + 1;
   std::fill(p.out_tokens, p.out_tokens + p.num_requests * width, int64_t{-1});
   try {
-    switch (p.target_dtype) {
-      case DSPARK_FLOAT32: cpu::dispatch_draft<float>(p); break;
-      case DSPARK_BFLOAT16: cpu::dispatch_draft<detail::bf16_t>(p); break;
-      case DSPARK_FLOAT16: cpu::dispatch_draft<detail::fp16_t>(p); break;
-    }
+    DSPARK_ISA_CALL(verify_chain_kernel, p);
   } catch (const std::bad_alloc&) {
     return fail(DSPARK_ERR_OUT_OF_MEMORY, "verify_chain: out of host memory for scratch");
   } catch (const std::exception& e) {
@@ -268,7 +280,9 @@ extern "C" dspark_status dspark_verify_chain_cpu(const dspark_verify_chain_param
   return DSPARK_OK;
 }
 
-#ifndef DSPARK_WITH_CUDA
+#endif  // DSPARK_ISA_AVX512
+
+#if !defined(DSPARK_WITH_CUDA) && !defined(DSPARK_ISA_AVX512)
 // CPU-only build: the CUDA entry points exist so C++ engines link the same symbols against every
 // build, and they say clearly that this build has no CUDA kernels.
 extern "C" dspark_status dspark_verify_chain_cuda(const dspark_verify_chain_params*, void*) {

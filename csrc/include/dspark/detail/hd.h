@@ -13,8 +13,18 @@
 #define DSPARK_HD inline
 #endif
 
+// CPU kernels may be compiled twice (baseline x86-64-v3 and x86-64-v4/AVX-512, see
+// csrc/core/cpu/isa.h). Inline header functions then live in an ISA-tagged inline namespace so the
+// two copies never merge at link time (an AVX-512 copy must never serve the baseline path).
+#if defined(DSPARK_ISA_AVX512)
+#define DSPARK_ISA_TAG isa_avx512
+#else
+#define DSPARK_ISA_TAG isa_generic
+#endif
+
 namespace dspark {
 namespace detail {
+inline namespace DSPARK_ISA_TAG {
 
 DSPARK_HD float bits_to_float(uint32_t u) {
 #if defined(__CUDA_ARCH__)
@@ -62,6 +72,7 @@ DSPARK_HD float float_from_order_key(uint32_t k) {
 
 DSPARK_HD bool is_nan(float x) { return x != x; }
 
+}  // namespace DSPARK_ISA_TAG
 }  // namespace detail
 }  // namespace dspark
 

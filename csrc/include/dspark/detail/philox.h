@@ -8,6 +8,7 @@
 
 namespace dspark {
 namespace detail {
+inline namespace DSPARK_ISA_TAG {
 
 struct Philox4 {
   uint32_t v[4];
@@ -64,6 +65,7 @@ DSPARK_HD double philox_uniform(int64_t seed, int64_t offset, uint32_t position,
   return static_cast<double>(bits) * (1.0 / 9007199254740992.0);
 }
 
+}  // namespace DSPARK_ISA_TAG
 }  // namespace detail
 }  // namespace dspark
 

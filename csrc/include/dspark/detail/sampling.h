@@ -16,6 +16,7 @@
 
 namespace dspark {
 namespace detail {
+inline namespace DSPARK_ISA_TAG {
 
 constexpr float kNegInf = -__builtin_huge_valf();
 constexpr float kPosInf = __builtin_huge_valf();
@@ -101,6 +102,7 @@ DSPARK_HD float effective_top_p(const float* top_p, int32_t r) {
   return p > 0.0f ? p : 0.0f;
 }
 
+}  // namespace DSPARK_ISA_TAG
 }  // namespace detail
 }  // namespace dspark
 
