@@ -218,6 +218,13 @@ def test_eagle3_chain_matches_reference(tmp_path, prefix):
     assert torch.equal(s1, s2)
     with pytest.raises(RuntimeError, match="ingest"):
         drafter.propose(_t([0]), _t([1]), 2)
+    # batched with a second request of another context length: same drafts for request 1
+    drafter.ingest(_t([0]), feats[:3], _t([0, 3]), toks[:3])
+    db, lb = drafter.propose(_t([0, 1]), _t([4, anchor]), steps=3)
+    torch.testing.assert_close(lb[1], logits[0], atol=1e-5, rtol=1e-5)
+    assert torch.equal(db[1], d[0])
+    d0, l0 = drafter.propose(_t([0]), _t([4]), steps=3)
+    torch.testing.assert_close(lb[0], l0[0], atol=1e-5, rtol=1e-5)
 
 
 def test_drafter_input_errors(tmp_path):

@@ -313,3 +313,12 @@ def test_tiny_gguf_matches_llama_cpp_rope_convention(tmp_path):
     # without undoing the permutation the HF-RoPE model would be wrong
     wrong = ref_target_forward(gW, raw, ids)[0]
     assert (wrong - cpp_ref).abs().max() > 1e-2
+
+
+def test_cache_dir_env_override(monkeypatch, tmp_path):
+    from dspark_native.models.embedded import default_cache_dir
+
+    monkeypatch.setenv("DSPARK_NATIVE_CACHE", str(tmp_path))
+    assert default_cache_dir() == str(tmp_path)
+    monkeypatch.delenv("DSPARK_NATIVE_CACHE")
+    assert default_cache_dir() == os.path.join(os.path.expanduser("~"), ".cache", "dspark_native")
