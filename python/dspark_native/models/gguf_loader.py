@@ -93,7 +93,9 @@ def gguf_config_dict(meta: Dict[str, object], path: str = "GGUF") -> Dict[str, o
     hidden = int(need("embedding_length"))
     heads = int(need("attention.head_count"))
     kv_heads = int(meta.get("llama.attention.head_count_kv", heads))
-    head_dim = hidden // heads
+    head_dim = int(meta.get("llama.attention.key_length", hidden // heads))
+    if int(meta.get("llama.attention.value_length", head_dim)) != head_dim:
+        raise CheckpointError(f"{path}: key_length != value_length is not supported")
     rope_dim = int(meta.get("llama.rope.dimension_count", head_dim))
     if rope_dim != head_dim:
         raise CheckpointError(
