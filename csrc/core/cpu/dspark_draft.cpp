@@ -1,0 +1,396 @@
+// CPU kernel of dspark_dspark_draft: the DSpark sequential stage + confidence head.
+//
+// Per position k the work is (i) the head's small per-request transforms, (ii) the bias GEMM
+// Z = U_k + V W2^T for all R requests at once, with W2 streamed once per step (blocked over the
+// vocabulary, each block widened to fp32 once and reused by every request), and (iii) one sampling
+// pass per request over its row of Z (cpu/row_ops.h: the same row_distribution / sample_from as
+// verify_chain, reading the fp32 row that is returned as q).
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <new>
+#include <string>
+#include <vector>
+
+#include "../common/dspark_draft_check.h"
+#include "../common/status.h"
+#include "dspark/detail/dspark_heads.h"
+#include "dspark/detail/philox.h"
+#include "dspark/detail/sampling.h"
+#include "dspark/dspark_draft.h"
+#include "parallel.h"
+#include "row_ops.h"
+
+namespace dspark {
+
+static bool valid_dtype(dspark_dtype d) {
+  return d == DSPARK_FLOAT32 || d == DSPARK_FLOAT16 || d == DSPARK_BFLOAT16;
+}
+
+dspark_status check_dspark_draft_params(const dspark_dspark_draft_params* p, bool need_out_logits) {
+  DSPARK_CHECK_ARG(p != nullptr, "dspark_draft: params is NULL");
+  DSPARK_CHECK_ARG(p->num_requests >= 0, "dspark_draft: num_requests must be >= 0");
+  if (p->num_requests == 0) return DSPARK_OK;
+  DSPARK_CHECK_ARG(p->num_positions >= 1, "dspark_draft: num_positions (g) must be >= 1");
+  DSPARK_CHECK_ARG(p->vocab_size >= 1, "dspark_draft: vocab_size must be >= 1");
+  DSPARK_CHECK_ARG(p->rank >= 1 && p->rank <= 4096, "dspark_draft: rank must be in [1, 4096]");
+  DSPARK_CHECK_ARG(p->head_type == DSPARK_MARKOV_VANILLA || p->head_type == DSPARK_MARKOV_GATED ||
+                       p->head_type == DSPARK_MARKOV_RNN,
+                   "dspark_draft: head_type must be VANILLA (0), GATED (1) or RNN (2)");
+  DSPARK_CHECK_ARG(p->base_logits != nullptr, "dspark_draft: base_logits is NULL (expected [R, g, V])");
+  DSPARK_CHECK_ARG(valid_dtype(p->logits_dtype), "dspark_draft: logits_dtype must be FLOAT32, FLOAT16 or BFLOAT16");
+  DSPARK_CHECK_ARG(valid_dtype(p->weight_dtype), "dspark_draft: weight_dtype must be FLOAT32, FLOAT16 or BFLOAT16");
+  DSPARK_CHECK_ARG(p->anchor_tokens != nullptr, "dspark_draft: anchor_tokens is NULL (expected [R] int64)");
+  DSPARK_CHECK_ARG(p->markov_w1 != nullptr, "dspark_draft: markov_w1 is NULL (expected [V, r])");
+  DSPARK_CHECK_ARG(p->markov_w2 != nullptr, "dspark_draft: markov_w2 is NULL (expected [V, r])");
+  const bool need_hidden = p->head_type != DSPARK_MARKOV_VANILLA || p->conf_weight != nullptr;
+  if (need_hidden) {
+    DSPARK_CHECK_ARG(p->hidden != nullptr,
+                     "dspark_draft: hidden is NULL but the gated/rnn head or the confidence head needs h [R, g, d]");
+    DSPARK_CHECK_ARG(valid_dtype(p->hidden_dtype), "dspark_draft: hidden_dtype must be FLOAT32, FLOAT16 or BFLOAT16");
+    DSPARK_CHECK_ARG(p->hidden_size >= 1, "dspark_draft: hidden_size must be >= 1");
+  }
+  if (p->head_type == DSPARK_MARKOV_GATED) {
+    DSPARK_CHECK_ARG(p->gate_weight != nullptr, "dspark_draft: gate_weight is NULL (GATED head needs [r, d + r])");
+    DSPARK_CHECK_ARG(p->gate_bias != nullptr, "dspark_draft: gate_bias is NULL (GATED head needs [r])");
+  }
+  if (p->head_type == DSPARK_MARKOV_RNN) {
+    DSPARK_CHECK_ARG(p->joint_weight != nullptr, "dspark_draft: joint_weight is NULL (RNN head needs [3r, 2r + d])");
+    DSPARK_CHECK_ARG(p->joint_bias != nullptr, "dspark_draft: joint_bias is NULL (RNN head needs [3r])");
+  }
+  if (p->conf_weight != nullptr) {
+    DSPARK_CHECK_ARG(p->conf_bias != nullptr, "dspark_draft: conf_bias is NULL but conf_weight is given");
+  } else {
+    DSPARK_CHECK_ARG(p->out_confidence == nullptr,
+                     "dspark_draft: out_confidence is given but there is no confidence head (conf_weight NULL)");
+  }
+  DSPARK_CHECK_ARG(p->temperature != nullptr, "dspark_draft: temperature is NULL (expected [R] float32)");
+  DSPARK_CHECK_ARG(p->out_tokens != nullptr, "dspark_draft: out_tokens is NULL (expected [R, g] int64)");
+  if (need_out_logits)
+    DSPARK_CHECK_ARG(p->out_logits != nullptr, "dspark_draft: out_logits is NULL (expected [R, g, V] float32)");
+  return DSPARK_OK;
+}
+
+namespace cpu {
+namespace {
+
+using detail::kNegInf;
+
+// ---------------------------------------------------------------------------------------------
+// Small fp32 GEMM out[n, m] = sum_i A[n, i] * W[m, i] (A fp32 [N, K] rows lda, W fp32 block
+// [MB, K] contiguous), register-tiled NW x NA with 8-wide GCC vector accumulators (AVX2 with the
+// x86-64-v3 flags, NEON elsewhere); the caller's epilogue stores each result.
+// ---------------------------------------------------------------------------------------------
+typedef float v8f __attribute__((vector_size(32)));
+
+inline v8f load8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline float hsum(v8f v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+template <int NW, int NA, typename Store>
+inline void micro(const float* W, int64_t K, const float* const* a, int64_t m0, const int64_t* n_idx, Store& store) {
+  v8f acc[NW][NA];
+  for (int i = 0; i < NW; ++i)
+    for (int j = 0; j < NA; ++j) acc[i][j] = v8f{0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t t = 0;
+  for (; t + 8 <= K; t += 8) {
+    v8f w[NW], x[NA];
+    for (int i = 0; i < NW; ++i) w[i] = load8(W + i * K + t);
+    for (int j = 0; j < NA; ++j) x[j] = load8(a[j] + t);
+    for (int i = 0; i < NW; ++i)
+      for (int j = 0; j < NA; ++j) acc[i][j] += w[i] * x[j];
+  }
+  float tail[NW][NA];
+  for (int i = 0; i < NW; ++i)
+    for (int j = 0; j < NA; ++j) {
+      float s = 0.0f;
+      for (int64_t q = t; q < K; ++q) s += W[i * K + q] * a[j][q];
+      tail[i][j] = s;
+    }
+  for (int i = 0; i < NW; ++i)
+    for (int j = 0; j < NA; ++j) store(n_idx[j], m0 + i, hsum(acc[i][j]) + tail[i][j]);
+}
+
+template <int NW, typename Store>
+inline void micro_na(int na, const float* W, int64_t K, const float* const* a, int64_t m0, const int64_t* n_idx,
+                     Store& store) {
+  switch (na) {
+    case 4: return micro<NW, 4>(W, K, a, m0, n_idx, store);
+    case 3: return micro<NW, 3>(W, K, a, m0, n_idx, store);
+    case 2: return micro<NW, 2>(W, K, a, m0, n_idx, store);
+    default: return micro<NW, 1>(W, K, a, m0, n_idx, store);
+  }
+}
+
+// Widen rows [m0, m0 + mb) of a [M, K] weight of element type T to fp32.
+template <typename T>
+inline void widen_rows(const T* w, int64_t K, int64_t m0, int64_t mb, float* dst) {
+  const T* src = w + m0 * K;
+  const int64_t n = mb * K;
+  for (int64_t i = 0; i < n; ++i) dst[i] = detail::load_as_float(src, i);
+}
+
+// out = A W^T for the rows n listed in `rows` (A row n at A + n * lda), W [M, K] of type T.
+// Parallel over blocks of M. store(n, m, value) is called exactly once per (listed n, m).
+template <typename T, typename Store>
+void gemm_nt(const float* A, int64_t lda, const std::vector<int64_t>& rows, const T* W, int64_t M, int64_t K,
+             Store store) {
+  if (rows.empty() || M == 0) return;
+  int64_t mb = std::max<int64_t>(3, (12288 / std::max<int64_t>(K, 1)) / 3 * 3);
+  mb = std::min<int64_t>(mb, (M + 2) / 3 * 3);
+  const int64_t nblocks = (M + mb - 1) / mb;
+  const double cost = static_cast<double>(mb) * K * rows.size();
+  parallel_for(nblocks, cost, [&](int64_t b0, int64_t b1) {
+    std::vector<float> wf(static_cast<size_t>(mb * K));
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t m0 = b * mb, mcount = std::min(mb, M - m0);
+      widen_rows(W, K, m0, mcount, wf.data());
+      for (size_t j0 = 0; j0 < rows.size(); j0 += 4) {
+        const int na = static_cast<int>(std::min<size_t>(4, rows.size() - j0));
+        const float* a[4];
+        int64_t n_idx[4];
+        for (int j = 0; j < na; ++j) {
+          n_idx[j] = rows[j0 + j];
+          a[j] = A + n_idx[j] * lda;
+        }
+        int64_t i = 0;
+        for (; i + 3 <= mcount; i += 3) micro_na<3>(na, wf.data() + i * K, K, a, m0 + i, n_idx, store);
+        for (; i < mcount; ++i) micro_na<1>(na, wf.data() + i * K, K, a, m0 + i, n_idx, store);
+      }
+    }
+  });
+}
+
+inline float load_any(const void* p, dspark_dtype dt, int64_t i) {
+  switch (dt) {
+    case DSPARK_BFLOAT16: return detail::load_as_float(static_cast<const detail::bf16_t*>(p), i);
+    case DSPARK_FLOAT16: return detail::load_as_float(static_cast<const detail::fp16_t*>(p), i);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+
+template <typename W, typename U>
+struct Drafter {
+  const dspark_dspark_draft_params& p;
+  int32_t R, G, V, D, Rk;
+  std::vector<float> zbuf;  // [R, V] when out_logits is NULL
+
+  float* zrow(int32_t r, int32_t k) {
+    if (p.out_logits) return p.out_logits + (static_cast<int64_t>(r) * G + k) * V;
+    return zbuf.data() + static_cast<int64_t>(r) * V;
+  }
+
+  void run() {
+    const W* w1 = static_cast<const W*>(p.markov_w1);
+    const W* w2 = static_cast<const W*>(p.markov_w2);
+    const U* base = static_cast<const U*>(p.base_logits);
+    const bool gated = p.head_type == DSPARK_MARKOV_GATED, rnn = p.head_type == DSPARK_MARKOV_RNN;
+    const bool conf = p.conf_weight != nullptr;
+    const bool need_h = gated || rnn || conf;
+    if (!p.out_logits) zbuf.assign(static_cast<size_t>(R) * V, 0.0f);
+    // per request: [s (rnn) ; e ; h] with e at offset eo and h at offset ho
+    const int64_t eo = rnn ? Rk : 0, ho = rnn ? 2 * Rk : Rk;
+    const int64_t X = need_h ? ho + D : ho;  // gated: [e ; h]... see below
+    std::vector<float> xin(static_cast<size_t>(R) * X, 0.0f);   // rnn: [s; e; h]; else [e; h]
+    std::vector<float> gin;                                      // gated: [h; e] (G's input order)
+    std::vector<float> pre;                                      // gated [R, r] / rnn [R, 3r] pre-activations
+    std::vector<float> vin(static_cast<size_t>(R) * Rk, 0.0f);  // the vector W2 multiplies
+    if (gated) {
+      gin.assign(static_cast<size_t>(R) * (D + Rk), 0.0f);
+      pre.assign(static_cast<size_t>(R) * Rk, 0.0f);
+    }
+    if (rnn) pre.assign(static_cast<size_t>(R) * 3 * Rk, 0.0f);
+    std::vector<int64_t> prev(R);
+    std::vector<char> valid(R, 1);
+    for (int32_t r = 0; r < R; ++r) prev[r] = p.anchor_tokens[r];
+    const float* temps = p.temperature;
+    std::vector<int64_t> active;
+    active.reserve(R);
+
+    for (int32_t k = 0; k < G; ++k) {
+      active.clear();
+      for (int32_t r = 0; r < R; ++r)
+        if (valid[r]) active.push_back(r);
+      // (i) gather e = W1[prev] and h_k
+      for (int64_t r : active) {
+        float* x = xin.data() + r * X;
+        const W* e = w1 + prev[r] * Rk;
+        for (int64_t i = 0; i < Rk; ++i) x[eo + i] = detail::load_as_float(e, i);
+        if (need_h) {
+          const int64_t hoff = (r * G + k) * static_cast<int64_t>(D);
+          for (int64_t i = 0; i < D; ++i) x[ho + i] = load_any(p.hidden, p.hidden_dtype, hoff + i);
+        }
+      }
+      // confidence head: c = sigmoid((w . [h ; e] + b) / T_k)
+      if (conf) {
+        const W* cw = static_cast<const W*>(p.conf_weight);
+        const float cb = detail::load_as_float(static_cast<const W*>(p.conf_bias), 0);
+        const float tk = p.sts_temperature ? p.sts_temperature[k] : 1.0f;
+        for (int32_t r = 0; r < R; ++r) {
+          float c = 0.0f;
+          if (valid[r]) {
+            const float* x = xin.data() + static_cast<int64_t>(r) * X;
+            float acc[8] = {0};
+            int64_t i = 0;
+            for (; i + 8 <= D; i += 8)
+              for (int j = 0; j < 8; ++j) acc[j] += detail::load_as_float(cw, i + j) * x[ho + i + j];
+            float s = 0.0f;
+            for (; i < D; ++i) s += detail::load_as_float(cw, i) * x[ho + i];
+            if (p.conf_with_markov)
+              for (int64_t q = 0; q < Rk; ++q) s += detail::load_as_float(cw, D + q) * x[eo + q];
+            for (int j = 0; j < 8; ++j) s += acc[j];
+            c = detail::sts_confidence(s + cb, tk);
+          }
+          p.out_confidence[static_cast<int64_t>(r) * G + k] = c;
+        }
+      }
+      // (ii) head transform -> vin
+      if (!gated && !rnn) {
+        for (int64_t r : active) std::memcpy(vin.data() + r * Rk, xin.data() + r * X + eo, sizeof(float) * Rk);
+      } else if (gated) {
+        const int64_t K = D + Rk;
+        for (int64_t r : active) {  // G's input is [h ; e]
+          float* gx = gin.data() + r * K;
+          std::memcpy(gx, xin.data() + r * X + ho, sizeof(float) * D);
+          std::memcpy(gx + D, xin.data() + r * X + eo, sizeof(float) * Rk);
+        }
+        const W* gb = static_cast<const W*>(p.gate_bias);
+        float* pr = pre.data();
+        const int64_t rk = Rk;
+        gemm_nt(gin.data(), K, active, static_cast<const W*>(p.gate_weight), Rk, K,
+                [pr, rk, gb](int64_t n, int64_t m, float v) { pr[n * rk + m] = v + detail::load_as_float(gb, m); });
+        for (int64_t r : active)
+          for (int64_t i = 0; i < Rk; ++i)
+            vin[r * Rk + i] = detail::sigmoidf_(pre[r * Rk + i]) * xin[r * X + eo + i];
+      } else {  // rnn: [g|c|o] = J [s ; e ; h] + b
+        const W* jb = static_cast<const W*>(p.joint_bias);
+        float* pr = pre.data();
+        const int64_t m3 = 3 * Rk;
+        gemm_nt(xin.data(), X, active, static_cast<const W*>(p.joint_weight), m3, X,
+                [pr, m3, jb](int64_t n, int64_t m, float v) { pr[n * m3 + m] = v + detail::load_as_float(jb, m); });
+        for (int64_t r : active) {
+          float* s = xin.data() + r * X;  // the state lives at the front of the row
+          const float* gco = pre.data() + r * m3;
+          for (int64_t i = 0; i < Rk; ++i) {
+            const float gate = detail::sigmoidf_(gco[i]);
+            s[i] = gate * s[i] + (1.0f - gate) * detail::tanhf_(gco[Rk + i]);
+            vin[r * Rk + i] = detail::tanhf_(gco[2 * Rk + i]);
+          }
+        }
+      }
+      // (iii) z = U_k + W2 v, written straight into the output rows
+      {
+        const int32_t kk = k;
+        const int64_t GV = static_cast<int64_t>(G) * V;
+        const int32_t VV = V;
+        const bool direct = p.out_logits != nullptr;
+        float* outz = direct ? p.out_logits + static_cast<int64_t>(k) * V : zbuf.data();
+        const int64_t ldo = direct ? GV : V;
+        gemm_nt(vin.data(), Rk, active, w2, V, Rk, [outz, ldo, base, GV, kk, VV](int64_t n, int64_t m, float v) {
+          outz[n * ldo + m] = v + detail::load_as_float(base, n * GV + static_cast<int64_t>(kk) * VV + m);
+        });
+      }
+      // (iv) sample d_k per request and advance prev
+      const double cost = static_cast<double>(V) * 3.0;
+      parallel_for(R, cost, [&](int64_t b, int64_t e) {
+        for (int64_t r = b; r < e; ++r) {
+          int64_t* tok = p.out_tokens + r * G + k;
+          float* z = zrow(static_cast<int32_t>(r), k);
+          if (!valid[r]) {
+            *tok = -1;
+            std::fill(z, z + V, kNegInf);
+            continue;
+          }
+          const float t = temps[r];
+          int64_t d;
+          if (detail::is_greedy_temperature(t)) {
+            d = row_argmax(z, V);
+          } else {
+            const float inv_t = detail::inverse_temperature(t);
+            const RowDist dist = row_distribution(z, V, inv_t, kNegInf);
+            if (!dist.valid) {
+              d = -1;
+            } else {
+              const int64_t seed = p.seed ? p.seed[r] : 0, off = p.offset ? p.offset[r] : 0;
+              const double u = detail::philox_uniform(seed, off, static_cast<uint32_t>(k), detail::kRngDraftSample);
+              d = sample_from(z, V, inv_t, dist, u);
+            }
+          }
+          *tok = d;
+          if (d < 0) {
+            valid[r] = 0;
+          } else {
+            prev[r] = d;
+          }
+        }
+      });
+    }
+  }
+};
+
+template <typename W>
+void dispatch_logits(const dspark_dspark_draft_params& p) {
+  auto go = [&](auto tag) {
+    using U = decltype(tag);
+    Drafter<W, U> d{p, p.num_requests, p.num_positions, p.vocab_size, p.hidden_size, p.rank, {}};
+    d.run();
+  };
+  switch (p.logits_dtype) {
+    case DSPARK_FLOAT32: return go(float{});
+    case DSPARK_BFLOAT16: return go(detail::bf16_t{});
+    case DSPARK_FLOAT16: return go(detail::fp16_t{});
+  }
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace dspark
+
+extern "C" dspark_status dspark_dspark_draft_cpu(const dspark_dspark_draft_params* params) {
+  using namespace dspark;
+  clear_error();
+  const dspark_status st = check_dspark_draft_params(params, false);
+  if (st != DSPARK_OK || params->num_requests == 0) return st;
+  const dspark_dspark_draft_params& p = *params;
+  for (int32_t r = 0; r < p.num_requests; ++r) {
+    const int64_t a = p.anchor_tokens[r];
+    if (a < 0 || a >= p.vocab_size)
+      return fail(DSPARK_ERR_INVALID_ARGUMENT, "dspark_draft: anchor_tokens[" + std::to_string(r) + "] = " +
+                                                   std::to_string(a) + " is outside [0, vocab_size = " +
+                                                   std::to_string(p.vocab_size) + ")");
+    const float t = p.temperature[r];
+    if (!(t >= 0.0f))
+      return fail(DSPARK_ERR_INVALID_ARGUMENT, "dspark_draft: temperature[" + std::to_string(r) + "] = " +
+                                                   std::to_string(t) + " must be >= 0 (0 = greedy)");
+  }
+  if (p.sts_temperature)
+    for (int32_t k = 0; k < p.num_positions; ++k)
+      if (!(p.sts_temperature[k] > 0.0f) || std::isinf(p.sts_temperature[k]))
+        return fail(DSPARK_ERR_INVALID_ARGUMENT, "dspark_draft: sts_temperature[" + std::to_string(k) + "] = " +
+                                                     std::to_string(p.sts_temperature[k]) +
+                                                     " must be a positive finite temperature");
+  try {
+    switch (p.weight_dtype) {
+      case DSPARK_FLOAT32: cpu::dispatch_logits<float>(p); break;
+      case DSPARK_BFLOAT16: cpu::dispatch_logits<detail::bf16_t>(p); break;
+      case DSPARK_FLOAT16: cpu::dispatch_logits<detail::fp16_t>(p); break;
+    }
+  } catch (const std::bad_alloc&) {
+    return fail(DSPARK_ERR_OUT_OF_MEMORY, "dspark_draft: out of host memory for scratch");
+  } catch (const std::exception& e) {
+    return fail(DSPARK_ERR_INTERNAL, std::string("dspark_draft: ") + e.what());
+  }
+  return DSPARK_OK;
+}
+
+#ifndef DSPARK_WITH_CUDA
+extern "C" dspark_status dspark_dspark_draft_cuda(const dspark_dspark_draft_params*, void*) {
+  return dspark::fail(DSPARK_ERR_UNSUPPORTED, "dspark_draft: this build of libdspark_core has no CUDA kernels");
+}
+extern "C" size_t dspark_dspark_draft_workspace_size(int32_t, int32_t) { return 0; }
+#endif
