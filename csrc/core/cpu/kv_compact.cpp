@@ -137,7 +137,40 @@ extern "C" dspark_status dspark_kv_compact_cpu(const dspark_kv_compact_params* p
     for (int32_t r = 0; r < R; ++r) moved += static_cast<double>(count[r]);
     const double cost = (moved / R + 1) * p.num_heads * p.head_dim * p.element_bytes / 4.0;
     cpu::parallel_for(items, cost, [&](int64_t b, int64_t e) {
+      // Each entry is a few hundred bytes at a random place: the copies are latency bound, so the
+      // lines of the next item are prefetched while the current one is copied.
+      auto for_each_move = [&](int64_t it, auto&& fn) {
+        const int32_t r = static_cast<int32_t>(it % R);
+        const int64_t lk = it / R;
+        const int32_t l = static_cast<int32_t>(lk / kinds);
+        char* layer = static_cast<char*>(lk % kinds == 0 ? p.k_layers[l] : p.v_layers[l]);
+        const int64_t old = p.old_lengths[r];
+        const int64_t* acc = p.accepted + static_cast<int64_t>(r) * p.accepted_width;
+        for (int64_t j = 0; j < count[r]; ++j) {
+          if (acc[j] == j) continue;
+          int64_t ts, td;
+          const int64_t ps = cpu::page_of(p, r, old + acc[j], &ts);
+          const int64_t pd = cpu::page_of(p, r, old + j, &td);
+          const int64_t so = detail::kv_entry_offset(ps, ts, 0, p.stride_page, p.stride_pos, p.stride_head);
+          const int64_t dof = detail::kv_entry_offset(pd, td, 0, p.stride_page, p.stride_pos, p.stride_head);
+          fn(layer, so, dof);
+        }
+      };
+      auto prefetch = [&](char* layer, int64_t so, int64_t dof) {
+        for (int32_t h = 0; h < (fused_heads ? 1 : p.num_heads); ++h) {
+          const char* src = layer + (so + h * p.stride_head) * p.element_bytes;
+          char* dst = layer + (dof + h * p.stride_head) * p.element_bytes;
+          const size_t nb = fused_heads ? head_bytes * p.num_heads : head_bytes;
+          for (size_t o = 0; o < nb; o += 64) {
+            __builtin_prefetch(src + o, 0);
+            __builtin_prefetch(dst + o, 1);
+          }
+        }
+      };
+      constexpr int64_t kAhead = 2;  // items prefetched ahead of the one being copied
+      for (int64_t it = b; it < std::min(e, b + kAhead); ++it) for_each_move(it, prefetch);
       for (int64_t it = b; it < e; ++it) {
+        if (it + kAhead < e) for_each_move(it + kAhead, prefetch);
         const int32_t r = static_cast<int32_t>(it % R);
         const int64_t lk = it / R;
         const int32_t l = static_cast<int32_t>(lk / kinds);
