@@ -211,3 +211,29 @@ def test_cuda_matches_cpu(paged):
     bad[0, :3] = torch.tensor([0, 2, 1])
     outg = ops.kv_compact(kg, vg, old.cuda(), bad.cuda(), **{a: b.cuda() for a, b in kw.items()})
     assert int(outg.new_lengths[0]) == -1
+
+
+def test_c_api_program(tmp_path):
+    """tests/c/test_tree_kv_c_api.c links only libdspark_core: the C API works without torch."""
+    import os
+    import shutil
+    import subprocess
+
+    from dspark_native._native import get_include, load_library
+
+    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    lib_dir = os.path.dirname(str(load_library()))
+    for cand in (lib_dir, os.path.join(lib_dir, "lib")):
+        if os.path.exists(os.path.join(cand, "libdspark_core.so")):
+            lib_dir = cand
+            break
+    else:
+        pytest.skip("libdspark_core.so not found next to the loaded extension")
+    if cc is None:
+        pytest.skip("no C compiler")
+    src = os.path.join(os.path.dirname(__file__), "c", "test_tree_kv_c_api.c")
+    exe = tmp_path / "test_tree_kv_c_api"
+    subprocess.run([cc, "-std=c99", "-O1", "-I", get_include(), src, "-L", lib_dir, "-ldspark_core",
+                    f"-Wl,-rpath,{lib_dir}", "-o", str(exe)], check=True)
+    res = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr

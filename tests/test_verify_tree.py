@@ -411,3 +411,29 @@ def test_cuda_matches_cpu():
     cpu = ops.verify_tree(tl2[:3], cu2[:2], par2[:3], tok2[:3], max_nodes=3)
     assert torch.equal(gpu.path[0].cpu(), cpu.path[0]) and torch.equal(gpu.tokens[0].cpu(), cpu.tokens[0])
     assert (gpu.path[1] == -1).all() and (gpu.tokens[1] == -1).all() and gpu.num_accepted[1].item() == 0
+
+
+def test_torch_compile_smoke():
+    """verify_tree + kv_compact inside one torch.compile(fullgraph=True) graph (aot_eager)."""
+    g = torch.Generator().manual_seed(4)
+    tl = torch.randn(7, 11, generator=g)
+    cu, par = torch.tensor([0, 4, 7]), torch.tensor([-1, 0, 0, 1, -1, 0, 1])
+    tok = torch.randint(0, 11, (7,), generator=g)
+    am = int(tl[0].argmax())
+    tok[1], tok[2] = (am + 1) % 11, am  # request 0 (greedy) accepts node 2: its KV entry must move
+    temp, seed, off = torch.tensor([0.0, 0.8]), torch.tensor([1, 2]), torch.tensor([0, 0])
+
+    def step(tl, cu, par, tok, temp, seed, off, k, lengths):
+        out = ops.verify_tree(tl, cu, par, tok, temperature=temp, seed=seed, offset=off, max_nodes=4, max_depth=3)
+        kv = ops.kv_compact(k, None, lengths, out.path)
+        return out.tokens, kv.new_lengths
+
+    k1 = torch.randn(1, 2, 1, 16, 4, generator=g)
+    k0 = k1.clone()
+    k2 = k1.clone()
+    lengths = torch.tensor([3, 5])
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    a = compiled(tl, cu, par, tok, temp, seed, off, k1, lengths)
+    b = step(tl, cu, par, tok, temp, seed, off, k2, lengths)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.equal(k1, k2)
+    assert not torch.equal(k1, k0) and torch.equal(k1[0, 0, 0, 4], k0[0, 0, 0, 5])
