@@ -1,0 +1,700 @@
+"""Batched generation engine: plain autoregressive decoding and lossless chain speculative decoding
+with DSpark, DFlash and EAGLE-3 drafters (docs/engine.md).
+
+One round for the R active requests (each request's anchor, its last emitted token, has no target
+KV yet; its position ``s`` equals the target cache length and the drafter's context length):
+
+1. draft:    ``drafter.propose`` -> (DSpark/DFlash) ``dspark_draft``: drafts d, the exact logits q
+             they were sampled from, confidences c; (EAGLE-3) its own chain proposals.
+2. schedule: the length policy picks ``l_r`` (<= the block, the context and the token budget).
+3. verify:   one ragged target forward over ``[anchor, d_0 .. d_{l-1}]`` per request, then
+             ``verify_chain(..., draft_logits=q, temperature, top_k, top_p, seed, offset)``.
+4. rollback: target KV truncated to ``s + a + 1`` (anchor + ``a`` accepted drafts kept; the emitted
+             corrected/bonus token is the next anchor, without KV); the drafter ingests the target
+             features of those ``a + 1`` kept positions, so its context length is again the new
+             anchor's position ``s + a + 1``.
+
+Plain decoding is the same round with ``l_r = 0`` for every request (``verify_chain`` with zero
+drafts samples the token), so both modes share the exact per-token sampling conventions. Each
+request's Philox counter ``offset`` starts at 0 and advances by 1 per round it takes part in.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Deque, Dict, List, Optional, Sequence, Union
+
+import torch
+
+from .models.cache import ContextLengthError, KVCache
+from .models.drafter import DSparkDrafter
+from .models.eagle3 import Eagle3Drafter
+from .models.target import TargetModel
+
+__all__ = [
+    "SamplingParams", "RequestStats", "RequestOutput", "Engine", "make_policy", "POLICIES",
+    "StaticPolicy", "ThresholdPolicy", "CausalPolicy", "AsyncPolicy", "default_sps_table",
+    "profile_sps", "drafter_kind",
+]
+
+PHASES = ("prefill", "draft", "schedule", "verify", "rollback")
+
+
+# ----------------------------------------------------------------------------- requests
+
+@dataclass
+class SamplingParams:
+    """Per-request generation settings. temperature 0 = greedy; top_k 0 and top_p 1 disable."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_token_ids: Sequence[int] = ()
+
+    def validate(self, vocab_size: int) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
+        t = float(self.temperature)
+        if not (t >= 0) or math.isinf(t):
+            raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {self.temperature!r}")
+        if int(self.top_k) < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables), got {self.top_k!r}")
+        if not (0 < float(self.top_p) <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        for s in self.stop_token_ids:
+            if not 0 <= int(s) < vocab_size:
+                raise ValueError(f"stop token {s} outside the vocabulary [0, {vocab_size})")
+
+
+@dataclass
+class RequestStats:
+    """Per-request statistics. ``tau`` = tokens emitted per round (accepted drafts + the
+    bonus/corrected token). ``reached[k]`` counts rounds in which draft position k was verified
+    with every earlier draft accepted, ``accepted[k]`` those in which it was accepted too; their
+    ratio is the per-position conditional acceptance. ``budget`` = drafts sent to verification.
+    ``time`` holds the wall time (s) of the rounds the request took part in, per phase (every
+    request of a batched round waits for the whole round)."""
+
+    rounds: int = 0
+    emitted: int = 0
+    drafted: int = 0
+    budget: int = 0
+    accepted_drafts: int = 0
+    reached: List[int] = field(default_factory=list)
+    accepted: List[int] = field(default_factory=list)
+    time: Dict[str, float] = field(default_factory=lambda: {p: 0.0 for p in PHASES})
+
+    @property
+    def tau(self) -> float:
+        return self.emitted / self.rounds if self.rounds else 0.0
+
+    @property
+    def acceptance(self) -> List[float]:
+        return [a / n if n else float("nan") for a, n in zip(self.accepted, self.reached)]
+
+    def _grow(self, k: int) -> None:
+        while len(self.reached) < k:
+            self.reached.append(0)
+            self.accepted.append(0)
+
+    def to_dict(self) -> dict:
+        return dict(rounds=self.rounds, emitted=self.emitted, tau=self.tau, drafted=self.drafted,
+                    budget=self.budget, accepted_drafts=self.accepted_drafts, reached=list(self.reached),
+                    accepted=list(self.accepted), acceptance=self.acceptance, time=dict(self.time))
+
+
+@dataclass
+class RequestOutput:
+    request_id: int
+    prompt_ids: List[int]
+    token_ids: List[int]
+    finished: bool
+    finish_reason: Optional[str]  #: "stop" | "length" | "context" | "aborted" | "error"
+    stats: RequestStats
+    error: Optional[str] = None
+
+
+class _Request:
+    def __init__(self, rid, prompt, params, on_tokens):
+        self.id = rid
+        self.prompt = prompt
+        self.params = params
+        self.on_tokens = on_tokens
+        self.stop = set(int(s) for s in params.stop_token_ids)
+        self.output: List[int] = []
+        self.slot: Optional[int] = None
+        self.anchor = int(prompt[-1]) if prompt else 0
+        self.offset = 0
+        self.finished = False
+        self.finish_reason: Optional[str] = None
+        self.error: Optional[str] = None
+        self.stats = RequestStats()
+        self.old_conf: Deque[Optional[torch.Tensor]] = deque(maxlen=2)  # async policy history
+
+    def result(self) -> RequestOutput:
+        return RequestOutput(self.id, list(self.prompt), list(self.output), self.finished, self.finish_reason,
+                             self.stats, self.error)
+
+
+# ----------------------------------------------------------------------------- length policies
+# The policies below are the engine's local versions; `make_policy` prefers the implementation
+# in `dspark_native.scheduler` when that module provides one (see `_scheduler_policy`).
+
+def survival(conf: torch.Tensor) -> torch.Tensor:
+    """a[r, j] = prod_{i <= j} c[r, i] (fp32)."""
+    return torch.cumprod(conf.float().clamp(0, 1), dim=1)
+
+
+def default_sps_table(max_tokens: int, fixed_s: float = 1.0, per_token_s: float = 0.02) -> torch.Tensor:
+    """A model of a memory-bound forward: steps/s at B tokens = 1 / (fixed + per_token * B)."""
+    b = torch.arange(1, max_tokens + 1, dtype=torch.float32)
+    return 1.0 / (fixed_s + per_token_s * b)
+
+
+class StaticPolicy:
+    """l_r = min(k, cap_r) (k = None: the whole block)."""
+
+    name = "static"
+    needs_confidence = False
+
+    def __init__(self, k: Optional[int] = None):
+        self.k = k
+
+    def __call__(self, conf, caps, reqs=None):
+        return caps if self.k is None else caps.clamp(max=int(self.k))
+
+
+class ThresholdPolicy:
+    """l_r = number of positions whose survival prod_{i<=j} c_i is >= threshold. Admission of
+    draft j depends on c_0..c_j, which depend only on drafts before j: lossless."""
+
+    name = "threshold"
+    needs_confidence = True
+
+    def __init__(self, threshold: float = 0.5):
+        self.threshold = float(threshold)
+
+    def __call__(self, conf, caps, reqs=None):
+        if conf is None:
+            return caps
+        return torch.minimum((survival(conf) >= self.threshold).sum(1), caps)
+
+
+class CausalPolicy:
+    """Hardware-aware prefix scheduler with the early stop (paper Algorithm 1), fused op."""
+
+    name = "causal"
+    needs_confidence = True
+
+    def __init__(self, sps_table: Optional[torch.Tensor] = None, token_budget: Optional[int] = None):
+        self.sps_table = sps_table
+        self.token_budget = token_budget
+
+    def table(self, need: int) -> torch.Tensor:
+        t = self.sps_table
+        if t is None or t.numel() < need:
+            base = default_sps_table(need)
+            if t is not None and t.numel():
+                base[: t.numel()] = t  # extend a short profiled table with its last value
+                base[t.numel():] = t[-1]
+            t = base
+        return t
+
+    def __call__(self, conf, caps, reqs=None):
+        if conf is None:
+            return caps
+        from .ops import schedule_prefix
+
+        R, g = conf.shape
+        out = schedule_prefix(conf.float().contiguous(), self.table(R * (g + 1)), mode="causal",
+                              max_len=caps.to(torch.int32), token_budget=self.token_budget)
+        return out.lengths.to(caps.dtype)
+
+
+class AsyncPolicy:
+    """Asynchronous variant (paper Section 5.2): the batch budget K comes from a global search
+    (no early stop) over each request's confidences of two rounds earlier (requests without such
+    history contribute 0), then the K largest *current* survival probabilities are admitted
+    (sorted by value, ties by position, so a request's admitted set is always a prefix and the
+    admission of draft j never depends on the value of draft j)."""
+
+    name = "async"
+    needs_confidence = True
+
+    def __init__(self, sps_table: Optional[torch.Tensor] = None):
+        self.causal = CausalPolicy(sps_table)
+
+    def __call__(self, conf, caps, reqs=None):
+        if conf is None:
+            return caps
+        from .ops import schedule_prefix
+
+        R, g = conf.shape
+        old = torch.zeros(R, g)
+        if reqs is not None:
+            for i, rq in enumerate(reqs):
+                if len(rq.old_conf) == 2 and rq.old_conf[0] is not None:
+                    c = rq.old_conf[0]
+                    old[i, : min(g, c.numel())] = c[:g]
+        K = int(schedule_prefix(old.contiguous(), self.causal.table(R * (g + 1)), mode="global",
+                                max_len=caps.to(torch.int32)).lengths.sum())
+        a = survival(conf)
+        a = torch.where(torch.arange(g)[None, :] < caps[:, None], a, torch.full_like(a, -1.0))
+        lengths = torch.zeros(R, dtype=torch.int64)
+        if K > 0:
+            # rank: value descending, then position ascending (stable sort of a flattened in
+            # position-major order keeps earlier positions first among equal values)
+            flat = a.t().reshape(-1)
+            order = torch.sort(flat, descending=True, stable=True).indices[:K]
+            order = order[flat[order] > 0]
+            r_idx = order % R
+            j_idx = order // R
+            lengths.scatter_reduce_(0, r_idx, j_idx + 1, reduce="amax")
+        return torch.minimum(lengths, caps)
+
+
+POLICIES = ("static", "threshold", "causal", "async")
+
+
+def _scheduler_policy(name: str, **kw):
+    """The policy object of ``dspark_native.scheduler`` when it exists and offers ``name``."""
+    try:
+        from . import scheduler  # noqa: F401
+    except ImportError:
+        return None
+    factory = getattr(scheduler, "make_policy", None)
+    if factory is None:
+        return None
+    try:
+        return factory(name, **kw)
+    except Exception:
+        return None
+
+
+def make_policy(name: str = "static", **kw):
+    """A verification-length policy by name: static(k), threshold(threshold), causal(sps_table,
+    token_budget), async(sps_table). A policy is ``policy(conf [R, g] | None, caps [R], reqs) -> l [R]``."""
+    table = {"static": StaticPolicy, "threshold": ThresholdPolicy, "causal": CausalPolicy, "async": AsyncPolicy}
+    if name not in table:
+        raise ValueError(f"unknown policy {name!r} (one of {', '.join(POLICIES)})")
+    return table[name](**kw)
+
+
+# ----------------------------------------------------------------------------- the sequential stage
+
+def drafter_kind(drafter) -> str:
+    if drafter is None:
+        return "plain"
+    if isinstance(drafter, Eagle3Drafter):
+        return "eagle3"
+    if isinstance(drafter, DSparkDrafter):
+        return "dspark" if drafter.markov_head is not None else "dflash"
+    raise TypeError(f"unsupported drafter type {type(drafter).__name__}")
+
+
+def sequential_stage(drafter: DSparkDrafter, U, h, anchors, temperature, seed, offset):
+    """DSpark/DFlash sequential stage: (drafts [R, g] int64, q logits [R, g, V] fp32 exactly as
+    sampled, confidences [R, g] fp32 or None). Uses the fused ``dspark_draft`` op; DFlash (no
+    Markov head) runs it with an all-zero rank-1 head, i.e. drafts straight from the base logits
+    with the same Philox sampler."""
+    from .ops import dspark_draft
+
+    mh = drafter.markov_head
+    ch = drafter.confidence_head
+    kw = {}
+    if mh is not None:
+        w1, w2 = mh.markov_w1.weight, mh.markov_w2.weight
+        if mh.head_type == "gated":
+            kw.update(gate_weight=mh.gate_proj.weight, gate_bias=mh.gate_proj.bias)
+        elif mh.head_type == "rnn":
+            kw.update(joint_weight=mh.joint_proj.weight, joint_bias=mh.joint_proj.bias)
+        head_type = mh.head_type
+    else:
+        V = U.shape[-1]
+        w1 = torch.zeros(V, 1, device=U.device)
+        w2 = torch.zeros(V, 1, device=U.device)
+        head_type = "vanilla"
+    wdt = w2.dtype
+    kw = {k: v.detach().to(wdt).contiguous() for k, v in kw.items()}
+    if ch is not None:
+        kw.update(conf_weight=ch.proj.weight.detach().to(wdt).contiguous(),
+                  conf_bias=ch.proj.bias.detach().to(wdt).contiguous())
+    out = dspark_draft(U.contiguous(), anchors, w1.detach().contiguous(), w2.detach().contiguous(),
+                       hidden=h.contiguous(), head_type=head_type, temperature=temperature, seed=seed,
+                       offset=offset, sts_temperature=getattr(drafter, "sts_temperature", None), **kw)
+    conf = out.confidence if ch is not None else None
+    return out.tokens, out.logits, conf
+
+
+# ----------------------------------------------------------------------------- the engine
+
+class Engine:
+    """Batched generation over a target model, optionally with a drafter.
+
+    ``add(prompt_ids, params, on_tokens=None) -> id`` queues a request; ``step()`` admits queued
+    requests into free slots (prefill) and runs one round for every active request, returning the
+    requests that finished; ``finish(id)`` aborts one; ``generate(...)`` does it all. A request's
+    ``on_tokens(request_id, new_tokens)`` callback streams its tokens as they are emitted.
+
+    Args:
+        target: TargetModel. drafter: DSparkDrafter (DSpark or DFlash) or Eagle3Drafter, or None
+            (plain decoding). plain: ignore the drafter (baseline with the same code path).
+        policy: a policy object or name (static | threshold | causal | async); policy_kwargs for it.
+        num_drafts: drafts per round: the DSpark/DFlash block is capped to it; EAGLE-3 default
+            its ttt_length.
+        max_batch: concurrent requests (cache slots). max_seq: context length per request.
+    """
+
+    def __init__(self, target: TargetModel, drafter=None, *, plain: bool = False,
+                 policy: Union[str, Callable, None] = "static", policy_kwargs: Optional[dict] = None,
+                 num_drafts: Optional[int] = None, max_batch: int = 8, max_seq: int = 1024):
+        if not isinstance(target, TargetModel):
+            raise TypeError("target must be a TargetModel")
+        if max_batch < 1 or max_seq < 2:
+            raise ValueError("max_batch must be >= 1 and max_seq >= 2")
+        self.target = target
+        self.drafter = None if plain else drafter
+        self.kind = drafter_kind(self.drafter)
+        V = target.config.vocab_size
+        if self.drafter is not None:
+            dv = self.drafter.config.vocab_size
+            if dv != V:
+                raise ValueError(f"drafter vocabulary ({dv}) differs from the target's ({V})")
+            if self.drafter.config.hidden_size != target.config.hidden_size:
+                raise ValueError("drafter hidden_size differs from the target's")
+            ids = list(self.drafter.config.target_layer_ids)
+            if list(target.target_layer_ids) != ids:
+                target.set_target_layer_ids(ids)
+            self.drafter.allocate_cache(max_batch, max_seq)
+        if self.kind == "eagle3":
+            self.gamma = int(num_drafts or self.drafter.config.ttt_length or 7)
+        elif self.drafter is not None:
+            self.gamma = min(int(num_drafts), self.drafter.block_size) if num_drafts else self.drafter.block_size
+        else:
+            self.gamma = 0
+        if isinstance(policy, str) or policy is None:
+            policy = make_policy(policy or "static", **(policy_kwargs or {}))
+        self.policy = policy
+        self.max_batch, self.max_seq = max_batch, max_seq
+        self.cache: KVCache = target.new_cache(max_batch, max_seq)
+        self.free_slots = list(range(max_batch))
+        self.waiting: Deque[_Request] = deque()
+        self.active: Dict[int, _Request] = {}  # slot -> request
+        self.requests: Dict[int, _Request] = {}
+        self._next_id = 0
+        self.time = {p: 0.0 for p in PHASES}
+        self.rounds = 0
+
+    # -- public API ------------------------------------------------------------------------------
+    def add(self, prompt_ids: Sequence[int], params: Optional[SamplingParams] = None,
+            on_tokens: Optional[Callable[[int, List[int]], None]] = None) -> int:
+        """Queue a request; returns its id. Bad input raises ValueError and changes nothing."""
+        params = params or SamplingParams()
+        V = self.target.config.vocab_size
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("prompt is empty: at least one token is needed")
+        if min(prompt) < 0 or max(prompt) >= V:
+            raise ValueError(f"prompt token ids must be in [0, {V})")
+        if len(prompt) > self.max_seq:
+            raise ContextLengthError(f"prompt of {len(prompt)} tokens is longer than the context "
+                                     f"(max_seq = {self.max_seq})")
+        params.validate(V)
+        rq = _Request(self._next_id, prompt, params, on_tokens)
+        self._next_id += 1
+        self.requests[rq.id] = rq
+        if params.max_new_tokens == 0:
+            rq.finished, rq.finish_reason = True, "length"
+        else:
+            self.waiting.append(rq)
+        return rq.id
+
+    def finish(self, request_id: int) -> RequestOutput:
+        """Abort a request (frees its slot); returns what it produced so far."""
+        rq = self.requests[request_id]
+        if not rq.finished:
+            if rq in self.waiting:
+                self.waiting.remove(rq)
+            self._close(rq, "aborted")
+        return rq.result()
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.active)
+
+    def output(self, request_id: int) -> RequestOutput:
+        return self.requests[request_id].result()
+
+    def step(self) -> List[RequestOutput]:
+        """Admit waiting requests, run one round; returns the requests finished by this step."""
+        done = [rq for rq in self.requests.values() if rq.finished and not getattr(rq, "_reported", False)]
+        self._admit()
+        if self.active:
+            self._round()
+        done += [rq for rq in self.requests.values() if rq.finished and not getattr(rq, "_reported", False)
+                 and rq not in done]
+        for rq in done:
+            rq._reported = True
+        return [rq.result() for rq in done]
+
+    def generate(self, prompts: Sequence[Sequence[int]],
+                 params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+                 on_tokens=None) -> List[RequestOutput]:
+        """Run a list of prompts to completion; outputs in prompt order."""
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError("one SamplingParams per prompt")
+        ids = [self.add(p, sp, on_tokens) for p, sp in zip(prompts, params)]
+        while self.has_unfinished():
+            self.step()
+        return [self.requests[i].result() for i in ids]
+
+    def release(self) -> None:
+        """Forget finished requests (their outputs) to bound memory in long runs."""
+        for rid in [i for i, rq in self.requests.items() if rq.finished]:
+            del self.requests[rid]
+
+    # -- internals -------------------------------------------------------------------------------
+    def _close(self, rq: _Request, reason: str, error: Optional[str] = None) -> None:
+        rq.finished, rq.finish_reason, rq.error = True, reason, error
+        if rq.slot is not None:
+            slot = rq.slot
+            self.cache.reset([slot])
+            if self.drafter is not None:
+                self.drafter.crop([slot], 0)
+            self.active.pop(slot, None)
+            self.free_slots.append(slot)
+            self.free_slots.sort()
+            rq.slot = None
+
+    def _admit(self) -> None:
+        new: List[_Request] = []
+        while self.waiting and self.free_slots:
+            rq = self.waiting.popleft()
+            rq.slot = self.free_slots.pop(0)
+            self.active[rq.slot] = rq
+            new.append(rq)
+        if not new:
+            return
+        t0 = time.perf_counter()
+        # Prefill everything but the last prompt token, which is the first anchor (no KV yet).
+        pre = [rq.prompt[:-1] for rq in new]
+        slots = torch.tensor([rq.slot for rq in new], dtype=torch.int64)
+        counts = torch.tensor([len(p) for p in pre], dtype=torch.int64)
+        if int(counts.sum()):
+            cu = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+            ids = torch.tensor([t for p in pre for t in p], dtype=torch.int64)
+            need = self.drafter is not None
+            _, hidden = self.target(ids, cu, slots, self.cache, return_hidden=need)
+            if self.kind == "eagle3":
+                self.drafter.ingest(slots, hidden, cu, ids)
+            elif need:
+                self.drafter.ingest(slots, hidden, cu)
+        dt = time.perf_counter() - t0
+        self.time["prefill"] += dt
+        for rq in new:
+            rq.stats.time["prefill"] += dt
+
+    def _round(self) -> None:
+        reqs = [self.active[s] for s in sorted(self.active)]
+        R = len(reqs)
+        dev = self.target.device
+        slots = torch.tensor([rq.slot for rq in reqs], dtype=torch.int64)
+        anchors = torch.tensor([rq.anchor for rq in reqs], dtype=torch.int64)
+        temp = torch.tensor([float(rq.params.temperature) for rq in reqs], dtype=torch.float32)
+        top_k = torch.tensor([int(rq.params.top_k) for rq in reqs], dtype=torch.int32)
+        top_p = torch.tensor([float(rq.params.top_p) for rq in reqs], dtype=torch.float32)
+        seed = torch.tensor([int(rq.params.seed) for rq in reqs], dtype=torch.int64)
+        offset = torch.tensor([rq.offset for rq in reqs], dtype=torch.int64)
+        pos = self.cache.lengths[slots].clone()  # anchor positions
+        remaining = torch.tensor([rq.params.max_new_tokens - len(rq.output) for rq in reqs])
+        # drafts this round may not exceed the block, the context or the tokens still wanted
+        caps = torch.minimum(torch.minimum(torch.full((R,), self.gamma), self.max_seq - 1 - pos),
+                             remaining - 1).clamp(min=0)
+        g = self.gamma
+        times = {p: 0.0 for p in PHASES}
+
+        # 1. draft ------------------------------------------------------------------------------
+        t0 = time.perf_counter()
+        drafts = q = conf = None
+        if self.kind in ("dspark", "dflash") and int(caps.max()) > 0:
+            U, h = self.drafter.propose(slots, anchors)
+            drafts, q, conf = sequential_stage(self.drafter, U[:, :g], h[:, :g], anchors, temp, seed, offset)
+            bad = drafts < 0  # no distribution to draft from (hostile logits): verify up to it
+            if bool(bad.any()):
+                first_bad = torch.where(bad.any(1), bad.float().argmax(1), torch.full((R,), g))
+                caps = torch.minimum(caps, first_bad)
+        elif self.kind == "eagle3" and int(caps.max()) > 0:
+            ok = self.drafter.has_pending[slots].clone()
+            caps = torch.where(ok, caps, torch.zeros_like(caps))
+            drafts = torch.zeros(R, g, dtype=torch.int64)
+            sampled = temp[ok & (temp > 0)]
+            T = 0.0
+            if sampled.numel() and bool((sampled == sampled[0]).all()):
+                T = float(sampled[0])  # all sampled requests share T: draft at T, q = logits
+            if bool(ok.any()):
+                gen = torch.Generator().manual_seed(int((seed * 1000003 + offset).sum()) & 0x7FFFFFFFFFFF)
+                d, lg = self.drafter.propose(slots[ok], anchors[ok], g, temperature=T, generator=gen)
+                drafts[ok] = d
+                if T > 0:
+                    q = torch.zeros(R, g, lg.shape[-1])
+                    q[ok] = lg
+            self._eagle_T = T
+        times["draft"] = time.perf_counter() - t0
+
+        # 2. schedule ---------------------------------------------------------------------------
+        t0 = time.perf_counter()
+        if drafts is None:
+            lengths = torch.zeros(R, dtype=torch.int64)
+        else:
+            pconf = conf if getattr(self.policy, "needs_confidence", False) else None
+            lengths = self.policy(pconf, caps.clone(), reqs).to(torch.int64)
+            lengths = torch.minimum(lengths.clamp(min=0), caps)
+            if conf is not None:
+                for i, rq in enumerate(reqs):
+                    rq.old_conf.append(conf[i].detach().clone())
+        times["schedule"] = time.perf_counter() - t0
+
+        # 3. verify -----------------------------------------------------------------------------
+        t0 = time.perf_counter()
+        width = g + 1
+        rows = torch.cat([anchors[:, None], drafts if drafts is not None else torch.zeros(R, g, dtype=torch.int64)], 1)
+        keep = torch.arange(width)[None, :] <= lengths[:, None]
+        ids = rows[keep]
+        cu = torch.cat([torch.zeros(1, dtype=torch.int64), (lengths + 1).cumsum(0)])
+        need_hidden = self.drafter is not None
+        logits, hidden = self.target(ids, cu, slots, self.cache, return_hidden=need_hidden)
+        dmask = torch.arange(g)[None, :] < lengths[:, None]
+        d_flat = drafts[dmask] if drafts is not None else torch.zeros(0, dtype=torch.int64)
+        q_flat = None
+        if q is not None and self.kind != "eagle3":
+            q_flat = q[dmask]
+        elif q is not None:
+            q_flat = q[dmask]
+            # requests whose drafts were not drawn at their own temperature are verified greedily
+            # (T = 0) or with drafts from the shared T; mixed sampled temperatures draft greedily.
+        from .ops import verify_chain
+
+        out = verify_chain(logits, cu, d_flat, draft_logits=q_flat, temperature=temp, top_k=top_k, top_p=top_p,
+                           seed=seed, offset=offset, max_drafts=int(lengths.max()) if R else 0)
+        times["verify"] = time.perf_counter() - t0
+
+        # 4. rollback + emission ----------------------------------------------------------------
+        t0 = time.perf_counter()
+        acc = out.num_accepted.clamp(min=0)
+        new_len = pos + acc + 1
+        self.cache.truncate(slots, new_len)
+        tokens = out.tokens.tolist()
+        accl = acc.tolist()
+        ll = lengths.tolist()
+        cont = []
+        for i, rq in enumerate(reqs):
+            rq.offset += 1
+            st = rq.stats
+            st.rounds += 1
+            if drafts is not None:
+                st.drafted += int(caps[i]) if self.kind == "eagle3" else g
+            st.budget += ll[i]
+            a = accl[i]
+            st.accepted_drafts += a
+            st._grow(ll[i])
+            for k in range(min(a + 1, ll[i])):
+                st.reached[k] += 1
+                if k < a:
+                    st.accepted[k] += 1
+            emitted = tokens[i][: a + 1]
+            if any(t < 0 for t in emitted):
+                good = [t for t in emitted[: emitted.index(-1)]] if -1 in emitted else []
+                self._emit(rq, good)
+                self._close(rq, "error", "target logits have no finite entry (NaN/inf)")
+                continue
+            if self._emit(rq, emitted):
+                continue
+            if int(new_len[i]) >= self.max_seq:  # the next anchor has no room in the context
+                self._close(rq, "context")
+                continue
+            rq.anchor = emitted[-1]
+            cont.append(i)
+        if self.drafter is not None and cont:
+            idx = torch.tensor(cont, dtype=torch.int64)
+            kept = torch.arange(width)[None, :] <= acc[:, None]  # anchor + accepted drafts
+            row_keep = kept[keep.nonzero(as_tuple=True)]          # per verified row
+            sel = torch.zeros(R, dtype=torch.bool)
+            sel[idx] = True
+            row_req = torch.repeat_interleave(torch.arange(R), lengths + 1)
+            row_sel = row_keep & sel[row_req]
+            counts = (acc + 1)[idx]
+            kcu = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+            if self.kind == "eagle3":
+                self.drafter.ingest(slots[idx], hidden[row_sel], kcu, ids[row_sel])
+            else:
+                self.drafter.ingest(slots[idx], hidden[row_sel], kcu)
+        times["rollback"] = time.perf_counter() - t0
+        self.rounds += 1
+        for p in ("draft", "schedule", "verify", "rollback"):
+            self.time[p] += times[p]
+            for rq in reqs:
+                rq.stats.time[p] += times[p]
+
+    def _emit(self, rq: _Request, toks: List[int]) -> bool:
+        """Append tokens honouring stop tokens and max_new_tokens exactly; True if finished."""
+        out, reason = [], None
+        for t in toks:
+            if len(rq.output) + len(out) >= rq.params.max_new_tokens:
+                reason = "length"
+                break
+            out.append(t)
+            if t in rq.stop:
+                reason = "stop"
+                break
+        if reason is None and len(rq.output) + len(out) >= rq.params.max_new_tokens:
+            reason = "length"
+        rq.output.extend(out)
+        rq.stats.emitted += len(out)
+        if out and rq.on_tokens is not None:
+            rq.on_tokens(rq.id, out)
+        if reason is not None:
+            self._close(rq, reason)
+            return True
+        return False
+
+
+# ----------------------------------------------------------------------------- SPS profiling
+
+@torch.no_grad()
+def profile_sps(target: TargetModel, max_tokens: int, context: int = 128, repeats: int = 2,
+                points: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Steps/s of the target forward at B = 1..max_tokens batch tokens (measured at a few B over
+    ``context`` cached tokens, linearly interpolated in time per step): the SPS table."""
+    if points is None:
+        points = sorted({1, 2, 4, 8, 16, 32, 64, 128, max_tokens} & set(range(1, max_tokens + 1)))
+    ctx = max(1, context)
+    cache = target.new_cache(1, ctx + max(points) + 1)
+    V = target.config.vocab_size
+    prompt = torch.randint(0, V, (ctx,), generator=torch.Generator().manual_seed(0))
+    target(prompt, torch.tensor([0, ctx]), torch.tensor([0]), cache, return_hidden=False)
+    secs = []
+    for b in points:
+        ids = torch.randint(0, V, (b,), generator=torch.Generator().manual_seed(b))
+        best = math.inf
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            target(ids, torch.tensor([0, b]), torch.tensor([0]), cache, return_hidden=False)
+            best = min(best, time.perf_counter() - t0)
+            cache.truncate([0], ctx)
+        secs.append(best)
+    xs = torch.tensor(points, dtype=torch.float64)
+    ys = torch.tensor(secs, dtype=torch.float64).cummax(0).values  # time never decreases with B
+    b = torch.arange(1, max_tokens + 1, dtype=torch.float64)
+    idx = torch.searchsorted(xs, b).clamp(1, len(points) - 1) if len(points) > 1 else torch.zeros_like(b, dtype=torch.long)
+    if len(points) > 1:
+        x0, x1, y0, y1 = xs[idx - 1], xs[idx], ys[idx - 1], ys[idx]
+        t = y0 + (y1 - y0) * ((b - x0) / (x1 - x0)).clamp(0, None)
+    else:
+        t = ys[0].expand_as(b)
+    return (1.0 / t).float()
