@@ -37,7 +37,7 @@ from .models.target import TargetModel
 __all__ = [
     "SamplingParams", "RequestStats", "RequestOutput", "Engine", "make_policy", "POLICIES",
     "StaticPolicy", "ThresholdPolicy", "CausalPolicy", "AsyncPolicy", "default_sps_table",
-    "profile_sps", "drafter_kind",
+    "profile_sps", "drafter_kind", "default_drafter", "sequential_stage",
 ]
 
 PHASES = ("prefill", "draft", "schedule", "verify", "rollback")
@@ -662,6 +662,40 @@ class Engine:
             self._close(rq, reason)
             return True
         return False
+
+
+# ----------------------------------------------------------------------------- default drafter
+
+@torch.no_grad()
+def default_drafter(target: TargetModel, num_layers: int = 2, block_size: int = 7, markov_rank: int = 64,
+                    seed: int = 0, dtype: Optional[torch.dtype] = None):
+    """The package's default DSpark drafter for ``target``: **untrained**, random-initialised from a
+    fixed seed (deterministic, independent of the global RNG), built in code. ``num_layers`` draft
+    layers of the target's shape, ``block_size`` 7, a vanilla Markov head of rank ``markov_rank``
+    and a confidence head; ``target_layer_ids`` the default (5 layers evenly spaced between 1 and
+    N - 3); embedding and lm_head shared with the target (as trained drafters do); mask token: the
+    last vocabulary id. Expect tau near 1 until a trained drafter is loaded (``--drafter DIR``)."""
+    from .models.config import DrafterConfig, default_target_layer_ids
+
+    tc = target.config
+    n = tc.num_hidden_layers
+    raw = tc.to_dict()
+    arch = "Qwen3DSparkModel" if tc.qk_norm else "LlamaDSparkModel"
+    raw.update(architectures=[arch], num_hidden_layers=num_layers, num_target_layers=n, block_size=block_size,
+               target_layer_ids=default_target_layer_ids(n, min(5, n)) if n >= 5 else list(range(n)),
+               mask_token_id=tc.vocab_size - 1, markov_rank=markov_rank, markov_head_type="vanilla",
+               enable_confidence_head=True, confidence_head_with_markov=True, tie_word_embeddings=False)
+    cfg = DrafterConfig.from_dict(raw)
+    dtype = dtype or target.dtype
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        d = DSparkDrafter(cfg)
+    d.embed_tokens.weight = target.embed_tokens.weight
+    d.lm_head.weight = target.lm_head.weight
+    d.shared_keys = ("embed_tokens.weight", "lm_head.weight")
+    d = d.to(device=target.device, dtype=dtype).eval()
+    d.untrained = True
+    return d
 
 
 # ----------------------------------------------------------------------------- SPS profiling

@@ -1,0 +1,213 @@
+"""Engine: greedy losslessness (DSpark / DFlash / EAGLE-3, every policy, blocks 1..16, batches
+1..16 with different prompt lengths and stop points), batch invariance, stops and limits inside
+accepted blocks, streaming, statistics, hostile input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_engine_helpers import tiny_drafter, tiny_target
+
+from dspark_native.engine import POLICIES, Engine, SamplingParams, default_drafter
+from dspark_native.models import ContextLengthError
+
+V = 64
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_target(V)
+
+
+def _prompts(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, V, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def _plain(target, prompts, params, max_seq=96):
+    return [o.token_ids for o in Engine(target, None, max_batch=len(prompts), max_seq=max_seq).generate(prompts, params)]
+
+
+def _params_with_stops(target, prompts, max_new=24):
+    """Per-request limits and stop tokens taken from the unstopped plain output, so that stops fall
+    at various points (often inside accepted blocks)."""
+    free = _plain(target, prompts, SamplingParams(max_new_tokens=max_new))
+    params = []
+    for i, out in enumerate(free):
+        stop = [out[(3 * i + 2) % len(out)]] if i % 3 != 2 else []
+        params.append(SamplingParams(max_new_tokens=max_new - (i % 5), stop_token_ids=stop))
+    return params
+
+
+CASES = [  # kind, aligned, block, batch, policy
+    ("dspark", True, 1, 1, "static"),
+    ("dspark", True, 16, 16, "static"),
+    ("dspark", True, 7, 5, "threshold"),
+    ("dspark", True, 4, 9, "causal"),
+    ("dspark", True, 7, 3, "async"),
+    ("dspark", False, 16, 4, "causal"),
+    ("dspark", False, 3, 2, "threshold"),
+    ("dflash", True, 7, 6, "static"),
+    ("dflash", True, 16, 2, "causal"),
+    ("dflash", False, 1, 3, "async"),
+    ("eagle3", False, 4, 7, "static"),
+    ("eagle3", True, 16, 1, "threshold"),
+    ("eagle3", False, 1, 16, "async"),
+]
+
+
+@pytest.mark.parametrize("kind,aligned,block,batch,policy", CASES)
+def test_greedy_lossless(target, kind, aligned, block, batch, policy):
+    prompts = _prompts(batch, seed=block * 31 + batch)
+    params = _params_with_stops(target, prompts)
+    want = _plain(target, prompts, params)
+    drafter = tiny_drafter(target, kind, block_size=block, aligned=aligned)
+    eng = Engine(target, drafter, policy=policy, max_batch=max(1, batch - 1) if batch > 2 else batch, max_seq=96)
+    out = eng.generate(prompts, params)
+    for i, (o, w) in enumerate(zip(out, want)):
+        assert o.token_ids == w, f"request {i}: {o.token_ids} != plain {w}"
+        stops = set(params[i].stop_token_ids)
+        assert not any(t in stops for t in o.token_ids[:-1]), "token emitted after a stop token"
+        assert o.finish_reason in ("stop", "length")
+        assert o.stats.emitted == len(o.token_ids)
+        assert o.stats.budget <= o.stats.rounds * block
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_stop_and_limits_inside_accepted_blocks(target, policy):
+    drafter = tiny_drafter(target, "dspark", block_size=8, aligned=True)
+    prompts = [[3, 9, 27], [11]]
+    free = _plain(target, prompts, SamplingParams(max_new_tokens=30))
+    for limit in (1, 2, 3, 5, 8, 9, 13):
+        eng = Engine(target, drafter, policy=policy, max_batch=2, max_seq=96)
+        out = eng.generate(prompts, SamplingParams(max_new_tokens=limit))
+        assert [o.token_ids for o in out] == [f[:limit] for f in free]
+    # stop tokens deep inside a block (the aligned drafter gets whole blocks accepted)
+    for k in (1, 4, 6, 10):
+        stop = free[1][k]
+        want = free[1][: free[1].index(stop) + 1]
+        eng = Engine(target, drafter, policy=policy, max_batch=2, max_seq=96)
+        out = eng.generate([prompts[1]], SamplingParams(max_new_tokens=30, stop_token_ids=[stop]))[0]
+        assert out.token_ids == want and out.finish_reason == "stop"
+    assert out.stats.tau > 2.0, "aligned drafter should get blocks accepted (test premise)"
+
+
+def test_plain_engine_matches_generate_greedy(target):
+    for p in ([5], [1, 2, 3, 4, 5, 6, 7]):
+        eng = Engine(target, None, max_batch=1, max_seq=64)
+        assert eng.generate([p], SamplingParams(max_new_tokens=12))[0].token_ids == target.generate_greedy(p, 12)
+
+
+def test_batch_invariance_greedy(target):
+    drafter = tiny_drafter(target, "dspark", block_size=5, aligned=False)
+    prompts = _prompts(6, seed=7)
+    params = SamplingParams(max_new_tokens=15)
+    alone = [Engine(target, drafter, max_batch=1, max_seq=64).generate([p], params)[0].token_ids for p in prompts]
+    together = Engine(target, drafter, policy="causal", max_batch=6, max_seq=64).generate(prompts, params)
+    assert [o.token_ids for o in together] == alone
+    # and with sampled neighbours that come and go
+    eng = Engine(target, drafter, max_batch=4, max_seq=64)
+    ids = [eng.add(p, params) for p in prompts[:2]]
+    eng.add([1, 2], SamplingParams(max_new_tokens=3, temperature=1.0, seed=5))
+    eng.step()
+    eng.add([9] * 7, SamplingParams(max_new_tokens=20, temperature=0.7, top_k=5, seed=6))
+    while eng.has_unfinished():
+        eng.step()
+    assert [eng.output(i).token_ids for i in ids] == alone[:2]
+
+
+def test_streaming_and_stats(target):
+    drafter = tiny_drafter(target, "dspark", block_size=6, aligned=True)
+    got = {}
+    eng = Engine(target, drafter, policy="static", max_batch=2, max_seq=64)
+    outs = eng.generate([[4, 5], [6]], SamplingParams(max_new_tokens=17),
+                        on_tokens=lambda rid, toks: got.setdefault(rid, []).extend(toks))
+    for o in outs:
+        assert got[o.request_id] == o.token_ids
+        s = o.stats
+        assert s.emitted == 17 and s.rounds >= 3
+        assert abs(s.tau - 17 / s.rounds) < 1e-9
+        assert s.accepted_drafts == sum(s.accepted)
+        assert all(0 <= a <= n for a, n in zip(s.accepted, s.reached))
+        assert set(s.time) == {"prefill", "draft", "schedule", "verify", "rollback"}
+        assert s.time["verify"] > 0 and s.time["draft"] > 0
+        d = s.to_dict()
+        assert d["tau"] == s.tau and len(d["acceptance"]) == len(s.reached)
+
+
+def test_finish_aborts_one_request_only(target):
+    drafter = tiny_drafter(target, "eagle3", block_size=3, aligned=False)
+    eng = Engine(target, drafter, max_batch=2, max_seq=64)
+    a = eng.add([1, 2, 3], SamplingParams(max_new_tokens=20))
+    b = eng.add([4, 5], SamplingParams(max_new_tokens=20))
+    eng.step()
+    out_a = eng.finish(a)
+    assert out_a.finish_reason == "aborted" and 1 <= len(out_a.token_ids) <= 4
+    c = eng.add([4, 5], SamplingParams(max_new_tokens=20))  # reuses a's slot
+    while eng.has_unfinished():
+        eng.step()
+    want = _plain(target, [[4, 5]], SamplingParams(max_new_tokens=20))[0]
+    assert eng.output(b).token_ids == want and eng.output(c).token_ids == want
+
+
+def test_hostile_input(target):
+    drafter = tiny_drafter(target, "dspark", block_size=4, aligned=True)
+    eng = Engine(target, drafter, max_batch=2, max_seq=32)
+    ok = eng.add([1, 2, 3], SamplingParams(max_new_tokens=10))
+    with pytest.raises(ValueError, match="empty"):
+        eng.add([], SamplingParams())
+    with pytest.raises(ContextLengthError, match="longer than the context"):
+        eng.add(list(range(33)), SamplingParams())
+    with pytest.raises(ValueError, match="prompt token ids"):
+        eng.add([V + 3], SamplingParams())
+    for bad in (dict(max_new_tokens=-1), dict(temperature=-1.0), dict(temperature=float("nan")),
+                dict(top_p=0.0), dict(top_k=-2), dict(stop_token_ids=[V])):
+        with pytest.raises(ValueError):
+            eng.add([1], SamplingParams(**bad))
+    zero = eng.add([1, 2], SamplingParams(max_new_tokens=0))
+    while eng.has_unfinished():
+        eng.step()
+    assert eng.output(zero).token_ids == [] and eng.output(zero).finish_reason == "length"
+    assert eng.output(ok).token_ids == _plain(target, [[1, 2, 3]], SamplingParams(max_new_tokens=10))[0]
+    # a drafter for another vocabulary
+    other = tiny_target(V + 8, seed=3)
+    with pytest.raises(ValueError, match="vocabulary"):
+        Engine(target, tiny_drafter(other, "dspark"))
+
+
+def test_context_limit_mid_generation(target):
+    drafter = tiny_drafter(target, "dspark", block_size=7, aligned=True)
+    prompt = [2, 3, 4, 5, 6]
+    free = _plain(target, [prompt], SamplingParams(max_new_tokens=40), max_seq=64)[0]
+    for max_seq in (5, 6, 12, 17):
+        out = Engine(target, drafter, max_batch=1, max_seq=max_seq).generate([prompt], SamplingParams(max_new_tokens=40))[0]
+        assert out.finish_reason == "context"
+        assert out.token_ids == free[: max_seq - len(prompt) + 1]
+
+
+def test_default_drafter_is_deterministic(target):
+    a, b = default_drafter(target, num_layers=1), default_drafter(target, num_layers=1)
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), k
+    assert a.block_size == 7 and a.config.target_layer_ids
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_lossless_with_default_drafter():
+    pytest.importorskip("tokenizers")
+    from dspark_native.models import load_embedded_smollm2
+
+    try:
+        em = load_embedded_smollm2()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    drafter = default_drafter(em.model)
+    prompts = [em.encode_chat([{"role": "user", "content": "What is 2+2?"}]),
+               em.encode_chat([{"role": "user", "content": "Name a colour."}])]
+    params = SamplingParams(max_new_tokens=8, stop_token_ids=em.eos_token_ids)
+    want = [o.token_ids for o in Engine(em.model, None, max_batch=2, max_seq=256).generate(prompts, params)]
+    for policy in ("static", "causal"):
+        out = Engine(em.model, drafter, policy=policy, max_batch=2, max_seq=256).generate(prompts, params)
+        assert [o.token_ids for o in out] == want
