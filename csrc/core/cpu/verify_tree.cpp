@@ -44,23 +44,21 @@ struct TreeTask {
     const int64_t V = p.vocab_size;
     if (s.removed.empty() || !(w_rem > 0.0)) return sample_from(trow, V, inv_t, d, u);
     std::sort(s.removed.begin(), s.removed.end());
-    const double target = u * w_rem;
-    double cum = 0.0;
-    int64_t last_positive = -1;
-    size_t next = 0;
-    for (int64_t v = 0; v < V; ++v) {
-      if (next < s.removed.size() && s.removed[next] == v) {
-        ++next;
-        continue;
+    const std::vector<int64_t>& rm = s.removed;
+    const int64_t v = scan_blocks(V, u * w_rem, [&](int64_t v0, int64_t n, float* w) {
+      if (d.m == detail::kPosInf) {
+        for (int64_t i = 0; i < n; ++i) w[i] = weight(trow, v0 + i, inv_t, d);
+      } else {  // branch-free form of row_weight (vectorises)
+        for (int64_t i = 0; i < n; ++i) {
+          const float sc = detail::scaled_logit(detail::load_as_float(trow, v0 + i), inv_t);
+          const float e = detail::exp_nonpos(sc - d.m);
+          w[i] = sc >= d.thr ? e : 0.0f;
+        }
       }
-      const float w = weight(trow, v, inv_t, d);
-      if (w > 0.0f) {
-        cum += w;
-        last_positive = v;
-        if (cum > target) return v;
-      }
-    }
-    return last_positive >= 0 ? last_positive : sample_from(trow, V, inv_t, d, u);
+      // mask the rejected tokens of this block (rm is sorted)
+      for (auto it = std::lower_bound(rm.begin(), rm.end(), v0); it != rm.end() && *it < v0 + n; ++it) w[*it - v0] = 0.0f;
+    });
+    return v >= 0 ? v : sample_from(trow, V, inv_t, d, u);
   }
 
   void run(int32_t r) {
