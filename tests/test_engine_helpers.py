@@ -43,7 +43,7 @@ def tiny_target(V=64, seed=0, bigram=4.0, layers=4) -> TargetModel:
 
 @torch.no_grad()
 def tiny_drafter(target: TargetModel, kind="dspark", block_size=7, seed=1, aligned=True, head_type="vanilla",
-                 rank=16, layers=2, confidence=True):
+                 rank=16, layers=2, confidence=True, markov_scale=40.0):
     V = target.config.vocab_size
     tl = [1, target.config.num_hidden_layers - 1]
     torch.manual_seed(seed)
@@ -61,7 +61,7 @@ def tiny_drafter(target: TargetModel, kind="dspark", block_size=7, seed=1, align
             W1 = W1 / W1.norm(dim=1, keepdim=True)
             d.markov_head.markov_w1.weight.copy_(W1)
             W2 = torch.zeros(V, rank)
-            W2[f] = W1 * 40.0  # bias_v = 40 <W1[f^-1(v)], W1[prev]>: peaks at v = f(prev)
+            W2[f] = W1 * markov_scale  # bias_v = scale <W1[f^-1(v)], W1[prev]>: peaks at v = f(prev)
             d.markov_head.markov_w2.weight.copy_(W2)
         if d.confidence_head is not None:
             d.confidence_head.proj.weight.normal_(0, 0.3)

@@ -217,11 +217,13 @@ class CausalPolicy:
 
 
 class AsyncPolicy:
-    """Asynchronous variant (paper Section 5.2): the batch budget K comes from a global search
-    (no early stop) over each request's confidences of two rounds earlier (requests without such
-    history contribute 0), then the K largest *current* survival probabilities are admitted
-    (sorted by value, ties by position, so a request's admitted set is always a prefix and the
-    admission of draft j never depends on the value of draft j)."""
+    """Asynchronous variant (paper Section 5.2). For the requests that have confidences from two
+    rounds earlier, the batch budget K comes from a global search (no early stop) over those old
+    confidences, then the K largest *current* survival probabilities are admitted (sorted by value,
+    ties by position, so a request's admitted set is always a prefix and the admission of draft j
+    never depends on the value of draft j). Requests without that history yet (their first two
+    rounds) are scheduled by the causal Algorithm 1 on their current confidences. Both parts are
+    lossless."""
 
     name = "async"
     needs_confidence = True
@@ -235,26 +237,34 @@ class AsyncPolicy:
         from .ops import schedule_prefix
 
         R, g = conf.shape
+        has = torch.zeros(R, dtype=torch.bool)
         old = torch.zeros(R, g)
         if reqs is not None:
             for i, rq in enumerate(reqs):
                 if len(rq.old_conf) == 2 and rq.old_conf[0] is not None:
                     c = rq.old_conf[0]
                     old[i, : min(g, c.numel())] = c[:g]
-        K = int(schedule_prefix(old.contiguous(), self.causal.table(R * (g + 1)), mode="global",
-                                max_len=caps.to(torch.int32)).lengths.sum())
-        a = survival(conf)
-        a = torch.where(torch.arange(g)[None, :] < caps[:, None], a, torch.full_like(a, -1.0))
+                    has[i] = True
         lengths = torch.zeros(R, dtype=torch.int64)
-        if K > 0:
-            # rank: value descending, then position ascending (stable sort of a flattened in
-            # position-major order keeps earlier positions first among equal values)
-            flat = a.t().reshape(-1)
-            order = torch.sort(flat, descending=True, stable=True).indices[:K]
-            order = order[flat[order] > 0]
-            r_idx = order % R
-            j_idx = order // R
-            lengths.scatter_reduce_(0, r_idx, j_idx + 1, reduce="amax")
+        new = ~has
+        if bool(new.any()):
+            lengths[new] = self.causal(conf[new], caps[new])
+        if bool(has.any()):
+            conf_h, caps_h = conf[has], caps[has]
+            Rh = conf_h.shape[0]
+            K = int(schedule_prefix(old[has].contiguous(), self.causal.table(Rh * (g + 1)), mode="global",
+                                    max_len=caps_h.to(torch.int32)).lengths.sum())
+            a = survival(conf_h)
+            a = torch.where(torch.arange(g)[None, :] < caps_h[:, None], a, torch.full_like(a, -1.0))
+            lh = torch.zeros(Rh, dtype=torch.int64)
+            if K > 0:
+                # rank: value descending, then position ascending (a stable sort of a flattened
+                # position-major keeps earlier positions first among equal values)
+                flat = a.t().reshape(-1)
+                order = torch.sort(flat, descending=True, stable=True).indices[:K]
+                order = order[flat[order] > 0]
+                lh.scatter_reduce_(0, order % Rh, order // Rh + 1, reduce="amax")
+            lengths[has] = torch.minimum(lh, caps_h)
         return torch.minimum(lengths, caps)
 
 
