@@ -170,6 +170,8 @@ def test_hostile_input_errors_and_leaves_cache_untouched():
     # an empty list of indices keeps nothing; an empty batch is a no-op
     out = ops.kv_compact(k, v, old, torch.full((2, 2), -1, dtype=torch.int64))
     assert out.new_lengths.tolist() == [2, 3]
+    out = ops.kv_compact(k, v, old, torch.zeros(2, 0, dtype=torch.int64))
+    assert out.new_lengths.tolist() == [2, 3] and torch.equal(k, k0)
     out = ops.kv_compact(k, v, torch.zeros(0, dtype=torch.int64), torch.zeros(0, 3, dtype=torch.int64))
     assert out.new_lengths.numel() == 0
 

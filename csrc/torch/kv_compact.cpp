@@ -8,6 +8,7 @@
 // The last dim must be contiguous; other strides are free but equal across layers and K/V.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -134,7 +135,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_compact(
   at::Tensor free_from = at::empty({R}, long_opts);
   at::Tensor num_freed = at::empty({R}, long_opts);
   if (R == 0) return {new_lengths, free_from, num_freed};
-  const at::Tensor old = old_lengths.contiguous(), acc = accepted.contiguous();
+  const at::Tensor old = old_lengths.contiguous();
+  // an empty [R, 0] list keeps nothing; give the kernel a valid pointer to a -1 column
+  const at::Tensor acc = accepted.size(1) == 0 ? at::full({R, 1}, -1, long_opts) : accepted.contiguous();
   const at::Tensor nv = num_verified ? num_verified->contiguous() : at::Tensor();
   const at::Tensor sl = slots ? slots->contiguous() : at::Tensor();
   const at::Tensor bt = block_table ? block_table->contiguous() : at::Tensor();

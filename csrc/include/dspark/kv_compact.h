@@ -14,6 +14,9 @@
  * them (stale data). Nothing outside request r's positions L_r .. L_r + max accepted index is
  * written; other requests' entries are untouched.
  *
+ * Call once per verification: moving the same list twice moves already-moved data again (only an
+ * identity prefix 0..k-1, i.e. a chain, is idempotent).
+ *
  * In-place safety: accepted indices must be strictly increasing, so accepted[r, j] >= j, every
  * source position is >= its destination, and no move overwrites a source a later move still reads
  * (destination L_r + j < L_r + j + 1 <= L_r + accepted[r, j']) for j' > j). The kernels rely on
