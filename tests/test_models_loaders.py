@@ -322,3 +322,19 @@ def test_cache_dir_env_override(monkeypatch, tmp_path):
     assert default_cache_dir() == str(tmp_path)
     monkeypatch.delenv("DSPARK_NATIVE_CACHE")
     assert default_cache_dir() == os.path.join(os.path.expanduser("~"), ".cache", "dspark_native")
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_save_target_round_trip(tmp_path, tied):
+    from dspark_native.models import save_target
+
+    raw = target_raw_config("LlamaForCausalLM", tie_word_embeddings=tied)
+    W = random_tensors(target_shapes(raw), seed=27)
+    write_checkpoint(str(tmp_path / "a"), raw, W)
+    model = load_target(str(tmp_path / "a"))
+    save_target(model, str(tmp_path / "b"))
+    back = load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert sorted(back) == sorted(W)  # tied head not written
+    assert all(torch.equal(back[k], W[k]) for k in W)
+    with open(tmp_path / "b" / "config.json") as f:
+        assert json.load(f) == raw
