@@ -5,6 +5,11 @@ import math
 import pytest
 import torch
 
+import os as _os
+import sys as _sys
+
+_sys.path.insert(0, _os.path.dirname(_os.path.abspath(__file__)))  # helpers live beside the tests
+
 from models_helpers import (
     drafter_raw_config,
     drafter_shapes,

@@ -9,6 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import os as _os
+import sys as _sys
+
+_sys.path.insert(0, _os.path.dirname(_os.path.abspath(__file__)))  # helpers live beside the tests
+
 from models_helpers import (
     drafter_raw_config,
     drafter_shapes,

@@ -3,6 +3,11 @@
 import pytest
 import torch
 
+import os as _os
+import sys as _sys
+
+_sys.path.insert(0, _os.path.dirname(_os.path.abspath(__file__)))  # helpers live beside the tests
+
 from models_helpers import (
     ref_target_forward,
     random_tensors,
