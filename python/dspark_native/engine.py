@@ -21,6 +21,7 @@ request's Philox counter ``offset`` starts at 0 and advances by 1 per round it t
 
 from __future__ import annotations
 
+import importlib
 import math
 import time
 from collections import deque
@@ -36,8 +37,7 @@ from .models.target import TargetModel
 
 __all__ = [
     "SamplingParams", "RequestStats", "RequestOutput", "Engine", "make_policy", "POLICIES",
-    "StaticPolicy", "ThresholdPolicy", "CausalPolicy", "AsyncPolicy", "default_sps_table",
-    "profile_sps", "drafter_kind", "default_drafter", "sequential_stage",
+    "default_sps_table", "target_forward_fn", "drafter_kind", "default_drafter", "sequential_stage",
 ]
 
 PHASES = ("prefill", "draft", "schedule", "verify", "rollback")
@@ -134,7 +134,6 @@ class _Request:
         self.finish_reason: Optional[str] = None
         self.error: Optional[str] = None
         self.stats = RequestStats()
-        self.old_conf: Deque[Optional[torch.Tensor]] = deque(maxlen=2)  # async policy history
 
     def result(self) -> RequestOutput:
         return RequestOutput(self.id, list(self.prompt), list(self.output), self.finished, self.finish_reason,
@@ -142,157 +141,76 @@ class _Request:
 
 
 # ----------------------------------------------------------------------------- length policies
-# The policies below are the engine's local versions; `make_policy` prefers the implementation
-# in `dspark_native.scheduler` when that module provides one (see `_scheduler_policy`).
-
-def survival(conf: torch.Tensor) -> torch.Tensor:
-    """a[r, j] = prod_{i <= j} c[r, i] (fp32)."""
-    return torch.cumprod(conf.float().clamp(0, 1), dim=1)
-
-
-def default_sps_table(max_tokens: int, fixed_s: float = 1.0, per_token_s: float = 0.02) -> torch.Tensor:
-    """A model of a memory-bound forward: steps/s at B tokens = 1 / (fixed + per_token * B)."""
-    b = torch.arange(1, max_tokens + 1, dtype=torch.float32)
-    return 1.0 / (fixed_s + per_token_s * b)
-
-
-class StaticPolicy:
-    """l_r = min(k, cap_r) (k = None: the whole block)."""
-
-    name = "static"
-    needs_confidence = False
-
-    def __init__(self, k: Optional[int] = None):
-        self.k = k
-
-    def __call__(self, conf, caps, reqs=None):
-        return caps if self.k is None else caps.clamp(max=int(self.k))
-
-
-class ThresholdPolicy:
-    """l_r = number of positions whose survival prod_{i<=j} c_i is >= threshold. Admission of
-    draft j depends on c_0..c_j, which depend only on drafts before j: lossless."""
-
-    name = "threshold"
-    needs_confidence = True
-
-    def __init__(self, threshold: float = 0.5):
-        self.threshold = float(threshold)
-
-    def __call__(self, conf, caps, reqs=None):
-        if conf is None:
-            return caps
-        return torch.minimum((survival(conf) >= self.threshold).sum(1), caps)
-
-
-class CausalPolicy:
-    """Hardware-aware prefix scheduler with the early stop (paper Algorithm 1), fused op."""
-
-    name = "causal"
-    needs_confidence = True
-
-    def __init__(self, sps_table: Optional[torch.Tensor] = None, token_budget: Optional[int] = None):
-        self.sps_table = sps_table
-        self.token_budget = token_budget
-
-    def table(self, need: int) -> torch.Tensor:
-        t = self.sps_table
-        if t is None or t.numel() < need:
-            base = default_sps_table(need)
-            if t is not None and t.numel():
-                base[: t.numel()] = t  # extend a short profiled table with its last value
-                base[t.numel():] = t[-1]
-            t = base
-        return t
-
-    def __call__(self, conf, caps, reqs=None):
-        if conf is None:
-            return caps
-        from .ops import schedule_prefix
-
-        R, g = conf.shape
-        out = schedule_prefix(conf.float().contiguous(), self.table(R * (g + 1)), mode="causal",
-                              max_len=caps.to(torch.int32), token_budget=self.token_budget)
-        return out.lengths.to(caps.dtype)
-
-
-class AsyncPolicy:
-    """Asynchronous variant (paper Section 5.2). For the requests that have confidences from two
-    rounds earlier, the batch budget K comes from a global search (no early stop) over those old
-    confidences, then the K largest *current* survival probabilities are admitted (sorted by value,
-    ties by position, so a request's admitted set is always a prefix and the admission of draft j
-    never depends on the value of draft j). Requests without that history yet (their first two
-    rounds) are scheduled by the causal Algorithm 1 on their current confidences. Both parts are
-    lossless."""
-
-    name = "async"
-    needs_confidence = True
-
-    def __init__(self, sps_table: Optional[torch.Tensor] = None):
-        self.causal = CausalPolicy(sps_table)
-
-    def __call__(self, conf, caps, reqs=None):
-        if conf is None:
-            return caps
-        from .ops import schedule_prefix
-
-        R, g = conf.shape
-        has = torch.zeros(R, dtype=torch.bool)
-        old = torch.zeros(R, g)
-        if reqs is not None:
-            for i, rq in enumerate(reqs):
-                if len(rq.old_conf) == 2 and rq.old_conf[0] is not None:
-                    c = rq.old_conf[0]
-                    old[i, : min(g, c.numel())] = c[:g]
-                    has[i] = True
-        lengths = torch.zeros(R, dtype=torch.int64)
-        new = ~has
-        if bool(new.any()):
-            lengths[new] = self.causal(conf[new], caps[new])
-        if bool(has.any()):
-            conf_h, caps_h = conf[has], caps[has]
-            Rh = conf_h.shape[0]
-            K = int(schedule_prefix(old[has].contiguous(), self.causal.table(Rh * (g + 1)), mode="global",
-                                    max_len=caps_h.to(torch.int32)).lengths.sum())
-            a = survival(conf_h)
-            a = torch.where(torch.arange(g)[None, :] < caps_h[:, None], a, torch.full_like(a, -1.0))
-            lh = torch.zeros(Rh, dtype=torch.int64)
-            if K > 0:
-                # rank: value descending, then position ascending (a stable sort of a flattened
-                # position-major keeps earlier positions first among equal values)
-                flat = a.t().reshape(-1)
-                order = torch.sort(flat, descending=True, stable=True).indices[:K]
-                order = order[flat[order] > 0]
-                lh.scatter_reduce_(0, order % Rh, order // Rh + 1, reduce="amax")
-            lengths[has] = torch.minimum(lh, caps_h)
-        return torch.minimum(lengths, caps)
-
+# The policies are those of `dspark_native.scheduler` (StaticLength, ConfidenceThreshold,
+# HardwareAwareCausal, HardwareAwareAsync): ``policy.schedule(conf [R, g]) -> l [R]``. The engine
+# adds per-request caps (block, context, tokens still wanted) on top: a cap depends on counts only,
+# never on a draft's value, so capping keeps every policy lossless. Switching the policy source is
+# `make_policy` + `_apply_policy` below.
 
 POLICIES = ("static", "threshold", "causal", "async")
 
 
-def _scheduler_policy(name: str, **kw):
-    """The policy object of ``dspark_native.scheduler`` when it exists and offers ``name``."""
-    try:
-        from . import scheduler  # noqa: F401
-    except ImportError:
-        return None
-    factory = getattr(scheduler, "make_policy", None)
-    if factory is None:
-        return None
-    try:
-        return factory(name, **kw)
-    except Exception:
-        return None
+def _scheduler():
+    # importlib rather than `from . import scheduler`: the package __getattr__ recurses on
+    # `from . import X` while `dspark_native.ops` is not imported yet (reported); importing ops
+    # first also serves scheduler's own `from . import ops`.
+    importlib.import_module("dspark_native.ops")
+    return importlib.import_module("dspark_native.scheduler")
 
 
-def make_policy(name: str = "static", **kw):
-    """A verification-length policy by name: static(k), threshold(threshold), causal(sps_table,
-    token_budget), async(sps_table). A policy is ``policy(conf [R, g] | None, caps [R], reqs) -> l [R]``."""
-    table = {"static": StaticPolicy, "threshold": ThresholdPolicy, "causal": CausalPolicy, "async": AsyncPolicy}
-    if name not in table:
-        raise ValueError(f"unknown policy {name!r} (one of {', '.join(POLICIES)})")
-    return table[name](**kw)
+def default_sps_table(max_tokens: int, fixed_s: float = 1.0, per_token_s: float = 0.02) -> torch.Tensor:
+    """A synthetic SPS table (steps/s at B = 1..max_tokens batch tokens) of a memory-bound
+    forward, 1 / (fixed + per_token * B): used when no profiled table is given. Profile the real
+    one with ``dspark-native profile-sps`` (or :func:`dspark_native.scheduler.profile_sps`)."""
+    b = torch.arange(1, max_tokens + 1, dtype=torch.float32)
+    return 1.0 / (fixed_s + per_token_s * b)
+
+
+def make_policy(name: str = "static", *, length: Optional[int] = None, threshold: float = 0.5,
+                sps_table=None, max_tokens: int = 4096, token_budget: Optional[int] = None, lag: int = 2):
+    """A verification-length policy of :mod:`dspark_native.scheduler` by name.
+
+    static: ``length`` drafts (default: all); threshold: survival product >= ``threshold``;
+    causal / async: ``sps_table`` (an SPSTable, a list or a tensor; default the synthetic
+    :func:`default_sps_table` over ``max_tokens``), async with budget ``lag`` rounds old."""
+    S = _scheduler()
+    if name == "static":
+        return S.StaticLength(10 ** 9 if length is None else int(length))
+    if name == "threshold":
+        return S.ConfidenceThreshold(float(threshold))
+    if name in ("causal", "async"):
+        table = default_sps_table(max_tokens) if sps_table is None else sps_table
+        if name == "causal":
+            return S.HardwareAwareCausal(table, token_budget=token_budget)
+        return S.HardwareAwareAsync(table, lag=lag, token_budget=token_budget)
+    raise ValueError(f"unknown policy {name!r} (one of {', '.join(POLICIES)})")
+
+
+def _apply_policy(policy, conf: Optional[torch.Tensor], caps: torch.Tensor, g: int) -> torch.Tensor:
+    """l = policy(conf) capped per request. Without confidences (DFlash, EAGLE-3, DSpark without a
+    confidence head) only the static policy is meaningful; the others verify the whole cap."""
+    S = _scheduler()
+    HardwareAwareCausal, StaticLength = S.HardwareAwareCausal, S.StaticLength
+    R = caps.numel()
+    if conf is None:
+        if isinstance(policy, StaticLength):
+            return caps.clamp(max=policy.length)
+        if callable(policy) and not hasattr(policy, "schedule"):
+            return torch.minimum(policy(None, caps), caps)
+        return caps
+    if type(policy) is HardwareAwareCausal:  # let Algorithm 1 know the caps (better choices)
+        saved = policy.max_len
+        policy.max_len = caps.to(torch.int32) if saved is None else torch.minimum(
+            caps, torch.as_tensor(saved).expand(R)).to(torch.int32)
+        try:
+            out = policy.schedule(conf)
+        finally:
+            policy.max_len = saved
+    elif hasattr(policy, "schedule"):
+        out = policy.schedule(conf)
+    else:  # a plain callable (conf, caps) -> lengths
+        out = policy(conf, caps)
+    return torch.minimum(out.to(torch.int64).clamp(min=0), caps)
 
 
 # ----------------------------------------------------------------------------- the sequential stage
@@ -354,7 +272,8 @@ class Engine:
     Args:
         target: TargetModel. drafter: DSparkDrafter (DSpark or DFlash) or Eagle3Drafter, or None
             (plain decoding). plain: ignore the drafter (baseline with the same code path).
-        policy: a policy object or name (static | threshold | causal | async); policy_kwargs for it.
+        policy: a :mod:`dspark_native.scheduler` policy object or a name (static | threshold | causal |
+            async) with ``policy_kwargs`` for :func:`make_policy`.
         num_drafts: drafts per round: the DSpark/DFlash block is capped to it; EAGLE-3 default
             its ttt_length.
         max_batch: concurrent requests (cache slots). max_seq: context length per request.
@@ -388,7 +307,9 @@ class Engine:
         else:
             self.gamma = 0
         if isinstance(policy, str) or policy is None:
-            policy = make_policy(policy or "static", **(policy_kwargs or {}))
+            kw = dict(policy_kwargs or {})
+            kw.setdefault("max_tokens", max_batch * (self.gamma + 1))
+            policy = make_policy(policy or "static", **kw)
         self.policy = policy
         self.max_batch, self.max_seq = max_batch, max_seq
         self.cache: KVCache = target.new_cache(max_batch, max_seq)
@@ -562,12 +483,7 @@ class Engine:
         if drafts is None:
             lengths = torch.zeros(R, dtype=torch.int64)
         else:
-            pconf = conf if getattr(self.policy, "needs_confidence", False) else None
-            lengths = self.policy(pconf, caps.clone(), reqs).to(torch.int64)
-            lengths = torch.minimum(lengths.clamp(min=0), caps)
-            if conf is not None:
-                for i, rq in enumerate(reqs):
-                    rq.old_conf.append(conf[i].detach().clone())
+            lengths = _apply_policy(self.policy, conf, caps.clone(), g)
         times["schedule"] = time.perf_counter() - t0
 
         # 3. verify -----------------------------------------------------------------------------
@@ -710,35 +626,20 @@ def default_drafter(target: TargetModel, num_layers: int = 2, block_size: int = 
 
 # ----------------------------------------------------------------------------- SPS profiling
 
-@torch.no_grad()
-def profile_sps(target: TargetModel, max_tokens: int, context: int = 128, repeats: int = 2,
-                points: Optional[Sequence[int]] = None) -> torch.Tensor:
-    """Steps/s of the target forward at B = 1..max_tokens batch tokens (measured at a few B over
-    ``context`` cached tokens, linearly interpolated in time per step): the SPS table."""
-    if points is None:
-        points = sorted({1, 2, 4, 8, 16, 32, 64, 128, max_tokens} & set(range(1, max_tokens + 1)))
-    ctx = max(1, context)
-    cache = target.new_cache(1, ctx + max(points) + 1)
+def target_forward_fn(target: TargetModel, context: int = 128, max_tokens: int = 256):
+    """``forward_fn(B)`` for :func:`dspark_native.scheduler.profile_sps`: one target forward over
+    B new tokens of one request after ``context`` cached tokens (the cache is rolled back after
+    each call)."""
     V = target.config.vocab_size
-    prompt = torch.randint(0, V, (ctx,), generator=torch.Generator().manual_seed(0))
-    target(prompt, torch.tensor([0, ctx]), torch.tensor([0]), cache, return_hidden=False)
-    secs = []
-    for b in points:
-        ids = torch.randint(0, V, (b,), generator=torch.Generator().manual_seed(b))
-        best = math.inf
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            target(ids, torch.tensor([0, b]), torch.tensor([0]), cache, return_hidden=False)
-            best = min(best, time.perf_counter() - t0)
-            cache.truncate([0], ctx)
-        secs.append(best)
-    xs = torch.tensor(points, dtype=torch.float64)
-    ys = torch.tensor(secs, dtype=torch.float64).cummax(0).values  # time never decreases with B
-    b = torch.arange(1, max_tokens + 1, dtype=torch.float64)
-    idx = torch.searchsorted(xs, b).clamp(1, len(points) - 1) if len(points) > 1 else torch.zeros_like(b, dtype=torch.long)
-    if len(points) > 1:
-        x0, x1, y0, y1 = xs[idx - 1], xs[idx], ys[idx - 1], ys[idx]
-        t = y0 + (y1 - y0) * ((b - x0) / (x1 - x0)).clamp(0, None)
-    else:
-        t = ys[0].expand_as(b)
-    return (1.0 / t).float()
+    cache = target.new_cache(1, context + max_tokens + 1)
+    gen = torch.Generator().manual_seed(0)
+    if context:
+        target(torch.randint(0, V, (context,), generator=gen), torch.tensor([0, context]), torch.tensor([0]), cache,
+               return_hidden=False)
+    ids = torch.randint(0, V, (max_tokens,), generator=gen)
+
+    def forward_fn(B: int):
+        target(ids[:B], torch.tensor([0, B]), torch.tensor([0]), cache, return_hidden=False)
+        cache.truncate([0], context)
+
+    return forward_fn
