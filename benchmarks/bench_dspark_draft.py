@@ -1,5 +1,6 @@
 """Benchmark of dspark_draft (DSpark sequential stage + confidence head) against the pure-PyTorch
-reference loop (dspark_native.reference, one request and position at a time), a batched eager
+reference loop (dspark_native.reference, one request and position at a time; timed on
+--reference-requests requests and scaled linearly to R, as it treats requests independently), a batched eager
 PyTorch loop (one GEMM + softmax + multinomial per position for the whole batch, W2 pre-widened to
 fp32 outside the timing), and the floor.
 
@@ -63,7 +64,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quick", action="store_true", help="fewer configurations and repeats")
-    ap.add_argument("--reference-max-r", type=int, default=64, help="skip the (slow) reference loop above this R")
+    ap.add_argument("--reference-requests", type=int, default=4,
+                    help="time the (slow, per-request) reference loop on this many requests and scale by R / n")
     ap.add_argument("--out", default="bench-results/dspark_draft.json")
     args = ap.parse_args(argv)
     device = args.device
@@ -87,12 +89,12 @@ def main(argv=None):
         t_native = median_time(native, device, reps)
         gen = torch.Generator(device=device).manual_seed(0)
         t_eager = median_time(lambda: eager_loop(U, h, w1, w2f, cw, cb, anc, gen), device, reps)
-        t_ref = float("nan")
-        if R <= args.reference_max_r:
-            cpu = [t.cpu() for t in (U, anc, w1, w2, h, cw, cb)]
-            t_ref = median_time(lambda: dspark_draft_reference(cpu[0], cpu[1], cpu[2], cpu[3], hidden=cpu[4],
-                                                               conf_weight=cpu[5], conf_bias=cpu[6], temperature=1.0,
-                                                               seed=seed.cpu(), offset=0), "cpu", 1, warmup=0)
+        # the reference loops over requests independently: time n of them and scale by R / n
+        n = max(1, min(R, args.reference_requests))
+        cpu = [t.cpu() for t in (U[:n], anc[:n], w1, w2, h[:n], cw, cb)]
+        t_ref = median_time(lambda: dspark_draft_reference(cpu[0], cpu[1], cpu[2], cpu[3], hidden=cpu[4],
+                                                           conf_weight=cpu[5], conf_bias=cpu[6], temperature=1.0,
+                                                           seed=seed[:n].cpu(), offset=0), "cpu", 1, warmup=0) * R / n
         nbytes = U.numel() * U.element_size() + G * w2.numel() * w2.element_size() + R * G * V * 4
         floor = nbytes / bw
         rows.append(dict(R=R, g=G, r=RANK, V=V, native_ms=t_native * 1e3, reference_ms=t_ref * 1e3,

@@ -62,8 +62,8 @@ std::tuple<at::Tensor, at::Tensor> schedule_prefix(const at::Tensor& confidences
   p.mode = static_cast<dspark_schedule_mode>(mode);
   p.out_lengths = lengths.data_ptr<int64_t>();
   p.out_throughput = thr.data_ptr<float>();
+  if (R == 0) thr.zero_();
   if (dev.is_cpu()) {
-    if (R == 0) thr.zero_();
     throw_on_error(dspark_schedule_prefix_cpu(&p), kOp);
   } else {
 #ifdef DSPARK_WITH_CUDA
