@@ -10,9 +10,13 @@ the seeds are fixed, so outcomes are reproducible.
 from __future__ import annotations
 
 import math
+import os as _os
+import sys as _sys
 
 import pytest
 import torch
+
+_sys.path.insert(0, _os.path.dirname(_os.path.abspath(__file__)))  # stats.py lives beside the tests
 
 import dspark_native.ops as ops
 from dspark_native.reference import dspark_draft_reference, target_probs
