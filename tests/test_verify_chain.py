@@ -474,3 +474,12 @@ def test_isa_variants_bit_identical(tmp_path):
         results.append(torch.load(path))
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def test_ops_reachable_from_the_package_root_without_importing_ops():
+    import subprocess
+    import sys
+
+    code = "import dspark_native as dn; print(dn.verify_chain.__name__, dn.ops.__name__); assert not hasattr(dn, 'no_such_op')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["verify_chain", "dspark_native.ops"]

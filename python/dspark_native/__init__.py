@@ -20,8 +20,12 @@ def __getattr__(name):
     # loaded only when an op is actually asked for.
     if name.startswith("_"):
         raise AttributeError(f"module 'dspark_native' has no attribute {name!r}")
+    import importlib
+
     try:
-        from . import ops
+        # import_module, not `from . import ops`: the latter looks the name up on this module
+        # first, which would call this __getattr__ again.
+        ops = importlib.import_module(".ops", __name__)
     except ImportError as exc:
         raise AttributeError(f"module 'dspark_native' has no attribute {name!r} ({exc})") from exc
     if name == "ops":
