@@ -15,6 +15,14 @@ from dspark_native.models import ContextLengthError
 V = 64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only add contention on shared CI cores
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def target():
     return tiny_target(V)

@@ -17,6 +17,14 @@ V, N_TOK, N_SAMPLES = 8, 3, 3000
 PROMPT = [1, 2]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only add contention on shared CI cores
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def target():
     return tiny_target(V, seed=4, bigram=0.2, layers=2)

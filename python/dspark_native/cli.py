@@ -85,6 +85,533 @@ def _demo(parser: argparse.ArgumentParser):
     return run
 
 
+# ------------------------------------------------------------------------------------------------
+# Engine commands: generate, bench, profile-sps, calibrate (docs/engine.md)
+# ------------------------------------------------------------------------------------------------
+
+def _progress(msg: str, end: bool = False) -> None:
+    """One self-overwriting progress line on stderr."""
+    if sys.stderr.isatty():
+        print("\r" + msg + " " * 8, end="\n" if end else "", file=sys.stderr, flush=True)
+    elif end:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _add_model_args(parser: argparse.ArgumentParser, drafter: bool = True) -> None:
+    g = parser.add_argument_group("models")
+    g.add_argument("--target", metavar="DIR", help="HF-style target directory (config.json, safetensors, "
+                   "tokenizer.json, tokenizer_config.json); default: the embedded SmolLM2-135M-Instruct")
+    if drafter:
+        g.add_argument("--drafter", metavar="DIR", help="DeepSpec drafter directory (DSpark, DFlash or EAGLE-3); "
+                       "default: the package's untrained random-init DSpark drafter for the target")
+        g.add_argument("--sts", metavar="JSON", help="STS temperatures from `dspark-native calibrate`")
+    g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="model dtype (default float32)")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def _add_decode_args(parser: argparse.ArgumentParser) -> None:
+    from dspark_native.engine import POLICIES
+
+    g = parser.add_argument_group("decoding")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), > 0 sampled")
+    g.add_argument("--top-k", type=int, default=0, help="top-k (0 = off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="top-p (1 = off)")
+    g.add_argument("--seed", type=int, default=0, help="base seed; prompt i uses seed + i")
+    g.add_argument("--policy", choices=POLICIES, default="static", help="verification-length policy (default static)")
+    g.add_argument("--num-drafts", type=int, default=None, help="drafts per round (default: the drafter's block)")
+    g.add_argument("--threshold", type=float, default=0.5, help="survival threshold of --policy threshold")
+    g.add_argument("--sps", metavar="JSON", help="SPS table from `dspark-native profile-sps` (causal/async "
+                   "policies; default a synthetic memory-bound model)")
+    g.add_argument("--max-batch", type=int, default=1, help="concurrent requests (default 1)")
+    g.add_argument("--max-seq", type=int, default=2048, help="context length per request (default 2048)")
+
+
+def _dtype(name):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def _load_target(args):
+    """(model, tokenizer, chat_template, eos_ids, name)."""
+    import torch
+
+    from dspark_native.models import CheckpointError, load_embedded_smollm2, load_target
+    from dspark_native.models.tokenizer import load_tokenizer_files
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        if args.target:
+            import os
+
+            if not os.path.isdir(args.target):
+                raise UserError(f"--target {args.target}: not a directory")
+            model = load_target(args.target, dtype=_dtype(args.dtype))
+            tok, chat = load_tokenizer_files(args.target)
+            if tok is None:
+                raise UserError(f"--target {args.target}: no tokenizer.json in the directory")
+            eos = []
+            e = model.config.raw.get("eos_token_id")
+            eos += [e] if isinstance(e, int) else list(e or [])
+            for name in ("<|im_end|>", getattr(chat, "eos_token", None)):
+                i = tok.token_to_id(name) if name else None
+                if i is not None and i not in eos:
+                    eos.append(i)
+            return model, tok, chat, eos, args.target
+        em = load_embedded_smollm2(dtype=_dtype(args.dtype))
+        return em.model, em.tokenizer, em.chat_template, list(em.eos_token_ids), "SmolLM2-135M-Instruct (embedded)"
+    except CheckpointError as exc:
+        raise UserError(f"target: {exc}") from None
+    except FileNotFoundError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _load_drafter(args, target):
+    import json
+    import os
+
+    from dspark_native.engine import default_drafter
+    from dspark_native.models import CheckpointError, load_drafter
+
+    if args.drafter:
+        if not os.path.isdir(args.drafter):
+            raise UserError(f"--drafter {args.drafter}: not a directory")
+        try:
+            d = load_drafter(args.drafter, target=target)
+        except CheckpointError as exc:
+            raise UserError(f"drafter: {exc}") from None
+        name = args.drafter
+    else:
+        d = default_drafter(target)
+        name = "default (UNTRAINED random-init DSpark drafter)"
+        print("note: no --drafter given: using the package's default DSpark drafter, which is UNTRAINED "
+              "(random init, fixed seed): expect tau near 1; pass --drafter DIR for a trained one", file=sys.stderr)
+    if getattr(args, "sts", None):
+        try:
+            with open(args.sts) as f:
+                temps = json.load(f)["sts_temperature"]
+            d.sts_temperature = [float(t) for t in temps]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"--sts {args.sts}: cannot read STS temperatures ({exc})") from None
+        g = getattr(d, "block_size", None)
+        if g is not None and len(d.sts_temperature) != g:
+            raise UserError(f"--sts {args.sts}: {len(d.sts_temperature)} temperatures for a block of {g}")
+    return d, name
+
+
+def _policy_kwargs(args):
+    kw = dict(threshold=args.threshold)
+    if args.sps:
+        from dspark_native.scheduler import SPSTable
+
+        try:
+            kw["sps_table"] = SPSTable.load(args.sps)
+        except (OSError, ValueError, TypeError) as exc:
+            raise UserError(f"--sps {args.sps}: {exc}") from None
+    return kw
+
+
+def read_prompt_file(path: str, limit: Optional[int] = None):
+    """Prompts of a JSONL file in the shared turns format ({"turns": ["...", ...]}): returns
+    (prompts, errors); a malformed line is reported as "path:line: reason" and skipped. The first
+    turn of each line is used."""
+    import json
+
+    prompts, errors = [], []
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    with f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                turns = obj.get("turns") if isinstance(obj, dict) else None
+                if not isinstance(turns, list) or not turns or not isinstance(turns[0], str) or not turns[0].strip():
+                    raise ValueError('expected {"turns": ["non-empty text", ...]}')
+            except ValueError as exc:
+                errors.append(f"{path}:{n}: malformed line skipped: {str(exc)[:120]}")
+                continue
+            prompts.append(turns[0])
+            if limit is not None and len(prompts) >= limit:
+                break
+    return prompts, errors
+
+
+def _encode(text, tok, chat):
+    msgs = [{"role": "user", "content": text}]
+    if chat is not None:
+        return chat.encode(tok, msgs)
+    return tok.encode(text).ids
+
+
+def _run_engine(engine, prompts, params, label, stream=None):
+    """Run prompts to completion with a progress line; returns (outputs, wall seconds)."""
+    t0 = time.perf_counter()
+    ids = []
+    for p, sp in zip(prompts, params):
+        ids.append(engine.add(p, sp, on_tokens=stream))
+    done = 0
+    while engine.has_unfinished():
+        done += len(engine.step())
+        if stream is None:
+            _progress(f"[{label}] {done}/{len(ids)} requests done, {time.perf_counter() - t0:.1f} s")
+    wall = time.perf_counter() - t0
+    if stream is None:
+        _progress(f"[{label}] {len(ids)}/{len(ids)} requests done, {wall:.1f} s", end=True)
+    return [engine.output(i) for i in ids], wall
+
+
+def _params(args, n, eos):
+    from dspark_native.engine import SamplingParams
+
+    return [SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                           top_p=args.top_p, seed=args.seed + i, stop_token_ids=list(eos)) for i in range(n)]
+
+
+def _check_decode_args(args):
+    if args.max_new_tokens < 0:
+        raise UserError("--max-new-tokens must be >= 0")
+    if not args.temperature >= 0:
+        raise UserError("--temperature must be >= 0")
+    if not 0 < args.top_p <= 1 or args.top_k < 0:
+        raise UserError("--top-p must be in (0, 1] and --top-k >= 0")
+    if args.max_batch < 1 or args.max_seq < 2:
+        raise UserError("--max-batch must be >= 1 and --max-seq >= 2")
+    if args.num_drafts is not None and args.num_drafts < 1:
+        raise UserError("--num-drafts must be >= 1")
+
+
+def _engines(args, target, drafter):
+    from dspark_native.engine import Engine
+
+    try:
+        spec = Engine(target, drafter, policy=args.policy, policy_kwargs=_policy_kwargs(args),
+                      num_drafts=args.num_drafts, max_batch=args.max_batch, max_seq=args.max_seq)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    plain = Engine(target, None, max_batch=args.max_batch, max_seq=args.max_seq)
+    return spec, plain
+
+
+def _add_prompts(tok, chat, texts, max_seq, where):
+    out = []
+    for i, t in enumerate(texts):
+        ids = _encode(t, tok, chat)
+        if len(ids) > max_seq:
+            print(f"{where} prompt {i + 1}: {len(ids)} tokens is longer than the context (--max-seq {max_seq}), "
+                  "skipped", file=sys.stderr)
+            out.append(None)
+        else:
+            out.append(ids)
+    return out
+
+
+@command("generate")
+def _generate(parser: argparse.ArgumentParser):
+    """Generate answers with DSpark speculative decoding; print tau and the speedup over plain decoding."""
+    parser.description = ("Generate an answer for a prompt (or for every line of a JSONL prompt file in the "
+                          "turns format), chat template applied, with speculative decoding; print the answer, tau "
+                          "(tokens per round) and the speedup over plain decoding measured in the same run.")
+    parser.add_argument("prompt", nargs="?", help="the prompt text")
+    parser.add_argument("--prompts", metavar="JSONL", help='prompt file, one {"turns": [...]} a line (first turn used)')
+    parser.add_argument("--limit", type=int, default=None, help="at most N prompts from --prompts")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the plain-decoding run (no speedup shown)")
+    parser.add_argument("--json", metavar="FILE", help="also write outputs and statistics as JSON")
+    _add_model_args(parser)
+    _add_decode_args(parser)
+
+    def run(args) -> int:
+        import json
+
+        if (args.prompt is None) == (args.prompts is None):
+            raise UserError("give a prompt or --prompts FILE (one of them)")
+        if args.prompt is not None and not args.prompt.strip():
+            raise UserError("the prompt is empty")
+        _check_decode_args(args)
+        if args.prompts:
+            texts, errors = read_prompt_file(args.prompts, args.limit)
+            for e in errors:
+                print(e, file=sys.stderr)
+            if not texts:
+                raise UserError(f"{args.prompts}: no usable prompt")
+        else:
+            texts = [args.prompt]
+        target, tok, chat, eos, tname = _load_target(args)
+        drafter, dname = _load_drafter(args, target)
+        spec, plain = _engines(args, target, drafter)
+        encoded = _add_prompts(tok, chat, texts, args.max_seq, args.prompts or "")
+        keep = [i for i, e in enumerate(encoded) if e is not None]
+        if not keep:
+            raise UserError("no prompt fits the context")
+        prompts = [encoded[i] for i in keep]
+        params = _params(args, len(prompts), eos)
+        print(f"target: {tname}; drafter: {dname} ({spec.kind}, {spec.gamma} drafts/round, policy {args.policy})",
+              file=sys.stderr)
+        stream = None
+        if len(prompts) == 1:
+            shown = {"text": ""}
+
+            def stream(rid, toks, _out=[]):  # noqa: B006 - per-run accumulator
+                _out.extend(toks)
+                text = tok.decode(_out, skip_special_tokens=True)
+                print(text[len(shown["text"]):], end="", flush=True)
+                shown["text"] = text
+
+        outs, wall = _run_engine(spec, prompts, params, "speculative", stream)
+        if stream is not None:
+            print()
+        base = base_wall = None
+        if not args.no_baseline:
+            base, base_wall = _run_engine(plain, prompts, params, "plain")
+        records = []
+        for j, o in enumerate(outs):
+            text = tok.decode(o.token_ids, skip_special_tokens=True)
+            if stream is None:
+                print(f"--- prompt {keep[j] + 1}: {texts[keep[j]][:80]!r}")
+                print(text)
+            rec = dict(prompt=texts[keep[j]], answer=text, tokens=o.token_ids, finish_reason=o.finish_reason,
+                       stats=o.stats.to_dict())
+            if base is not None:
+                rec["identical_to_plain"] = base[j].token_ids == o.token_ids
+            records.append(rec)
+        n_tok = sum(len(o.token_ids) for o in outs)
+        rounds = sum(o.stats.rounds for o in outs)
+        tau = n_tok / rounds if rounds else 0.0
+        line = f"tau = {tau:.2f} tokens/round; speculative {n_tok / wall:.1f} tok/s"
+        summary = dict(tau=tau, spec_tokens_per_s=n_tok / wall, spec_wall_s=wall, time=dict(spec.time))
+        if base is not None:
+            b_tok = sum(len(o.token_ids) for o in base)
+            speed = (n_tok / wall) / (b_tok / base_wall) if b_tok and base_wall > 0 and wall > 0 else float("nan")
+            line += f", plain {b_tok / base_wall:.1f} tok/s: speedup {speed:.2f}x over plain decoding"
+            summary.update(plain_tokens_per_s=b_tok / base_wall, plain_wall_s=base_wall, speedup=speed)
+            if args.temperature == 0:
+                same = all(r["identical_to_plain"] for r in records)
+                line += f"; identical to plain greedy output: {'yes' if same else 'NO'}"
+        print(line)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(summary=summary, outputs=records), f, indent=1)
+        return 0
+
+    return run
+
+
+def _phase_split(t):
+    tot = sum(t[p] for p in ("draft", "schedule", "verify", "rollback"))
+    return {p: (t[p] / tot if tot else 0.0) for p in ("draft", "schedule", "verify", "rollback")}
+
+
+@command("bench")
+def _bench(parser: argparse.ArgumentParser):
+    """Plain vs speculative decoding over prompt sets: tokens/s, tau, speedup, time split, per domain."""
+    parser.description = ("Benchmark plain decoding against speculative decoding over JSONL prompt files (or "
+                          "directories of them; the domain is the file name): per-request tokens/s, tau, "
+                          "per-position acceptance, speedup, and the round time split draft / schedule / verify / "
+                          "rollback, as a table and JSON.")
+    parser.add_argument("paths", nargs="+", help="JSONL prompt files or directories (e.g. /work/shared/data/prompts/eval)")
+    parser.add_argument("--limit", type=int, default=None, help="at most N prompts per file (use a few on CPU)")
+    parser.add_argument("--out", metavar="JSON", help="write the results as JSON")
+    _add_model_args(parser)
+    _add_decode_args(parser)
+
+    def run(args) -> int:
+        import glob
+        import json
+        import os
+        import statistics
+
+        _check_decode_args(args)
+        if args.limit is not None and args.limit < 1:
+            raise UserError("--limit must be >= 1")
+        files = []
+        for p in args.paths:
+            if os.path.isdir(p):
+                files += sorted(glob.glob(os.path.join(p, "*.jsonl")))
+            elif os.path.isfile(p):
+                files.append(p)
+            else:
+                raise UserError(f"{p}: no such file or directory")
+        if not files:
+            raise UserError("no .jsonl prompt file found")
+        sets = []
+        for f in files:
+            texts, errors = read_prompt_file(f, args.limit)
+            for e in errors:
+                print(e, file=sys.stderr)
+            if texts:
+                sets.append((os.path.splitext(os.path.basename(f))[0], texts))
+        if not sets:
+            raise UserError("no usable prompt in the given files")
+        target, tok, chat, eos, tname = _load_target(args)
+        drafter, dname = _load_drafter(args, target)
+        spec, plain = _engines(args, target, drafter)
+        domains, table = [], []
+        for dom, texts in sets:
+            enc = [e for e in _add_prompts(tok, chat, texts, args.max_seq, dom) if e is not None]
+            if not enc:
+                continue
+            params = _params(args, len(enc), eos)
+            t_spec0 = dict(spec.time)
+            so, sw = _run_engine(spec, enc, params, f"{dom} speculative")
+            po, pw = _run_engine(plain, enc, params, f"{dom} plain")
+            t_spec = {k: spec.time[k] - t_spec0[k] for k in spec.time}
+            reqs = []
+            for s_o, p_o in zip(so, po):
+                st = s_o.stats
+                reqs.append(dict(tokens=len(s_o.token_ids), tau=st.tau, spec_tokens_per_s=st.tokens_per_s,
+                                 plain_tokens_per_s=p_o.stats.tokens_per_s,
+                                 speedup=(st.tokens_per_s / p_o.stats.tokens_per_s) if p_o.stats.tokens_per_s else None,
+                                 identical=s_o.token_ids == p_o.token_ids, stats=st.to_dict()))
+            n = sum(len(o.token_ids) for o in so)
+            rounds = sum(o.stats.rounds for o in so)
+            reached = [0] * spec.gamma
+            accepted = [0] * spec.gamma
+            for o in so:
+                for k, (a, r) in enumerate(zip(o.stats.accepted, o.stats.reached)):
+                    reached[k] += r
+                    accepted[k] += a
+            pb = sum(len(o.token_ids) for o in po)
+            d = dict(domain=dom, prompts=len(enc), tokens=n, rounds=rounds, tau=n / rounds if rounds else 0.0,
+                     spec_tokens_per_s=n / sw, plain_tokens_per_s=pb / pw,
+                     speedup=(n / sw) / (pb / pw) if pb and pw else None,
+                     median_request_speedup=statistics.median([r["speedup"] for r in reqs if r["speedup"]] or [0]),
+                     acceptance=[a / r if r else None for a, r in zip(accepted, reached)],
+                     budget_per_round=sum(o.stats.budget for o in so) / rounds if rounds else 0.0,
+                     time_s=t_spec, time_split=_phase_split(t_spec),
+                     identical_greedy=all(r["identical"] for r in reqs) if args.temperature == 0 else None,
+                     requests=reqs)
+            domains.append(d)
+        hdr = (f"{'domain':<12} {'n':>3} {'plain tok/s':>11} {'spec tok/s':>10} {'speedup':>7} {'tau':>5} "
+               f"{'l/round':>7} {'acc@0':>5} {'draft':>6} {'sched':>6} {'verify':>6} {'rollbk':>6}")
+        print(f"target: {tname}; drafter: {dname} ({spec.kind}, {spec.gamma} drafts/round, policy {args.policy}, "
+              f"batch {args.max_batch}, T={args.temperature:g})")
+        print(hdr)
+        for d in domains:
+            sp = d["time_split"]
+            acc0 = d["acceptance"][0] if d["acceptance"] and d["acceptance"][0] is not None else float("nan")
+            print(f"{d['domain']:<12} {d['prompts']:>3} {d['plain_tokens_per_s']:>11.1f} {d['spec_tokens_per_s']:>10.1f} "
+                  f"{d['speedup']:>6.2f}x {d['tau']:>5.2f} {d['budget_per_round']:>7.2f} {acc0:>5.2f} "
+                  f"{sp['draft']:>5.0%} {sp['schedule']:>6.0%} {sp['verify']:>6.0%} {sp['rollback']:>6.0%}")
+        print("(time split: share of the speculative round time; speedup: speculative / plain tokens/s)")
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(dict(target=tname, drafter=dname, kind=spec.kind, num_drafts=spec.gamma, policy=args.policy,
+                               max_batch=args.max_batch, temperature=args.temperature,
+                               max_new_tokens=args.max_new_tokens, domains=domains), f, indent=1)
+            print(f"wrote {args.out}")
+        return 0
+
+    return run
+
+
+@command("profile-sps")
+def _profile_sps(parser: argparse.ArgumentParser):
+    """Measure the target's forward steps/s by batch tokens (the SPS table of the causal/async policies)."""
+    parser.description = ("Time one target forward over B = 1..--max-tokens new tokens after --context cached "
+                          "tokens and write the steps-per-second table as JSON (dspark_native.scheduler.profile_sps).")
+    parser.add_argument("--max-tokens", type=int, default=64, help="largest batch token count (default 64)")
+    parser.add_argument("--context", type=int, default=128, help="cached tokens before the timed block (default 128)")
+    parser.add_argument("--repeats", type=int, default=3, help="timings per point (median; default 3)")
+    parser.add_argument("--out", metavar="JSON", default="sps.json", help="output file (default sps.json)")
+    _add_model_args(parser, drafter=False)
+
+    def run(args) -> int:
+        from dspark_native.engine import target_forward_fn
+        from dspark_native.scheduler import profile_sps
+
+        if args.max_tokens < 1 or args.context < 0 or args.repeats < 1:
+            raise UserError("--max-tokens and --repeats must be >= 1, --context >= 0")
+        target, _, _, _, tname = _load_target(args)
+        fn = target_forward_fn(target, args.context, args.max_tokens)
+        pts = sorted({1, 2, 4, 8, 16, 32, 64, 128, 256, 512, args.max_tokens} & set(range(1, args.max_tokens + 1)))
+        done = [0]
+
+        def timed(B):
+            fn(B)
+            done[0] += 1
+            _progress(f"[profile-sps] {done[0]} forwards")
+
+        table = profile_sps(timed, args.max_tokens, path=args.out, device="cpu", model=tname, points=pts,
+                            repeats=args.repeats)
+        _progress(f"[profile-sps] {done[0]} forwards", end=True)
+        for B, s in zip(table.measured_tokens, table.seconds):
+            print(f"B = {B:>4}: {s * 1e3:8.2f} ms/step, {1 / s:8.1f} steps/s")
+        print(f"wrote {args.out}")
+        return 0
+
+    return run
+
+
+@command("calibrate")
+def _calibrate(parser: argparse.ArgumentParser):
+    """Fit the drafter's per-position STS confidence temperatures on held-out prompts."""
+    parser.description = ("Run speculative decoding verifying every draft (static policy) over JSONL prompts, "
+                          "record the confidences and accepted lengths of each round, fit per-position STS "
+                          "temperatures (dspark_native.scheduler.calibrate_sts) and write them as JSON for --sts.")
+    parser.add_argument("paths", nargs="+", help="JSONL prompt files (held out: never the eval set you report on)")
+    parser.add_argument("--limit", type=int, default=None, help="at most N prompts per file")
+    parser.add_argument("--out", metavar="JSON", default="sts.json", help="output file (default sts.json)")
+    _add_model_args(parser)
+    _add_decode_args(parser)
+
+    def run(args) -> int:
+        import json
+
+        import torch
+
+        from dspark_native.engine import Engine
+        from dspark_native.metrics import ece
+        from dspark_native.scheduler import apply_sts, calibrate_sts
+
+        _check_decode_args(args)
+        texts = []
+        for p in args.paths:
+            t, errors = read_prompt_file(p, args.limit)
+            for e in errors:
+                print(e, file=sys.stderr)
+            texts += t
+        if not texts:
+            raise UserError("no usable prompt")
+        target, tok, chat, eos, _ = _load_target(args)
+        drafter, _ = _load_drafter(args, target)
+        if getattr(drafter, "confidence_head", None) is None:
+            raise UserError("the drafter has no confidence head: nothing to calibrate")
+        drafter.sts_temperature = None
+        eng = Engine(target, drafter, policy="static", max_batch=args.max_batch, max_seq=args.max_seq)
+        eng.round_log = []
+        prompts = [e for e in _add_prompts(tok, chat, texts, args.max_seq, "") if e is not None]
+        _run_engine(eng, prompts, _params(args, len(prompts), eos), "calibrate")
+        g = eng.gamma
+        confs, accs = [], []
+        for conf, lengths, acc in eng.round_log:
+            full = lengths == g  # rounds that verified the whole block give uncensored labels
+            confs.append(conf[full][:, :g])
+            accs.append(acc[full])
+        c = torch.cat(confs) if confs else torch.zeros(0, g)
+        a = torch.cat(accs) if accs else torch.zeros(0, dtype=torch.long)
+        if c.shape[0] == 0:
+            raise UserError("no round verified a whole block (generate more tokens)")
+        temps = calibrate_sts(c, a)
+        after = apply_sts(c, temps.tolist())
+        ece_b = [ece(torch.cumprod(c.double(), 1)[:, k], (a > k).double(), 20) for k in range(g)]
+        ece_a = [ece(torch.cumprod(after.double(), 1)[:, k], (a > k).double(), 20) for k in range(g)]
+        with open(args.out, "w") as f:
+            json.dump(dict(sts_temperature=temps.tolist(), rounds=int(c.shape[0]), ece_before=ece_b, ece_after=ece_a),
+                      f, indent=1)
+        print(f"{c.shape[0]} rounds; STS temperatures {[round(t, 3) for t in temps.tolist()]}")
+        print(f"ECE of the survival product per position: before {[round(e, 3) for e in ece_b]}, "
+              f"after {[round(e, 3) for e in ece_a]}")
+        print(f"wrote {args.out}")
+        return 0
+
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dspark-native", description="Fast, exact DSpark speculative decoding.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

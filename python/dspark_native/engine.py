@@ -88,6 +88,11 @@ class RequestStats:
     reached: List[int] = field(default_factory=list)
     accepted: List[int] = field(default_factory=list)
     time: Dict[str, float] = field(default_factory=lambda: {p: 0.0 for p in PHASES})
+    wall: float = 0.0  #: seconds from admission (prefill start) to finish
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.emitted / self.wall if self.wall > 0 else 0.0
 
     @property
     def tau(self) -> float:
@@ -105,7 +110,8 @@ class RequestStats:
     def to_dict(self) -> dict:
         return dict(rounds=self.rounds, emitted=self.emitted, tau=self.tau, drafted=self.drafted,
                     budget=self.budget, accepted_drafts=self.accepted_drafts, reached=list(self.reached),
-                    accepted=list(self.accepted), acceptance=self.acceptance, time=dict(self.time))
+                    accepted=list(self.accepted), acceptance=self.acceptance, time=dict(self.time),
+                    wall=self.wall, tokens_per_s=self.tokens_per_s)
 
 
 @dataclass
@@ -134,6 +140,7 @@ class _Request:
         self.finish_reason: Optional[str] = None
         self.error: Optional[str] = None
         self.stats = RequestStats()
+        self.t_admit: Optional[float] = None
 
     def result(self) -> RequestOutput:
         return RequestOutput(self.id, list(self.prompt), list(self.output), self.finished, self.finish_reason,
@@ -320,6 +327,9 @@ class Engine:
         self._next_id = 0
         self.time = {p: 0.0 for p in PHASES}
         self.rounds = 0
+        #: set to a list to record every round's (confidences [R, g] or None, lengths [R],
+        #: num_accepted [R]) -- the data STS calibration needs
+        self.round_log: Optional[list] = None
 
     # -- public API ------------------------------------------------------------------------------
     def add(self, prompt_ids: Sequence[int], params: Optional[SamplingParams] = None,
@@ -393,6 +403,8 @@ class Engine:
     # -- internals -------------------------------------------------------------------------------
     def _close(self, rq: _Request, reason: str, error: Optional[str] = None) -> None:
         rq.finished, rq.finish_reason, rq.error = True, reason, error
+        if rq.t_admit is not None:
+            rq.stats.wall = time.perf_counter() - rq.t_admit
         if rq.slot is not None:
             slot = rq.slot
             self.cache.reset([slot])
@@ -413,6 +425,8 @@ class Engine:
         if not new:
             return
         t0 = time.perf_counter()
+        for rq in new:
+            rq.t_admit = t0
         # Prefill everything but the last prompt token, which is the first anchor (no KV yet).
         pre = [rq.prompt[:-1] for rq in new]
         slots = torch.tensor([rq.slot for rq in new], dtype=torch.int64)
@@ -513,6 +527,8 @@ class Engine:
         # 4. rollback + emission ----------------------------------------------------------------
         t0 = time.perf_counter()
         acc = out.num_accepted.clamp(min=0)
+        if self.round_log is not None:
+            self.round_log.append((None if conf is None else conf.clone(), lengths.clone(), acc.clone()))
         new_len = pos + acc + 1
         self.cache.truncate(slots, new_len)
         tokens = out.tokens.tolist()
