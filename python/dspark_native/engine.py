@@ -448,7 +448,6 @@ class Engine:
     def _round(self) -> None:
         reqs = [self.active[s] for s in sorted(self.active)]
         R = len(reqs)
-        dev = self.target.device
         slots = torch.tensor([rq.slot for rq in reqs], dtype=torch.int64)
         anchors = torch.tensor([rq.anchor for rq in reqs], dtype=torch.int64)
         temp = torch.tensor([float(rq.params.temperature) for rq in reqs], dtype=torch.float32)
@@ -489,7 +488,6 @@ class Engine:
                 if T > 0:
                     q = torch.zeros(R, g, lg.shape[-1])
                     q[ok] = lg
-            self._eagle_T = T
         times["draft"] = time.perf_counter() - t0
 
         # 2. schedule ---------------------------------------------------------------------------
@@ -511,13 +509,10 @@ class Engine:
         logits, hidden = self.target(ids, cu, slots, self.cache, return_hidden=need_hidden)
         dmask = torch.arange(g)[None, :] < lengths[:, None]
         d_flat = drafts[dmask] if drafts is not None else torch.zeros(0, dtype=torch.int64)
-        q_flat = None
-        if q is not None and self.kind != "eagle3":
-            q_flat = q[dmask]
-        elif q is not None:
-            q_flat = q[dmask]
-            # requests whose drafts were not drawn at their own temperature are verified greedily
-            # (T = 0) or with drafts from the shared T; mixed sampled temperatures draft greedily.
+        # q: the exact logits the drafts were sampled from (DSpark/DFlash always; EAGLE-3 when all
+        # sampled requests share one temperature). None = one-hot drafts, lossless for any drafter
+        # whose drafts do not depend on the target's randomness (EAGLE-3 drafting greedily).
+        q_flat = q[dmask] if q is not None else None
         from .ops import verify_chain
 
         out = verify_chain(logits, cu, d_flat, draft_logits=q_flat, temperature=temp, top_k=top_k, top_p=top_p,
