@@ -77,9 +77,12 @@ namespace {
 using detail::kNegInf;
 
 // ---------------------------------------------------------------------------------------------
-// Small fp32 GEMM out[n, m] = sum_i A[n, i] * W[m, i] (A fp32 [N, K] rows lda, W fp32 block
-// [MB, K] contiguous), register-tiled NW x NA with 8-wide GCC vector accumulators (AVX2 with the
-// x86-64-v3 flags, NEON elsewhere); the caller's epilogue stores each result.
+// fp32 GEMM out[n, m] = sum_t A[n, t] * W[m, t] (A fp32 rows at A + n * lda, W [M, K] of any
+// element type). W is processed in blocks of MB rows, each widened to fp32 and transposed once
+// into Wt[t][MB] (zero padded to a multiple of 16); a 6 x 16 register tile (12 8-wide GCC vector
+// accumulators: AVX2 FMAs with the x86-64-v3 flags) broadcasts A[n, t] against two vectors of Wt
+// row t. Results leave through the caller's store(n, m, cnt, values): values[i] is out[n, m + i]
+// for i < cnt (<= 16); every (listed n, m) is stored exactly once.
 // ---------------------------------------------------------------------------------------------
 typedef float v8f __attribute__((vector_size(32)));
 
@@ -88,79 +91,82 @@ inline v8f load8(const float* p) {
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-inline float hsum(v8f v) {
-  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
-}
 
-template <int NW, int NA, typename Store>
-inline void micro(const float* W, int64_t K, const float* const* a, int64_t m0, const int64_t* n_idx, Store& store) {
-  v8f acc[NW][NA];
-  for (int i = 0; i < NW; ++i)
-    for (int j = 0; j < NA; ++j) acc[i][j] = v8f{0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t t = 0;
-  for (; t + 8 <= K; t += 8) {
-    v8f w[NW], x[NA];
-    for (int i = 0; i < NW; ++i) w[i] = load8(W + i * K + t);
-    for (int j = 0; j < NA; ++j) x[j] = load8(a[j] + t);
-    for (int i = 0; i < NW; ++i)
-      for (int j = 0; j < NA; ++j) acc[i][j] += w[i] * x[j];
-  }
-  float tail[NW][NA];
-  for (int i = 0; i < NW; ++i)
+template <int NA>
+inline void micro16(const float* Wt, int64_t ld, int64_t K, const float* const* a, float (*res)[16]) {
+  v8f acc[NA][2];
+  for (int j = 0; j < NA; ++j) acc[j][0] = acc[j][1] = v8f{0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t t = 0; t < K; ++t) {
+    const v8f w0 = load8(Wt + t * ld), w1 = load8(Wt + t * ld + 8);
     for (int j = 0; j < NA; ++j) {
-      float s = 0.0f;
-      for (int64_t q = t; q < K; ++q) s += W[i * K + q] * a[j][q];
-      tail[i][j] = s;
+      const float x = a[j][t];
+      acc[j][0] += w0 * x;
+      acc[j][1] += w1 * x;
     }
-  for (int i = 0; i < NW; ++i)
-    for (int j = 0; j < NA; ++j) store(n_idx[j], m0 + i, hsum(acc[i][j]) + tail[i][j]);
-}
-
-template <int NW, typename Store>
-inline void micro_na(int na, const float* W, int64_t K, const float* const* a, int64_t m0, const int64_t* n_idx,
-                     Store& store) {
-  switch (na) {
-    case 4: return micro<NW, 4>(W, K, a, m0, n_idx, store);
-    case 3: return micro<NW, 3>(W, K, a, m0, n_idx, store);
-    case 2: return micro<NW, 2>(W, K, a, m0, n_idx, store);
-    default: return micro<NW, 1>(W, K, a, m0, n_idx, store);
+  }
+  for (int j = 0; j < NA; ++j) {
+    std::memcpy(res[j], &acc[j][0], sizeof(v8f));
+    std::memcpy(res[j] + 8, &acc[j][1], sizeof(v8f));
   }
 }
 
-// Widen rows [m0, m0 + mb) of a [M, K] weight of element type T to fp32.
-template <typename T>
-inline void widen_rows(const T* w, int64_t K, int64_t m0, int64_t mb, float* dst) {
-  const T* src = w + m0 * K;
-  const int64_t n = mb * K;
-  for (int64_t i = 0; i < n; ++i) dst[i] = detail::load_as_float(src, i);
+inline void micro16_na(int na, const float* Wt, int64_t ld, int64_t K, const float* const* a, float (*res)[16]) {
+  switch (na) {
+    case 6: return micro16<6>(Wt, ld, K, a, res);
+    case 5: return micro16<5>(Wt, ld, K, a, res);
+    case 4: return micro16<4>(Wt, ld, K, a, res);
+    case 3: return micro16<3>(Wt, ld, K, a, res);
+    case 2: return micro16<2>(Wt, ld, K, a, res);
+    default: return micro16<1>(Wt, ld, K, a, res);
+  }
 }
 
-// out = A W^T for the rows n listed in `rows` (A row n at A + n * lda), W [M, K] of type T.
-// Parallel over blocks of M. store(n, m, value) is called exactly once per (listed n, m).
+// Wt[t * mbp + i] = W[m0 + i, t] for i < mcount, 0 for mcount <= i < mbp. Rows are read in
+// groups of 16 (16 sequential streams) and written as contiguous 16-float runs.
+template <typename T>
+inline void pack_transposed(const T* w, int64_t K, int64_t m0, int64_t mcount, int64_t mbp, float* Wt) {
+  for (int64_t i0 = 0; i0 < mbp; i0 += 16) {
+    const T* src[16];
+    const int64_t n = std::min<int64_t>(16, std::max<int64_t>(0, mcount - i0));
+    for (int64_t i = 0; i < n; ++i) src[i] = w + (m0 + i0 + i) * K;
+    for (int64_t t = 0; t < K; ++t) {
+      float* dst = Wt + t * mbp + i0;
+      if (n == 16) {
+        for (int i = 0; i < 16; ++i) dst[i] = detail::load_as_float(src[i], t);
+      } else {
+        for (int64_t i = 0; i < 16; ++i) dst[i] = i < n ? detail::load_as_float(src[i], t) : 0.0f;
+      }
+    }
+  }
+}
+
 template <typename T, typename Store>
 void gemm_nt(const float* A, int64_t lda, const std::vector<int64_t>& rows, const T* W, int64_t M, int64_t K,
              Store store) {
   if (rows.empty() || M == 0) return;
-  int64_t mb = std::max<int64_t>(3, (12288 / std::max<int64_t>(K, 1)) / 3 * 3);
-  mb = std::min<int64_t>(mb, (M + 2) / 3 * 3);
+  constexpr int NA = 6;
+  // ~64 KiB of packed weights per block (L2-resident while every request tile streams over it)
+  int64_t mb = (16384 / std::max<int64_t>(K, 1)) / 16 * 16;
+  mb = std::max<int64_t>(16, std::min<int64_t>(mb, 128));
+  mb = std::min<int64_t>(mb, (M + 15) / 16 * 16);
   const int64_t nblocks = (M + mb - 1) / mb;
   const double cost = static_cast<double>(mb) * K * rows.size();
   parallel_for(nblocks, cost, [&](int64_t b0, int64_t b1) {
-    std::vector<float> wf(static_cast<size_t>(mb * K));
+    std::vector<float> wt(static_cast<size_t>(mb * K));
+    float res[NA][16];
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t m0 = b * mb, mcount = std::min(mb, M - m0);
-      widen_rows(W, K, m0, mcount, wf.data());
-      for (size_t j0 = 0; j0 < rows.size(); j0 += 4) {
-        const int na = static_cast<int>(std::min<size_t>(4, rows.size() - j0));
-        const float* a[4];
-        int64_t n_idx[4];
-        for (int j = 0; j < na; ++j) {
-          n_idx[j] = rows[j0 + j];
-          a[j] = A + n_idx[j] * lda;
+      const int64_t mbp = (mcount + 15) / 16 * 16;
+      pack_transposed(W, K, m0, mcount, mbp, wt.data());
+      for (size_t j0 = 0; j0 < rows.size(); j0 += NA) {
+        const int na = static_cast<int>(std::min<size_t>(NA, rows.size() - j0));
+        const float* a[NA];
+        for (int j = 0; j < na; ++j) a[j] = A + rows[j0 + j] * lda;
+        for (int64_t s0 = 0; s0 < mbp; s0 += 16) {
+          micro16_na(na, wt.data() + s0, mbp, K, a, res);
+          const int64_t cnt = std::min<int64_t>(16, mcount - s0);
+          for (int j = 0; j < na; ++j) store(rows[j0 + j], m0 + s0, cnt, res[j]);
         }
-        int64_t i = 0;
-        for (; i + 3 <= mcount; i += 3) micro_na<3>(na, wf.data() + i * K, K, a, m0 + i, n_idx, store);
-        for (; i < mcount; ++i) micro_na<1>(na, wf.data() + i * K, K, a, m0 + i, n_idx, store);
       }
     }
   });
@@ -263,7 +269,9 @@ struct Drafter {
         float* pr = pre.data();
         const int64_t rk = Rk;
         gemm_nt(gin.data(), K, active, static_cast<const W*>(p.gate_weight), Rk, K,
-                [pr, rk, gb](int64_t n, int64_t m, float v) { pr[n * rk + m] = v + detail::load_as_float(gb, m); });
+                [pr, rk, gb](int64_t n, int64_t m, int64_t cnt, const float* v) {
+                  for (int64_t i = 0; i < cnt; ++i) pr[n * rk + m + i] = v[i] + detail::load_as_float(gb, m + i);
+                });
         for (int64_t r : active)
           for (int64_t i = 0; i < Rk; ++i)
             vin[r * Rk + i] = detail::sigmoidf_(pre[r * Rk + i]) * xin[r * X + eo + i];
@@ -272,7 +280,9 @@ struct Drafter {
         float* pr = pre.data();
         const int64_t m3 = 3 * Rk;
         gemm_nt(xin.data(), X, active, static_cast<const W*>(p.joint_weight), m3, X,
-                [pr, m3, jb](int64_t n, int64_t m, float v) { pr[n * m3 + m] = v + detail::load_as_float(jb, m); });
+                [pr, m3, jb](int64_t n, int64_t m, int64_t cnt, const float* v) {
+                  for (int64_t i = 0; i < cnt; ++i) pr[n * m3 + m + i] = v[i] + detail::load_as_float(jb, m + i);
+                });
         for (int64_t r : active) {
           float* s = xin.data() + r * X;  // the state lives at the front of the row
           const float* gco = pre.data() + r * m3;
@@ -291,9 +301,12 @@ struct Drafter {
         const bool direct = p.out_logits != nullptr;
         float* outz = direct ? p.out_logits + static_cast<int64_t>(k) * V : zbuf.data();
         const int64_t ldo = direct ? GV : V;
-        gemm_nt(vin.data(), Rk, active, w2, V, Rk, [outz, ldo, base, GV, kk, VV](int64_t n, int64_t m, float v) {
-          outz[n * ldo + m] = v + detail::load_as_float(base, n * GV + static_cast<int64_t>(kk) * VV + m);
-        });
+        gemm_nt(vin.data(), Rk, active, w2, V, Rk,
+                [outz, ldo, base, GV, kk, VV](int64_t n, int64_t m, int64_t cnt, const float* v) {
+                  float* o = outz + n * ldo + m;
+                  const U* u = base + n * GV + static_cast<int64_t>(kk) * VV + m;
+                  for (int64_t i = 0; i < cnt; ++i) o[i] = v[i] + detail::load_as_float(u, i);
+                });
       }
       // (iv) sample d_k per request and advance prev
       const double cost = static_cast<double>(V) * 3.0;
