@@ -246,3 +246,18 @@ def test_drafter_input_errors(tmp_path):
     with pytest.raises(ValueError, match="request_ids"):
         drafter.ingest(_t([1, 1]), torch.randn(2, 5 * c["hidden_size"]), _t([0, 1, 2]))
     assert drafter.cache.lengths.tolist() == [0, 0]
+
+
+def test_bf16_drafter_close_to_fp32(tmp_path):
+    traw, c, W, target, d32 = _setup(tmp_path, "Qwen3", "DSparkModel")
+    d16 = load_drafter(str(tmp_path / "d"), target, dtype=torch.bfloat16)
+    assert d16.fc.weight.dtype == torch.bfloat16
+    ctx = torch.randn(6, 5 * c["hidden_size"], generator=torch.Generator().manual_seed(16))
+    outs = []
+    for d in (d32, d16):
+        d.allocate_cache(1, 16)
+        d.ingest(_t([0]), ctx, _t([0, 6]))
+        outs.append(d.propose(_t([0]), _t([3])))
+    (U32, h32), (U16, h16) = outs
+    assert U16.dtype == torch.float32 and h16.dtype == torch.bfloat16
+    assert (U16 - U32).abs().max() / U32.abs().max() < 0.05
