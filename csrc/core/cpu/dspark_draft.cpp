@@ -140,10 +140,81 @@ inline void pack_transposed(const T* w, int64_t K, int64_t m0, int64_t mcount, i
   }
 }
 
+// Few requests (R < 6, memory-bound): dot-product form over contiguous widened rows, NW x NA
+// tile with horizontal sums (no transposed packing, which would cost as much as the FMAs here).
+inline float hsum8(v8f v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+template <int NW, int NA, typename Store>
+inline void micro_dot(const float* W, int64_t K, const float* const* a, int64_t m0, const int64_t* n_idx,
+                      Store& store) {
+  v8f acc[NW][NA];
+  for (int i = 0; i < NW; ++i)
+    for (int j = 0; j < NA; ++j) acc[i][j] = v8f{0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t t = 0;
+  for (; t + 8 <= K; t += 8) {
+    v8f w[NW], x[NA];
+    for (int i = 0; i < NW; ++i) w[i] = load8(W + i * K + t);
+    for (int j = 0; j < NA; ++j) x[j] = load8(a[j] + t);
+    for (int i = 0; i < NW; ++i)
+      for (int j = 0; j < NA; ++j) acc[i][j] += w[i] * x[j];
+  }
+  for (int j = 0; j < NA; ++j) {
+    float out[NW];
+    for (int i = 0; i < NW; ++i) {
+      float s = 0.0f;
+      for (int64_t q = t; q < K; ++q) s += W[i * K + q] * a[j][q];
+      out[i] = hsum8(acc[i][j]) + s;
+    }
+    store(n_idx[j], m0, NW, out);
+  }
+}
+
+template <int NW, typename Store>
+inline void micro_dot_na(int na, const float* W, int64_t K, const float* const* a, int64_t m0, const int64_t* n_idx,
+                         Store& store) {
+  switch (na) {
+    case 5: return micro_dot<NW, 5>(W, K, a, m0, n_idx, store);
+    case 4: return micro_dot<NW, 4>(W, K, a, m0, n_idx, store);
+    case 3: return micro_dot<NW, 3>(W, K, a, m0, n_idx, store);
+    case 2: return micro_dot<NW, 2>(W, K, a, m0, n_idx, store);
+    default: return micro_dot<NW, 1>(W, K, a, m0, n_idx, store);
+  }
+}
+
+template <typename T, typename Store>
+void gemm_nt_few(const float* A, int64_t lda, const std::vector<int64_t>& rows, const T* W, int64_t M, int64_t K,
+                 Store store) {
+  int64_t mb = std::max<int64_t>(4, (16384 / std::max<int64_t>(K, 1)) / 4 * 4);
+  mb = std::min<int64_t>(mb, (M + 3) / 4 * 4);
+  const int64_t nblocks = (M + mb - 1) / mb;
+  const int na = static_cast<int>(rows.size());
+  const float* a[5];
+  int64_t n_idx[5];
+  for (int j = 0; j < na; ++j) {
+    n_idx[j] = rows[j];
+    a[j] = A + rows[j] * lda;
+  }
+  parallel_for(nblocks, static_cast<double>(mb) * K * na, [&](int64_t b0, int64_t b1) {
+    std::vector<float> wf(static_cast<size_t>(mb * K));
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t m0 = b * mb, mcount = std::min(mb, M - m0);
+      const T* src = W + m0 * K;
+      const int64_t n = mcount * K;
+      for (int64_t i = 0; i < n; ++i) wf[i] = detail::load_as_float(src, i);
+      int64_t i = 0;
+      for (; i + 4 <= mcount; i += 4) micro_dot_na<4>(na, wf.data() + i * K, K, a, m0 + i, n_idx, store);
+      for (; i < mcount; ++i) micro_dot_na<1>(na, wf.data() + i * K, K, a, m0 + i, n_idx, store);
+    }
+  });
+}
+
 template <typename T, typename Store>
 void gemm_nt(const float* A, int64_t lda, const std::vector<int64_t>& rows, const T* W, int64_t M, int64_t K,
              Store store) {
   if (rows.empty() || M == 0) return;
+  if (rows.size() < 6) return gemm_nt_few(A, lda, rows, W, M, K, store);
   constexpr int NA = 6;
   // ~64 KiB of packed weights per block (L2-resident while every request tile streams over it)
   int64_t mb = (16384 / std::max<int64_t>(K, 1)) / 16 * 16;
