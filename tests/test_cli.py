@@ -84,6 +84,9 @@ def test_user_errors(dirs, capsys):
     _one_line_error(*_run(capsys, "bench", "/nonexistent", *T), "no such file")
     _one_line_error(*_run(capsys, "generate", "w1", "--sps", dirs["bad"] + "/config.json", "--policy", "causal", *T),
                     "--sps")
+    short = dirs["root"] / "short_sps.json"
+    short.write_text(json.dumps({"sps": [5.0, 4.0]}))
+    _one_line_error(*_run(capsys, "generate", "w1", "--sps", str(short), "--policy", "causal", *T), "--max-tokens")
 
 
 def test_generate_prompt_and_file(dirs, capsys):

@@ -216,6 +216,6 @@ def test_smollm2_greedy_lossless_with_default_drafter():
                em.encode_chat([{"role": "user", "content": "Name a colour."}])]
     params = SamplingParams(max_new_tokens=8, stop_token_ids=em.eos_token_ids)
     want = [o.token_ids for o in Engine(em.model, None, max_batch=2, max_seq=256).generate(prompts, params)]
-    for policy in ("static", "causal"):
+    for policy in POLICIES:
         out = Engine(em.model, drafter, policy=policy, max_batch=2, max_seq=256).generate(prompts, params)
         assert [o.token_ids for o in out] == want

@@ -179,7 +179,7 @@ def _load_drafter(args, target):
         if not os.path.isdir(args.drafter):
             raise UserError(f"--drafter {args.drafter}: not a directory")
         try:
-            d = load_drafter(args.drafter, target=target)
+            d = load_drafter(args.drafter, target=target, dtype=target.dtype)
         except CheckpointError as exc:
             raise UserError(f"drafter: {exc}") from None
         name = args.drafter
@@ -294,6 +294,12 @@ def _engines(args, target, drafter):
                       num_drafts=args.num_drafts, max_batch=args.max_batch, max_seq=args.max_seq)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    need = args.max_batch * (spec.gamma + 1)
+    if args.sps and args.policy in ("causal", "async"):
+        have = len(_policy_kwargs(args)["sps_table"].sps)
+        if have < need:
+            raise UserError(f"--sps {args.sps}: the table covers {have} batch tokens, the scheduler needs {need} "
+                            f"(--max-batch x (drafts + 1)): run profile-sps with --max-tokens {need}")
     plain = Engine(target, None, max_batch=args.max_batch, max_seq=args.max_seq)
     return spec, plain
 
