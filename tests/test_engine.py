@@ -219,3 +219,30 @@ def test_smollm2_greedy_lossless_with_default_drafter():
     for policy in POLICIES:
         out = Engine(em.model, drafter, policy=policy, max_batch=2, max_seq=256).generate(prompts, params)
         assert [o.token_ids for o in out] == want
+
+
+def test_nan_logits_fail_one_request_only(target):
+    """A target row with no finite logit ends that request with finish_reason "error"; the other
+    requests of the batch are not disturbed."""
+    drafter = tiny_drafter(target, "dspark", block_size=4, aligned=False)
+    prompts = [[1, 2, 3], [7, 8]]
+    want = _plain(target, prompts, SamplingParams(max_new_tokens=12))
+    eng = Engine(target, drafter, max_batch=2, max_seq=64)
+    calls = {"n": 0}
+    orig = target.forward
+
+    def poisoned(ids, cu, slots, cache, **kw):
+        logits, hidden = orig(ids, cu, slots, cache, **kw)
+        calls["n"] += 1
+        if calls["n"] == 4 and slots.numel() == 2:  # third round (after the prefill)
+            logits[int(cu[1]):int(cu[2])] = float("nan")  # every row of the request in slot 1
+        return logits, hidden
+
+    target.forward = poisoned
+    try:
+        outs = eng.generate(prompts, SamplingParams(max_new_tokens=12))
+    finally:
+        del target.forward
+    assert outs[0].token_ids == want[0] and outs[0].finish_reason == "length"
+    assert outs[1].finish_reason == "error" and outs[1].token_ids == want[1][: len(outs[1].token_ids)]
+    assert len(outs[1].token_ids) == 2
