@@ -246,3 +246,14 @@ def test_nan_logits_fail_one_request_only(target):
     assert outs[0].token_ids == want[0] and outs[0].finish_reason == "length"
     assert outs[1].finish_reason == "error" and outs[1].token_ids == want[1][: len(outs[1].token_ids)]
     assert len(outs[1].token_ids) == 2
+
+
+@pytest.mark.parametrize("head_type", ["gated", "rnn"])
+def test_markov_head_variants_greedy_lossless(target, head_type):
+    drafter = tiny_drafter(target, "dspark", block_size=6, aligned=True, head_type=head_type)
+    prompts = _prompts(3, seed=11)
+    params = _params_with_stops(target, prompts, max_new=16)
+    want = _plain(target, prompts, params)
+    out = Engine(target, drafter, policy="threshold", max_batch=3, max_seq=96).generate(prompts, params)
+    assert [o.token_ids for o in out] == want
+    assert sum(o.stats.rounds for o in out) > 0
