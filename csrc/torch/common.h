@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <optional>
 #include <string>
 
 #include "dspark/common.h"
@@ -32,6 +33,30 @@ inline void check_device(const at::Tensor& t, const at::Device& d, const char* o
 
 inline void check_shape_1d(const at::Tensor& t, int64_t n, const char* op, const char* name) {
   TORCH_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", name, " must have shape [", n, "], got ", t.sizes());
+}
+
+// A per-request tensor (temperature, seed, ...): dtype `st`, on `d`, shape [n].
+inline void check_per_request(const at::Tensor& t, at::ScalarType st, const at::Device& d, int64_t n, const char* op,
+                              const char* name) {
+  check_dtype(t, st, op, name);
+  check_device(t, d, op, name);
+  check_shape_1d(t, n, op, name);
+}
+
+// The same for an optional argument (absent is fine).
+inline void check_per_request(const std::optional<at::Tensor>& t, at::ScalarType st, const at::Device& d, int64_t n,
+                              const char* op, const char* name) {
+  if (t.has_value()) check_per_request(*t, st, d, n, op, name);
+}
+
+inline std::optional<at::Tensor> contiguous_or_none(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
+}
+
+// Data pointer of an optional tensor, NULL when absent (the C API's "not given").
+template <typename T>
+inline T* data_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
 }
 
 inline void throw_on_error(dspark_status st, const char* op) {

@@ -97,21 +97,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dspark_draft(
     check_device(*sts_temperature, dev, kOp, "sts_temperature");
     check_shape_1d(*sts_temperature, G, kOp, "sts_temperature");
   }
-  check_dtype(temperature, at::kFloat, kOp, "temperature");
-  check_device(temperature, dev, kOp, "temperature");
-  check_shape_1d(temperature, R, kOp, "temperature");
-  auto check_opt = [&](const std::optional<at::Tensor>& t, const char* name) {
-    if (!t.has_value()) return;
-    check_dtype(*t, at::kLong, kOp, name);
-    check_device(*t, dev, kOp, name);
-    check_shape_1d(*t, R, kOp, name);
-  };
-  check_opt(seed, "seed");
-  check_opt(offset, "offset");
+  check_per_request(temperature, at::kFloat, dev, R, kOp, "temperature");
+  check_per_request(seed, at::kLong, dev, R, kOp, "seed");
+  check_per_request(offset, at::kLong, dev, R, kOp, "offset");
 
-  auto contig = [](const std::optional<at::Tensor>& t) {
-    return t.has_value() ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
-  };
+  const auto contig = contiguous_or_none;
   const at::Tensor U = base_logits.contiguous(), anc = anchor_tokens.contiguous(), w1 = markov_w1.contiguous(),
                    w2 = markov_w2.contiguous(), temp = temperature.contiguous();
   const auto h = contig(hidden), gw = contig(gate_weight), gb = contig(gate_bias), jw = contig(joint_weight),
@@ -156,8 +146,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dspark_draft(
   }
   p.sts_temperature = sts ? sts->data_ptr<float>() : nullptr;
   p.temperature = temp.data_ptr<float>();
-  p.seed = sd ? sd->data_ptr<int64_t>() : nullptr;
-  p.offset = of ? of->data_ptr<int64_t>() : nullptr;
+  p.seed = data_or_null<int64_t>(sd);
+  p.offset = data_or_null<int64_t>(of);
   p.out_tokens = out_tokens.data_ptr<int64_t>();
   p.out_logits = out_logits.data_ptr<float>();
 

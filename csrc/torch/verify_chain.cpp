@@ -41,9 +41,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_chain(
   check_dtype(draft_tokens, at::kLong, kOp, "draft_tokens");
   check_device(draft_tokens, dev, kOp, "draft_tokens");
   check_shape_1d(draft_tokens, N - R, kOp, "draft_tokens");
-  check_dtype(temperature, at::kFloat, kOp, "temperature");
-  check_device(temperature, dev, kOp, "temperature");
-  check_shape_1d(temperature, R, kOp, "temperature");
+  check_per_request(temperature, at::kFloat, dev, R, kOp, "temperature");
   TORCH_CHECK(draft_kind >= 0 && draft_kind <= 2, kOp, ": draft_kind must be 0 (one-hot), 1 (logits) or 2 (probs)");
   if (draft_kind != DSPARK_DRAFT_ONE_HOT) {
     TORCH_CHECK(draft.has_value(), kOp, ": draft logits/probs tensor missing for draft_kind ", draft_kind);
@@ -52,26 +50,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_chain(
     TORCH_CHECK(draft->stride(1) == 1, kOp, ": draft rows must be contiguous (stride(1) == 1)");
     check_device(*draft, dev, kOp, "draft");
   }
-  auto check_opt = [&](const std::optional<at::Tensor>& t, at::ScalarType st, const char* name) {
-    if (!t.has_value()) return;
-    check_dtype(*t, st, kOp, name);
-    check_device(*t, dev, kOp, name);
-    check_shape_1d(*t, R, kOp, name);
-  };
-  check_opt(top_k, at::kInt, "top_k");
-  check_opt(top_p, at::kFloat, "top_p");
-  check_opt(seed, at::kLong, "seed");
-  check_opt(offset, at::kLong, "offset");
+  check_per_request(top_k, at::kInt, dev, R, kOp, "top_k");
+  check_per_request(top_p, at::kFloat, dev, R, kOp, "top_p");
+  check_per_request(seed, at::kLong, dev, R, kOp, "seed");
+  check_per_request(offset, at::kLong, dev, R, kOp, "offset");
   TORCH_CHECK(seed.has_value() == offset.has_value(), kOp, ": seed and offset must be given together");
 
   const at::Tensor logits = target_logits;
   const at::Tensor cu = cu_target_rows.contiguous();
   const at::Tensor toks = draft_tokens.contiguous();
   const at::Tensor temp = temperature.contiguous();
-  auto contig = [](const std::optional<at::Tensor>& t) {
-    return t.has_value() ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
-  };
-  const auto tk = contig(top_k), tp = contig(top_p), sd = contig(seed), of = contig(offset);
+  const auto tk = contiguous_or_none(top_k), tp = contiguous_or_none(top_p), sd = contiguous_or_none(seed),
+             of = contiguous_or_none(offset);
 
   auto long_opts = at::TensorOptions().dtype(at::kLong).device(dev);
   at::Tensor out_tokens = at::empty({R, max_drafts + 1}, long_opts);
@@ -96,10 +86,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_chain(
     p.draft_row_stride = draft->stride(0);
   }
   p.temperature = temp.data_ptr<float>();
-  p.top_k = tk ? tk->data_ptr<int32_t>() : nullptr;
-  p.top_p = tp ? tp->data_ptr<float>() : nullptr;
-  p.seed = sd ? sd->data_ptr<int64_t>() : nullptr;
-  p.offset = of ? of->data_ptr<int64_t>() : nullptr;
+  p.top_k = data_or_null<int32_t>(tk);
+  p.top_p = data_or_null<float>(tp);
+  p.seed = data_or_null<int64_t>(sd);
+  p.offset = data_or_null<int64_t>(of);
   p.out_tokens = out_tokens.data_ptr<int64_t>();
   p.out_num_accepted = out_accepted.data_ptr<int64_t>();
   p.out_accept_prob = return_accept_prob ? out_prob.data_ptr<float>() : nullptr;

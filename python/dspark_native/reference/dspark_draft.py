@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from .sampling import RNG_DRAFT_SAMPLE, first_argmax, inverse_cdf, philox_uniform, target_probs
+from .sampling import RNG_DRAFT_SAMPLE, first_argmax, inverse_cdf, per_request_values, philox_uniform, target_probs
 
 __all__ = ["dspark_draft_reference"]
 
@@ -41,11 +41,7 @@ def dspark_draft_reference(
     rank = markov_w1.shape[1]
 
     def per(x, default):
-        if x is None:
-            return [default] * R
-        if isinstance(x, torch.Tensor):
-            return x.expand(R).tolist() if x.dim() == 0 else x.tolist()
-        return [x] * R
+        return per_request_values(x, R, default)
 
     temps, seeds, offs = per(temperature, 0.0), per(seed, 0), per(offset, 0)
     anchors = anchor_tokens.tolist() if isinstance(anchor_tokens, torch.Tensor) else [int(anchor_tokens)] * R

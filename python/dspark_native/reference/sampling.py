@@ -20,6 +20,7 @@ __all__ = [
     "draft_distribution",
     "inverse_cdf",
     "first_argmax",
+    "per_request_values",
 ]
 
 RNG_ACCEPT_COIN, RNG_SAMPLE, RNG_DRAFT_SAMPLE = 0, 1, 2
@@ -126,3 +127,12 @@ def first_argmax(row: torch.Tensor) -> int:
     if not bool((x > -math.inf).any()):
         return -1
     return int(torch.argmax(x).item())  # torch.argmax returns the first maximal index
+
+
+def per_request_values(x, n: int, default) -> list:
+    """A per-request argument (None, a Python scalar, a 0-d or [n] tensor) as a list of n values."""
+    if x is None:
+        return [default] * n
+    if isinstance(x, torch.Tensor):
+        return x.expand(n).tolist() if x.dim() == 0 else x.tolist()
+    return [x] * n

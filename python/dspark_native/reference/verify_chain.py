@@ -6,8 +6,8 @@ from typing import Optional
 
 import torch
 
-from .sampling import (RNG_ACCEPT_COIN, RNG_SAMPLE, draft_distribution, first_argmax, inverse_cdf, philox_uniform,
-                       target_probs)
+from .sampling import (RNG_ACCEPT_COIN, RNG_SAMPLE, draft_distribution, first_argmax, inverse_cdf, per_request_values,
+                       philox_uniform, target_probs)
 
 __all__ = ["verify_chain_reference"]
 
@@ -33,11 +33,7 @@ def verify_chain_reference(
     V = target_logits.shape[1]
 
     def per(x, default):
-        if x is None:
-            return [default] * R
-        if isinstance(x, torch.Tensor):
-            return x.expand(R).tolist() if x.dim() == 0 else x.tolist()
-        return [x] * R
+        return per_request_values(x, R, default)
 
     temps, tks, tps = per(temperature, 0.0), per(top_k, 0), per(top_p, 1.0)
     seeds, offs = per(seed, 0), per(offset, 0)

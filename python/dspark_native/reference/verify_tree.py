@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from .sampling import first_argmax, inverse_cdf, philox_uniform, target_probs
+from .sampling import first_argmax, inverse_cdf, per_request_values, philox_uniform, target_probs
 
 __all__ = ["verify_tree_reference", "RNG_TREE_COIN", "RNG_TREE_SAMPLE"]
 
@@ -48,11 +48,7 @@ def verify_tree_reference(
     V = target_logits.shape[1]
 
     def per(x, default):
-        if x is None:
-            return [default] * R
-        if isinstance(x, torch.Tensor):
-            return x.expand(R).tolist() if x.dim() == 0 else x.tolist()
-        return [x] * R
+        return per_request_values(x, R, default)
 
     temps, tks, tps = per(temperature, 0.0), per(top_k, 0), per(top_p, 1.0)
     seeds, offs = per(seed, 0), per(offset, 0)

@@ -9,6 +9,10 @@
 
 #if defined(__CUDACC__)
 #define DSPARK_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// Forced: these helpers sit inside the vectorised row loops, and an out-of-line call stops the
+// loop from vectorising (GCC declines to inline exp_nonpos into the larger kernels by itself).
+#define DSPARK_HD inline __attribute__((always_inline))
 #else
 #define DSPARK_HD inline
 #endif
