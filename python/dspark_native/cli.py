@@ -103,7 +103,8 @@ def _add_model_args(parser: argparse.ArgumentParser, drafter: bool = True) -> No
                    "tokenizer.json, tokenizer_config.json); default: the embedded SmolLM2-135M-Instruct")
     if drafter:
         g.add_argument("--drafter", metavar="DIR", help="DeepSpec drafter directory (DSpark, DFlash or EAGLE-3); "
-                       "default: the package's untrained random-init DSpark drafter for the target")
+                       "default: the trained DSpark drafter shipped for the embedded SmolLM2, else the "
+                       "package's untrained random-init DSpark drafter for the target")
         g.add_argument("--sts", metavar="JSON", help="STS temperatures from `dspark-native calibrate`")
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="model dtype (default float32)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -174,6 +175,7 @@ def _load_drafter(args, target):
 
     from dspark_native.engine import default_drafter
     from dspark_native.models import CheckpointError, load_drafter
+    from dspark_native.models.embedded import load_embedded_drafter, shipped_drafter_dir
 
     if args.drafter:
         if not os.path.isdir(args.drafter):
@@ -183,6 +185,9 @@ def _load_drafter(args, target):
         except CheckpointError as exc:
             raise UserError(f"drafter: {exc}") from None
         name = args.drafter
+    elif not getattr(args, "target", None) and shipped_drafter_dir() is not None:
+        d = load_embedded_drafter(target)
+        name = "shipped DSpark drafter for SmolLM2 (trained; model card: " + shipped_drafter_dir() + "/README.md)"
     else:
         d = default_drafter(target)
         name = "default (UNTRAINED random-init DSpark drafter)"
@@ -213,10 +218,10 @@ def _policy_kwargs(args):
     return kw
 
 
-def read_prompt_file(path: str, limit: Optional[int] = None):
+def read_prompt_file(path: str, limit: Optional[int] = None, skip: int = 0):
     """Prompts of a JSONL file in the shared turns format ({"turns": ["...", ...]}): returns
     (prompts, errors); a malformed line is reported as "path:line: reason" and skipped. The first
-    turn of each line is used."""
+    turn of each line is used; the first ``skip`` usable prompts are passed over."""
     import json
 
     prompts, errors = [], []
@@ -235,6 +240,9 @@ def read_prompt_file(path: str, limit: Optional[int] = None):
                     raise ValueError('expected {"turns": ["non-empty text", ...]}')
             except ValueError as exc:
                 errors.append(f"{path}:{n}: malformed line skipped: {str(exc)[:120]}")
+                continue
+            if skip > 0:
+                skip -= 1
                 continue
             prompts.append(turns[0])
             if limit is not None and len(prompts) >= limit:
@@ -561,6 +569,8 @@ def _calibrate(parser: argparse.ArgumentParser):
                           "temperatures (dspark_native.scheduler.calibrate_sts) and write them as JSON for --sts.")
     parser.add_argument("paths", nargs="+", help="JSONL prompt files (held out: never the eval set you report on)")
     parser.add_argument("--limit", type=int, default=None, help="at most N prompts per file")
+    parser.add_argument("--skip", type=int, default=0,
+                        help="pass over the first N prompts of each file (e.g. those a drafter was trained on)")
     parser.add_argument("--out", metavar="JSON", default="sts.json", help="output file (default sts.json)")
     _add_model_args(parser)
     _add_decode_args(parser)
@@ -576,8 +586,10 @@ def _calibrate(parser: argparse.ArgumentParser):
 
         _check_decode_args(args)
         texts = []
+        if args.skip < 0:
+            raise UserError("--skip must be >= 0")
         for p in args.paths:
-            t, errors = read_prompt_file(p, args.limit)
+            t, errors = read_prompt_file(p, args.limit, args.skip)
             for e in errors:
                 print(e, file=sys.stderr)
             texts += t
@@ -612,6 +624,190 @@ def _calibrate(parser: argparse.ArgumentParser):
         print(f"{c.shape[0]} rounds; STS temperatures {[round(t, 3) for t in temps.tolist()]}")
         print(f"ECE of the survival product per position: before {[round(e, 3) for e in ece_b]}, "
               f"after {[round(e, 3) for e in ece_a]}")
+        print(f"wrote {args.out}")
+        return 0
+
+    return run
+
+
+@command("train")
+def _train(parser: argparse.ArgumentParser):
+    """Train a DSpark, DFlash or EAGLE-3 drafter for the target (data generated online, resumable)."""
+    parser.description = ("Build training data from prompt files (the target answers every prompt with its chat "
+                          "template; features and top-K target distributions are cached in --data-dir, resumable), "
+                          "then train a drafter and write DeepSpec-format checkpoints to --out (resumes from "
+                          "--out/train_state.pt). See docs/training.md.")
+    parser.add_argument("--kind", choices=("dspark", "dflash", "eagle3"), default="dspark", help="drafter type")
+    parser.add_argument("--out", metavar="DIR", required=True, help="run directory (checkpoints, final/, log)")
+    parser.add_argument("--data-dir", metavar="DIR", required=True, help="training-data cache directory")
+    parser.add_argument("--prompts", nargs="+", metavar="JSONL", default=None,
+                        help="prompt files (default: every file of ../shared/data/prompts/train next to the repo, "
+                             "if present)")
+    parser.add_argument("--limit-per-file", type=int, default=120, help="prompts per file (default 120)")
+    parser.add_argument("--max-prompt-tokens", type=int, default=320, help="skip longer prompts (default 320)")
+    parser.add_argument("--answer-tokens", type=int, default=256, help="max answer length (default 256)")
+    parser.add_argument("--data-batch", type=int, default=32, help="prompts decoded together (default 32)")
+    parser.add_argument("--max-sequences", type=int, default=None, help="stop the data build after N sequences")
+    parser.add_argument("--no-generate", action="store_true", help="train on the finished shards only")
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--batch-sequences", type=int, default=4)
+    parser.add_argument("--anchors", type=int, default=16, help="anchors per sequence (default 16)")
+    parser.add_argument("--layers", type=int, default=2, help="backbone layers (DSpark/DFlash; default 2)")
+    parser.add_argument("--markov-rank", type=int, default=64)
+    parser.add_argument("--markov-head", choices=("vanilla", "gated", "rnn"), default="vanilla")
+    parser.add_argument("--block-size", type=int, default=7)
+    parser.add_argument("--lr", type=float, default=6e-4)
+    parser.add_argument("--train-seed", type=int, default=0)
+    parser.add_argument("--save-every", type=int, default=50)
+    parser.add_argument("--holdout", type=int, default=0, help="last N sequences are not trained on")
+    parser.add_argument("--no-resume", action="store_true", help="start over even if --out has a training state")
+    _add_model_args(parser, drafter=False)
+
+    def run(args) -> int:
+        import glob
+        import os
+
+        from dspark_native.training.data import DataConfig, build_training_data, load_training_data
+        from dspark_native.training.trainer import TrainConfig, train
+
+        files = args.prompts
+        if files is None:
+            here = os.path.dirname(os.path.abspath(__file__))
+            for root in (os.getcwd(), here):
+                cand = sorted(glob.glob(os.path.join(root, "..", "shared", "data", "prompts", "train", "*.jsonl")))
+                if cand:
+                    files = cand
+                    break
+            if not files and not args.no_generate:
+                raise UserError("no --prompts given and ../shared/data/prompts/train not found")
+        cfg = TrainConfig(kind=args.kind, num_layers=args.layers, markov_rank=args.markov_rank,
+                          markov_head_type=args.markov_head, block_size=args.block_size, steps=args.steps,
+                          batch_sequences=args.batch_sequences, anchors_per_sequence=args.anchors, lr=args.lr,
+                          seed=args.train_seed, save_every=args.save_every)
+        try:
+            cfg.validate()
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        target, tok, chat, eos, tname = _load_target(args)
+        from dspark_native.models.config import default_target_layer_ids
+
+        n = target.config.num_hidden_layers
+        ids = default_target_layer_ids(n, 5) if n >= 5 else list(range(n))
+        if not args.no_generate:
+            dcfg = DataConfig(files=[os.path.abspath(f) for f in files], limit_per_file=args.limit_per_file,
+                              max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.answer_tokens,
+                              batch=args.data_batch, sequences_per_shard=args.data_batch, target_layer_ids=ids)
+            try:
+                build_training_data(target, lambda t: _encode(t, tok, chat), eos, dcfg, args.data_dir,
+                                    max_sequences=args.max_sequences)
+            except (ValueError, FileNotFoundError) as exc:
+                raise UserError(str(exc)) from None
+        try:
+            data = load_training_data(args.data_dir)
+            if args.holdout:
+                data, _ = data.split(args.holdout)
+            print(f"training data: {data.num_sequences} sequences, {data.tokens.numel()} tokens", file=sys.stderr)
+            train(target, data, cfg, args.out, resume=not args.no_resume, target_layer_ids=ids)
+        except (ValueError, FileNotFoundError) as exc:
+            raise UserError(str(exc)) from None
+        print(f"wrote {os.path.join(args.out, 'final')} (DeepSpec layout; load with --drafter)")
+        return 0
+
+    return run
+
+
+@command("eval")
+def _eval(parser: argparse.ArgumentParser):
+    """Measure a drafter: tau and per-position acceptance per domain at T = 0 and 1, confidence ECE/AUC/Brier."""
+    parser.description = ("Run speculative decoding verifying every draft (static policy) over JSONL prompt files "
+                          "(the domain is the file name) at each --temperatures value and report tau, per-position "
+                          "conditional acceptance and, for DSpark, the confidence head's ECE / AUC / Brier per "
+                          "position before and after STS (--sts), with reliability-diagram PNGs. JSON out.")
+    parser.add_argument("paths", nargs="+", help="JSONL prompt files or directories")
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
+    parser.add_argument("--limit", type=int, default=None, help="at most N prompts per file")
+    parser.add_argument("--out", metavar="JSON", default="eval.json")
+    parser.add_argument("--png", metavar="PREFIX", default=None,
+                        help="write PREFIX_T<t>_{raw,sts}.png reliability diagrams of the survival product")
+    _add_model_args(parser)
+    _add_decode_args(parser)
+
+    def run(args) -> int:
+        import glob
+        import json
+        import os
+
+        import torch
+
+        from dspark_native.engine import Engine
+        from dspark_native.metrics import reliability_diagram_png
+        from dspark_native.scheduler import apply_sts
+        from dspark_native.training.evaluate import macro_average, round_metrics
+
+        args.temperature = 0.0
+        _check_decode_args(args)
+        if any(not t >= 0 for t in args.temperatures):
+            raise UserError("--temperatures must be >= 0")
+        files = []
+        for p in args.paths:
+            files += sorted(glob.glob(os.path.join(p, "*.jsonl"))) if os.path.isdir(p) else [p]
+        sets = []
+        for f in files:
+            if not os.path.isfile(f):
+                raise UserError(f"{f}: no such file")
+            texts, errors = read_prompt_file(f, args.limit)
+            for e in errors:
+                print(e, file=sys.stderr)
+            if texts:
+                sets.append((os.path.splitext(os.path.basename(f))[0], texts))
+        if not sets:
+            raise UserError("no usable prompt")
+        target, tok, chat, eos, tname = _load_target(args)
+        drafter, dname = _load_drafter(args, target)
+        temps_sts = getattr(drafter, "sts_temperature", None)
+        if hasattr(drafter, "sts_temperature"):
+            drafter.sts_temperature = None  # log raw confidences; STS is applied afterwards
+        eng = Engine(target, drafter, policy="static", num_drafts=args.num_drafts, max_batch=args.max_batch,
+                     max_seq=args.max_seq)
+        g = eng.gamma
+        result = dict(target=tname, drafter=dname, kind=eng.kind, num_drafts=g, max_new_tokens=args.max_new_tokens,
+                      sts_temperature=temps_sts, temperatures={})
+        for T in args.temperatures:
+            args.temperature = T
+            per, logs = {}, []
+            for dom, texts in sets:
+                enc = [e for e in _add_prompts(tok, chat, texts, args.max_seq, dom) if e is not None]
+                eng.round_log = []
+                _run_engine(eng, enc, _params(args, len(enc), eos), f"eval T={T:g} {dom}")
+                eng.release()
+                per[dom] = round_metrics(eng.round_log, g, temps_sts)
+                logs += eng.round_log
+            overall = round_metrics(logs, g, temps_sts)
+            overall["macro_tau"] = macro_average([m["tau"] for m in per.values()])
+            result["temperatures"][f"{T:g}"] = dict(domains=per, overall=overall)
+            print(f"T = {T:g}: tau " + ", ".join(f"{d} {m['tau']:.2f}" for d, m in per.items())
+                  + f"; macro {overall['macro_tau']:.2f}")
+            print("  conditional acceptance by position: "
+                  + " ".join("-" if a is None else f"{a:.2f}" for a in overall["cond_accept"]))
+            if "confidence" in overall:
+                eb = [r["ece_cum"] for r in overall["confidence"]]
+                line = "  survival-product ECE by position: " + " ".join(f"{e:.3f}" for e in eb)
+                if "confidence_sts" in overall:
+                    line += " | after STS: " + " ".join(f"{r['ece_cum']:.3f}" for r in overall["confidence_sts"])
+                print(line)
+                print("  confidence AUC by position: " + " ".join(f"{r['auc']:.2f}" for r in overall["confidence"]))
+                if args.png:
+                    c = torch.cat([e[0][:, :g] for e in logs]).double()
+                    L = torch.cat([e[2] for e in logs])
+                    full = torch.cat([e[1] for e in logs]) == g
+                    lab = torch.stack([(L[full] > k).double() for k in range(g)], 1)
+                    variants = [("raw", c[full])] + ([("sts", apply_sts(c[full], temps_sts))] if temps_sts else [])
+                    for name, cc in variants:
+                        path = f"{args.png}_T{T:g}_{name}.png"
+                        reliability_diagram_png(torch.cumprod(cc, 1), lab, path)
+                        print(f"  wrote {path}")
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
         print(f"wrote {args.out}")
         return 0
 

@@ -152,3 +152,31 @@ def load_embedded_smollm2(
     if chat is None:
         raise CheckpointError(f"{directory}: converted model lacks a chat template")
     return EmbeddedModel(model, tok, chat, _eos_ids(tok, chat, model.config), directory)
+
+
+#: The trained DSpark drafter shipped for the embedded SmolLM2 (see its README.md model card).
+SHIPPED_DRAFTER_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "drafters",
+                                   "smollm2-135m-instruct-dspark")
+
+
+def shipped_drafter_dir() -> Optional[str]:
+    """Directory of the trained drafter shipped for the embedded SmolLM2, or None if absent."""
+    ok = os.path.isfile(os.path.join(SHIPPED_DRAFTER_DIR, "model.safetensors"))
+    return SHIPPED_DRAFTER_DIR if ok else None
+
+
+def load_embedded_drafter(target: TargetModel, dtype: Optional[torch.dtype] = None):
+    """The shipped trained DSpark drafter for the embedded SmolLM2 target (embedding and lm_head
+    taken from ``target``), with its STS temperatures set (``sts.json``) when present. Raises
+    FileNotFoundError when the package was built without it."""
+    from .loaders import load_drafter
+
+    d = shipped_drafter_dir()
+    if d is None:
+        raise FileNotFoundError(f"no shipped drafter at {SHIPPED_DRAFTER_DIR}")
+    drafter = load_drafter(d, target=target, dtype=dtype or target.dtype)
+    sts = os.path.join(d, "sts.json")
+    if os.path.isfile(sts):
+        with open(sts, encoding="utf-8") as f:
+            drafter.sts_temperature = [float(t) for t in json.load(f)["sts_temperature"]]
+    return drafter

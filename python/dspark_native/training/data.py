@@ -1,0 +1,251 @@
+"""Training data for drafters, built online from the target (no precomputed hub cache).
+
+As DeepSpec does, the target *regenerates* the answers: every prompt is wrapped in the chat
+template and answered by the target itself (greedy), so the drafter learns the distribution it
+will be verified against. One prefill over prompt + answer then gives what training needs:
+
+* ``features``  bf16 [S, k*H]: raw outputs of the drafter's ``target_layer_ids`` (context input);
+* ``topk_ids`` int32 [S, K] and ``topk_probs`` fp16 [S, K]: the target's next-token distribution
+  at T = 1, truncated to its K most likely tokens (the rest is kept as one "residual" mass). This
+  is the compact form of the target logits: K = 32 stores 192 bytes a token instead of 4*V.
+
+Shards (``shard_00000.safetensors``, ...) hold whole sequences and are written atomically; the
+manifest lists finished shards, so an interrupted build resumes at the first missing shard. The
+prompt order is fixed by (files, limit, seed), so a resumed build produces the same data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+MANIFEST = "manifest.json"
+DATA_VERSION = 1
+
+
+@dataclass
+class DataConfig:
+    """What to generate. ``files``: JSONL prompt files ({"turns": [...]}; first turn used);
+    ``limit_per_file``: prompts taken from each file (after dropping prompts longer than
+    ``max_prompt_tokens``); answers of at most ``max_new_tokens`` tokens, ``batch`` prompts
+    decoded together; ``sequences_per_shard`` sequences a shard; ``topk`` K of the stored target
+    distribution; ``seed`` the prompt-order shuffle."""
+
+    files: List[str]
+    limit_per_file: int = 200
+    max_prompt_tokens: int = 320
+    max_new_tokens: int = 256
+    batch: int = 16
+    sequences_per_shard: int = 32
+    topk: int = 32
+    seed: int = 0
+    target_layer_ids: List[int] = field(default_factory=list)
+
+
+def _read_prompts(path: str) -> List[str]:
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                turns = json.loads(line)["turns"]
+                if isinstance(turns, list) and turns and isinstance(turns[0], str) and turns[0].strip():
+                    out.append(turns[0])
+                    continue
+            except (ValueError, KeyError, TypeError):
+                pass
+            print(f"{path}:{n}: malformed prompt line skipped", file=sys.stderr)
+    return out
+
+
+def select_prompts(cfg: DataConfig, encode: Callable[[str], List[int]]) -> List[Tuple[str, List[int]]]:
+    """(domain, prompt ids) in the build order: each file's first ``limit_per_file`` prompts that
+    fit ``max_prompt_tokens``, the files interleaved round-robin (any prefix of the data mixes
+    the domains), then shuffled within blocks of one shard with ``seed``."""
+    per_file = []
+    for path in cfg.files:
+        dom = os.path.splitext(os.path.basename(path))[0]
+        chosen = []
+        for text in _read_prompts(path):
+            ids = encode(text)
+            if len(ids) <= cfg.max_prompt_tokens:
+                chosen.append((dom, ids))
+            if len(chosen) >= cfg.limit_per_file:
+                break
+        per_file.append(chosen)
+    order = []
+    for i in range(max((len(c) for c in per_file), default=0)):
+        order += [c[i] for c in per_file if i < len(c)]
+    rng = random.Random(cfg.seed)
+    n = cfg.sequences_per_shard
+    out = []
+    for s in range(0, len(order), n):
+        block = order[s:s + n]
+        rng.shuffle(block)
+        out += block
+    return out
+
+
+def _atomic_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _target_rows(target, seqs: Sequence[List[int]], topk: int):
+    """One prefill per sequence: features bf16 [S, k*H], top-k ids/probs of softmax(logits)."""
+    feats, ids, probs = [], [], []
+    cache = target.new_cache(1, max(len(s) for s in seqs))
+    for s in seqs:
+        cache.reset([0])
+        x = torch.tensor(s, dtype=torch.int64)
+        logits, hid = target(x, torch.tensor([0, len(s)]), torch.tensor([0]), cache)
+        p = torch.softmax(logits.float(), -1)
+        pv, pi = p.topk(topk, -1)
+        feats.append(hid.to(torch.bfloat16))
+        ids.append(pi.to(torch.int32))
+        probs.append(pv.to(torch.float16))
+    return torch.cat(feats), torch.cat(ids), torch.cat(probs)
+
+
+def build_training_data(target, encode: Callable[[str], List[int]], eos_ids: Sequence[int], cfg: DataConfig,
+                        out_dir: str, max_sequences: Optional[int] = None, progress: bool = True) -> Dict:
+    """Generate (or resume) the training data in ``out_dir``; returns the manifest.
+
+    ``target``: TargetModel (its target_layer_ids are set to ``cfg.target_layer_ids``);
+    ``encode(text) -> prompt ids`` with the chat template applied. Raises ValueError when
+    ``out_dir`` holds data built with a different configuration.
+    """
+    from safetensors.torch import save_file
+
+    from ..engine import Engine, SamplingParams
+
+    if not cfg.files:
+        raise ValueError("DataConfig.files: at least one prompt file is needed")
+    for p in cfg.files:
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"prompt file {p} does not exist")
+    if cfg.topk < 1 or cfg.batch < 1 or cfg.sequences_per_shard < 1 or cfg.max_new_tokens < 1:
+        raise ValueError("topk, batch, sequences_per_shard and max_new_tokens must be >= 1")
+    os.makedirs(out_dir, exist_ok=True)
+    target.set_target_layer_ids(list(cfg.target_layer_ids))
+    mpath = os.path.join(out_dir, MANIFEST)
+    # Files are compared by name, so the same data can be resumed from another checkout.
+    conf = dict(asdict(cfg), files=[os.path.basename(f) for f in cfg.files])
+    want = dict(version=DATA_VERSION, config=conf, hidden_size=target.config.hidden_size,
+                vocab_size=target.config.vocab_size)
+    if os.path.exists(mpath):
+        with open(mpath, encoding="utf-8") as f:
+            manifest = json.load(f)
+        old = {k: manifest.get(k) for k in want}
+        if old != want:
+            raise ValueError(f"{out_dir} holds training data built with another configuration; "
+                             "use a new directory (or delete it)")
+    else:
+        manifest = dict(want, shards=[])
+        _atomic_json(mpath, manifest)
+    prompts = select_prompts(cfg, encode)
+    if max_sequences is not None:
+        prompts = prompts[:max_sequences]
+    n_shard = cfg.sequences_per_shard
+    shards = [prompts[i:i + n_shard] for i in range(0, len(prompts), n_shard)]
+    done = {s["file"] for s in manifest["shards"]}
+    engine = Engine(target, None, max_batch=cfg.batch, max_seq=cfg.max_prompt_tokens + cfg.max_new_tokens + 1)
+    t0, made = time.perf_counter(), 0
+    for si, shard in enumerate(shards):
+        name = f"shard_{si:05d}.safetensors"
+        if name in done:
+            continue
+        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0, stop_token_ids=list(eos_ids))
+        outs = engine.generate([p for _, p in shard], params)
+        engine.release()
+        seqs = [p + o.token_ids for (_, p), o in zip(shard, outs)]
+        feats, tids, tprobs = _target_rows(target, seqs, cfg.topk)
+        lens = torch.tensor([len(s) for s in seqs])
+        tensors = dict(
+            tokens=torch.tensor([t for s in seqs for t in s], dtype=torch.int32),
+            offsets=torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)]),
+            answer_start=torch.tensor([len(p) for _, p in shard], dtype=torch.int64),
+            features=feats.contiguous(), topk_ids=tids.contiguous(), topk_probs=tprobs.contiguous(),
+        )
+        tmp = os.path.join(out_dir, name + ".tmp")
+        save_file(tensors, tmp, metadata=dict(domains=json.dumps([d for d, _ in shard])))
+        os.replace(tmp, os.path.join(out_dir, name))
+        manifest["shards"].append(dict(file=name, sequences=len(seqs), tokens=int(lens.sum()),
+                                       answer_tokens=int(sum(len(o.token_ids) for o in outs)),
+                                       domains=[d for d, _ in shard]))
+        _atomic_json(mpath, manifest)
+        made += int(sum(len(o.token_ids) for o in outs))
+        if progress:
+            el = time.perf_counter() - t0
+            print(f"[data] shard {si + 1}/{len(shards)}: {sum(s['sequences'] for s in manifest['shards'])} sequences, "
+                  f"{made} answer tokens generated in {el:.0f} s ({made / el:.1f} tok/s)", file=sys.stderr, flush=True)
+    return manifest
+
+
+@dataclass
+class TrainingData:
+    """All shards in memory. Per sequence i: tokens[offsets[i]:offsets[i+1]] and the rows of
+    ``features`` / ``topk_*`` at the same positions; ``answer_start[i]`` = prompt length."""
+
+    tokens: torch.Tensor
+    offsets: torch.Tensor
+    answer_start: torch.Tensor
+    features: torch.Tensor
+    topk_ids: torch.Tensor
+    topk_probs: torch.Tensor
+    domains: List[str]
+
+    @property
+    def num_sequences(self) -> int:
+        return self.answer_start.numel()
+
+    def split(self, holdout: int) -> Tuple["TrainingData", "TrainingData"]:
+        """(train, held-out): the last ``holdout`` sequences are held out."""
+        n = self.num_sequences - holdout
+        if n < 1 or holdout < 0:
+            raise ValueError(f"cannot hold out {holdout} of {self.num_sequences} sequences")
+        cut = int(self.offsets[n])
+        a = TrainingData(self.tokens[:cut], self.offsets[:n + 1], self.answer_start[:n], self.features[:cut],
+                         self.topk_ids[:cut], self.topk_probs[:cut], self.domains[:n])
+        b = TrainingData(self.tokens[cut:], self.offsets[n:] - cut, self.answer_start[n:], self.features[cut:],
+                         self.topk_ids[cut:], self.topk_probs[cut:], self.domains[n:])
+        return a, b
+
+
+def load_training_data(out_dir: str) -> TrainingData:
+    """Read every finished shard listed in the manifest of ``out_dir``."""
+    from safetensors import safe_open
+
+    mpath = os.path.join(out_dir, MANIFEST)
+    if not os.path.exists(mpath):
+        raise FileNotFoundError(f"{out_dir}: no {MANIFEST} (build the data with `dspark-native train --data-dir`)")
+    with open(mpath, encoding="utf-8") as f:
+        manifest = json.load(f)
+    if not manifest["shards"]:
+        raise ValueError(f"{out_dir}: no finished shard yet")
+    parts = {k: [] for k in ("tokens", "offsets", "answer_start", "features", "topk_ids", "topk_probs")}
+    domains: List[str] = []
+    base = 0
+    for s in manifest["shards"]:
+        with safe_open(os.path.join(out_dir, s["file"]), "pt") as f:
+            for k in parts:
+                t = f.get_tensor(k)
+                if k == "offsets":  # rebase; the closing offset is added once at the end
+                    t = (t + base)[:-1]
+                parts[k].append(t)
+            base += int(f.get_tensor("offsets")[-1])
+        domains += s["domains"]
+    offsets = torch.cat(parts["offsets"] + [torch.tensor([base])])
+    return TrainingData(torch.cat(parts["tokens"]).long(), offsets, torch.cat(parts["answer_start"]),
+                        torch.cat(parts["features"]), torch.cat(parts["topk_ids"]).long(),
+                        torch.cat(parts["topk_probs"]), domains)

@@ -1,0 +1,95 @@
+"""Drafter training losses (DSPARK.md, Training).
+
+Shapes: N rows = (sequence, anchor, block position) flattened; g block positions; V vocabulary;
+K stored target top-k. ``position`` int64 [N] is the block position k of each row (0-based),
+``valid`` bool [N] masks rows whose label lies past the end of the sequence or padding.
+
+Every term is a position-weighted mean: w_k = exp(-k / 4), normalised by the summed weight of
+the valid rows, so a batch with fewer valid rows is not down-weighted.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+CE_WEIGHT, L1_WEIGHT, CONF_WEIGHT = 0.1, 0.9, 1.0
+
+
+def position_weights(position: torch.Tensor, decay: float = 4.0) -> torch.Tensor:
+    """w_k = exp(-k / decay): int64 [N] -> fp32 [N]."""
+    return torch.exp(-position.float() / decay)
+
+
+def _wmean(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return (x * w).sum() / w.sum().clamp_min(1e-12)
+
+
+def l1_to_target(q: torch.Tensor, topk_ids: torch.Tensor, topk_probs: torch.Tensor) -> torch.Tensor:
+    """sum_v |q_v - p_v| against a target stored as its top-K (the rest is one residual mass).
+
+    q fp32 [N, V] draft probabilities; topk_ids int64 [N, K]; topk_probs [N, K] -> fp32 [N].
+    Outside the top-K the target's mass is known only in total, so that part contributes
+    |q_rest - p_rest| (exact when K = V or the target has no mass outside its top-K; a lower
+    bound otherwise, off by at most 2 * p_rest).
+    """
+    p = topk_probs.float()
+    qk = q.gather(-1, topk_ids)
+    q_rest = (1.0 - qk.sum(-1)).clamp_min(0.0)
+    p_rest = (1.0 - p.sum(-1)).clamp_min(0.0)
+    return (qk - p).abs().sum(-1) + (q_rest - p_rest).abs()
+
+
+def dspark_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    position: torch.Tensor,
+    valid: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_probs: torch.Tensor,
+    conf_logit: Optional[torch.Tensor] = None,
+    ce_weight: float = CE_WEIGHT,
+    l1_weight: float = L1_WEIGHT,
+    conf_weight: float = CONF_WEIGHT,
+) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """DSpark loss: 0.1 CE(z, label) + 0.9 L1(softmax z, target) + 1.0 BCE(conf, c*).
+
+    logits fp32 [N, V] corrected logits z = U + B(prev); labels int64 [N]; conf_logit fp32 [N]
+    (None: no confidence term). c* = clamp(1 - L1 / 2, 0, 1) = sum_v min(p, q), the
+    acceptance probability of the draft at this position, detached. Returns the scalar loss
+    and the per-term (unweighted-by-coefficient) values for logging.
+    """
+    w = position_weights(position) * valid.float()
+    ce = F.cross_entropy(logits, labels.clamp_min(0), reduction="none")
+    q = torch.softmax(logits, -1)
+    l1 = l1_to_target(q, topk_ids, topk_probs)
+    loss = ce_weight * _wmean(ce, w) + l1_weight * _wmean(l1, w)
+    out = dict(ce=float(_wmean(ce.detach(), w)), l1=float(_wmean(l1.detach(), w)))
+    if conf_logit is not None:
+        target = (1.0 - l1.detach() / 2).clamp(0.0, 1.0)
+        bce = F.binary_cross_entropy_with_logits(conf_logit.float(), target, reduction="none")
+        loss = loss + conf_weight * _wmean(bce, w)
+        out["bce"] = float(_wmean(bce.detach(), w))
+    out["loss"] = float(loss.detach())
+    return loss, out
+
+
+def ce_loss(logits: torch.Tensor, labels: torch.Tensor, position: torch.Tensor,
+            valid: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """Position-weighted cross entropy only (DFlash and EAGLE-3): fp32 [N, V], int64 [N] x3."""
+    w = position_weights(position) * valid.float()
+    ce = _wmean(F.cross_entropy(logits, labels.clamp_min(0), reduction="none"), w)
+    return ce, dict(ce=float(ce.detach()), loss=float(ce.detach()))
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup_frac: float = 0.04, floor: float = 0.0) -> float:
+    """Linear warm-up over ``warmup_frac`` of the steps, then cosine decay from ``peak`` to
+    ``floor`` at ``total``."""
+    warm = max(1, int(round(total * warmup_frac)))
+    if step < warm:
+        return peak * (step + 1) / warm
+    t = min(1.0, (step - warm) / max(1, total - warm))
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * t))
