@@ -55,7 +55,7 @@ def _run(capsys, *argv):
     return rc, cap.out, cap.err
 
 
-@pytest.mark.parametrize("cmd", ["demo", "generate", "bench", "profile-sps", "calibrate"])
+@pytest.mark.parametrize("cmd", ["demo", "generate", "bench", "profile-sps", "calibrate", "train", "eval"])
 def test_help(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main([cmd, "--help"])
@@ -157,3 +157,34 @@ def test_bench_smollm2_eval_subset(tmp_path, capsys):
     assert {d["domain"] for d in data["domains"]} == {"gsm8k-b", "humaneval", "mt-bench"}
     for d in data["domains"]:
         assert d["identical_greedy"] and d["tau"] >= 1 and d["speedup"] > 0
+
+
+def test_train_then_eval(dirs, capsys):
+    """train (data build + DSpark drafter) and eval end to end on the tiny target."""
+    root = dirs["root"]
+    pf = root / "train.jsonl"
+    pf.write_text("".join(json.dumps({"turns": [f"w{i} w{i + 3} w{i + 5}"]}) + "\n" for i in range(6)))
+    run = root / "run"
+    args = ["train", "--target", dirs["target"], "--prompts", str(pf), "--data-dir", str(root / "data"),
+            "--out", str(run), "--steps", "4", "--layers", "1", "--markov-rank", "8", "--block-size", "4",
+            "--answer-tokens", "6", "--data-batch", "3", "--anchors", "2", "--batch-sequences", "2"]
+    rc, out, err = _run(capsys, *args)
+    assert rc == 0, err
+    assert "[data] shard 2/2" in err and "[train dspark] step 4/4" in err
+    assert (run / "final" / "model.safetensors").exists() and "wrote" in out
+    # a rerun finds the data and the finished run, and trains nothing more
+    rc, out, err = _run(capsys, *args)
+    assert rc == 0 and "[data]" not in err and "resumed from step 4" in err
+    rc, out, err = _run(capsys, "train", *args[1:-2], "--batch-sequences", "0")
+    assert rc == 2 and "batch_sequences must be >= 1" in err
+    res = str(root / "eval.json")
+    rc, out, err = _run(capsys, "eval", str(pf), "--target", dirs["target"], "--drafter", str(run / "final"),
+                        "--limit", "2", "--max-new-tokens", "6", "--out", res, "--png", str(root / "rel"))
+    assert rc == 0, err
+    data = json.load(open(res))
+    assert set(data["temperatures"]) == {"0", "1"}
+    for t in data["temperatures"].values():
+        m = t["domains"]["train"]
+        assert m["rounds"] > 0 and 1 <= m["tau"] <= 5 and len(m["cond_accept"]) == 4
+        assert len(t["overall"]["confidence"]) == 4
+    assert (root / "rel_T0_raw.png").read_bytes()[:4] == b"\x89PNG"

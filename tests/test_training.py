@@ -236,6 +236,10 @@ def test_round_metrics_on_scripted_rounds():
     assert c[0]["reached"] == 3 and c[0]["cond_accept"] == pytest.approx(2 / 3)
     # prefix survival of position 0 is predicted by c0: (0.9 -> 1), (0.6 -> 0), (0.9 -> 1)
     assert c[0]["brier_cum"] == pytest.approx((0.01 + 0.36 + 0.01) / 3)
+    # a round with nothing drafted (no confidences) changes tau but not the confidence metrics
+    m3 = round_metrics(log + [(None, torch.tensor([0]), torch.tensor([0]))], g)
+    assert m3["tau"] == pytest.approx((4 + 1 + 2 + 2 + 1) / 5)
+    assert m3["confidence"][0]["brier_cum"] == pytest.approx(c[0]["brier_cum"])
     m2 = round_metrics(log, g, sts_temperature=[1.0, 1.0, 1.0])
     assert m2["confidence_sts"][0]["brier_cum"] == pytest.approx(c[0]["brier_cum"])
     with pytest.raises(ValueError, match="accepted more"):

@@ -607,6 +607,8 @@ def _calibrate(parser: argparse.ArgumentParser):
         g = eng.gamma
         confs, accs = [], []
         for conf, lengths, acc in eng.round_log:
+            if conf is None:  # nothing was drafted this round (every request at its token limit)
+                continue
             full = lengths == g  # rounds that verified the whole block give uncensored labels
             confs.append(conf[full][:, :g])
             accs.append(acc[full])
@@ -797,6 +799,7 @@ def _eval(parser: argparse.ArgumentParser):
                 print(line)
                 print("  confidence AUC by position: " + " ".join(f"{r['auc']:.2f}" for r in overall["confidence"]))
                 if args.png:
+                    logs = [e for e in logs if e[0] is not None]
                     c = torch.cat([e[0][:, :g] for e in logs]).double()
                     L = torch.cat([e[2] for e in logs])
                     full = torch.cat([e[1] for e in logs]) == g

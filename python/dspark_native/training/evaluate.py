@@ -40,15 +40,18 @@ def round_metrics(round_log: Sequence, g: int, sts_temperature: Optional[Sequenc
         reached.append(m)
         cond.append(float((acc[r] > k).double().mean()) if m else None)
     out.update(reached=reached, cond_accept=cond, mean_verified=float(lengths.double().mean()) if n else 0.0)
-    confs = [e[0] for e in round_log if e[0] is not None]
-    if confs and len(confs) == len(round_log):
-        c = torch.cat([torch.as_tensor(x, dtype=torch.float64)[:, :g] for x in confs])
-        full = lengths == g
+    # Rounds without confidences (EAGLE-3, DFlash, or nothing left to draft) carry no labels for them.
+    with_conf = [e for e in round_log if e[0] is not None]
+    if with_conf:
+        c = torch.cat([torch.as_tensor(e[0], dtype=torch.float64)[:, :g] for e in with_conf])
+        cl = torch.cat([torch.as_tensor(e[1]).long().flatten() for e in with_conf])
+        ca = torch.cat([torch.as_tensor(e[2]).long().flatten() for e in with_conf])
+        full = cl == g
         if bool(full.any()):
             out["confidence_rounds"] = int(full.sum())
-            out["confidence"] = per_position_metrics(c[full], acc[full])
+            out["confidence"] = per_position_metrics(c[full], ca[full])
             if sts_temperature is not None:
-                out["confidence_sts"] = per_position_metrics(apply_sts(c[full], list(sts_temperature)), acc[full])
+                out["confidence_sts"] = per_position_metrics(apply_sts(c[full], list(sts_temperature)), ca[full])
     return out
 
 

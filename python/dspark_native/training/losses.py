@@ -63,8 +63,10 @@ def dspark_loss(
     and the per-term (unweighted-by-coefficient) values for logging.
     """
     w = position_weights(position) * valid.float()
-    ce = F.cross_entropy(logits, labels.clamp_min(0), reduction="none")
-    q = torch.softmax(logits, -1)
+    # One log-softmax serves CE and q (a separate softmax and its backward cost twice as much).
+    logq = torch.log_softmax(logits, -1)
+    ce = -logq.gather(-1, labels.clamp_min(0)[:, None]).squeeze(-1)
+    q = logq.exp()
     l1 = l1_to_target(q, topk_ids, topk_probs)
     loss = ce_weight * _wmean(ce, w) + l1_weight * _wmean(l1, w)
     out = dict(ce=float(_wmean(ce.detach(), w)), l1=float(_wmean(l1.detach(), w)))
