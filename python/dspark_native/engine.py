@@ -259,9 +259,16 @@ def sequential_stage(drafter: DSparkDrafter, U, h, anchors, temperature, seed, o
     if ch is not None:
         kw.update(conf_weight=ch.proj.weight.detach().to(wdt).contiguous(),
                   conf_bias=ch.proj.bias.detach().to(wdt).contiguous())
+    # STS temperatures are per block position; a round drafting g < block_size positions (e.g.
+    # num_drafts < block size) uses the first g of them.
+    sts = getattr(drafter, "sts_temperature", None)
+    if sts is not None:
+        if len(sts) < U.shape[1]:
+            raise ValueError(f"drafter.sts_temperature has {len(sts)} entries for {U.shape[1]} drafted positions")
+        sts = list(sts)[: U.shape[1]]
     out = dspark_draft(U.contiguous(), anchors, w1.detach().contiguous(), w2.detach().contiguous(),
                        hidden=h.contiguous(), head_type=head_type, temperature=temperature, seed=seed,
-                       offset=offset, sts_temperature=getattr(drafter, "sts_temperature", None), **kw)
+                       offset=offset, sts_temperature=sts, **kw)
     conf = out.confidence if ch is not None else None
     return out.tokens, out.logits, conf
 

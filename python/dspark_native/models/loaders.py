@@ -282,5 +282,12 @@ def save_drafter(
         if k not in skip
     }
     save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    cfg = drafter.config.to_dict()
+    # The config is inherited from the target's: state the dtype actually written, and drop the
+    # target's own conversion record (it describes the target's source file, not this drafter).
+    cfg.pop("dspark_native_conversion", None)
+    dtypes = {str(v.dtype).replace("torch.", "") for k, v in tensors.items() if v.is_floating_point()}
+    if "torch_dtype" in cfg and len(dtypes) == 1:
+        cfg["torch_dtype"] = dtypes.pop()
     with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(drafter.config.to_dict(), f, indent=2)
+        json.dump(cfg, f, indent=2)

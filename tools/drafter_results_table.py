@@ -1,0 +1,85 @@
+"""Markdown tables from `dspark-native eval --out` JSON files (used for docs/benchmarks.md).
+
+    python3 tools/drafter_results_table.py dspark=RUN/eval_dspark.json dflash=RUN/eval_dflash.json \
+        eagle3=RUN/eval_eagle3.json
+"""
+
+import json
+import sys
+
+
+def _fmt(x, spec=".2f"):
+    return "-" if x is None else format(x, spec)
+
+
+def main(argv):
+    runs = []
+    for a in argv:
+        name, _, path = a.partition("=")
+        if not path:
+            sys.exit(f"expected NAME=EVAL.json, got {a!r}")
+        with open(path) as f:
+            runs.append((name, json.load(f)))
+    temps = sorted({t for _, r in runs for t in r["temperatures"]}, key=float)
+    domains = sorted({d for _, r in runs for t in r["temperatures"].values() for d in t["domains"]})
+
+    print("tau (tokens per round, bonus included; static policy, every draft of the block verified)\n")
+    head = " | ".join(f"{d} T={t}" for t in temps for d in domains + ["macro"])
+    print(f"| drafter | {head} |")
+    print("|---" * (1 + len(temps) * (len(domains) + 1)) + "|")
+    macro = {}
+    for name, r in runs:
+        cells = []
+        for t in temps:
+            e = r["temperatures"].get(t)
+            for d in domains:
+                cells.append(_fmt(e["domains"][d]["tau"]) if e and d in e["domains"] else "-")
+            m = e["overall"]["macro_tau"] if e else None
+            macro[(name, t)] = m
+            cells.append(f"**{_fmt(m)}**")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    base = runs[0][0]
+    for name, _ in runs[1:]:
+        ratios = []
+        for t in temps:
+            a, b = macro.get((base, t)), macro.get((name, t))
+            ratios.append(f"T={t}: {100 * (a / b - 1):+.1f}%" if a and b else f"T={t}: -")
+        print(f"\n{base} macro tau vs {name}: " + ", ".join(ratios))
+
+    print("\nconditional acceptance by draft position k (accepted | drafts < k accepted), all domains; "
+          "(n) = rounds that reached k\n")
+    g = max(len(t["overall"]["cond_accept"]) for _, r in runs for t in r["temperatures"].values())
+    print("| drafter | T | " + " | ".join(f"k={k}" for k in range(g)) + " |")
+    print("|---" * (2 + g) + "|")
+    for name, r in runs:
+        for t in temps:
+            e = r["temperatures"].get(t)
+            if e:
+                ca, n = e["overall"]["cond_accept"], e["overall"]["reached"]
+                print(f"| {name} | {t} | " + " | ".join(f"{_fmt(a)} ({m})" for a, m in zip(ca, n)) + " |")
+
+    for name, r in runs:
+        for t in temps:
+            e = r["temperatures"].get(t)
+            if not e or "confidence" not in e["overall"]:
+                continue
+            o = e["overall"]
+            print(f"\n{name}, T={t}: confidence head per position ({o['confidence_rounds']} full-block rounds)\n")
+            print("| metric | " + " | ".join(f"k={k}" for k in range(len(o["confidence"]))) + " |")
+            print("|---" * (1 + len(o["confidence"])) + "|")
+            rows = [("ECE of survival product, raw", o["confidence"], "ece_cum", ".3f")]
+            if "confidence_sts" in o:
+                rows.append(("ECE of survival product, STS", o["confidence_sts"], "ece_cum", ".3f"))
+            rows.append(("ECE of c_k vs conditional acceptance, raw", o["confidence"], "ece", ".3f"))
+            if "confidence_sts" in o:
+                rows.append(("ECE of c_k vs conditional acceptance, STS", o["confidence_sts"], "ece", ".3f"))
+            rows += [("AUC, raw", o["confidence"], "auc", ".2f"), ("Brier (survival), raw", o["confidence"], "brier_cum", ".3f")]
+            if "confidence_sts" in o:
+                rows.append(("Brier (survival), STS", o["confidence_sts"], "brier_cum", ".3f"))
+            for label, per, key, spec in rows:
+                vals = [p.get(key) for p in per]
+                print(f"| {label} | " + " | ".join("-" if v is None or v != v else format(v, spec) for v in vals) + " |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
