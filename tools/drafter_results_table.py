@@ -67,15 +67,11 @@ def main(argv):
             print(f"\n{name}, T={t}: confidence head per position ({o['confidence_rounds']} full-block rounds)\n")
             print("| metric | " + " | ".join(f"k={k}" for k in range(len(o["confidence"]))) + " |")
             print("|---" * (1 + len(o["confidence"])) + "|")
-            rows = [("ECE of survival product, raw", o["confidence"], "ece_cum", ".3f")]
-            if "confidence_sts" in o:
-                rows.append(("ECE of survival product, STS", o["confidence_sts"], "ece_cum", ".3f"))
-            rows.append(("ECE of c_k vs conditional acceptance, raw", o["confidence"], "ece", ".3f"))
-            if "confidence_sts" in o:
-                rows.append(("ECE of c_k vs conditional acceptance, STS", o["confidence_sts"], "ece", ".3f"))
-            rows += [("AUC, raw", o["confidence"], "auc", ".2f"), ("Brier (survival), raw", o["confidence"], "brier_cum", ".3f")]
-            if "confidence_sts" in o:
-                rows.append(("Brier (survival), STS", o["confidence_sts"], "brier_cum", ".3f"))
+            variants = [("raw", o["confidence"])] + ([("STS", o["confidence_sts"])] if "confidence_sts" in o else [])
+            rows = [(f"ECE of survival product, {v}", per, "ece_cum", ".3f") for v, per in variants]
+            rows += [(f"ECE of c_k vs conditional acceptance, {v}", per, "ece", ".3f") for v, per in variants]
+            rows += [("AUC, raw", o["confidence"], "auc", ".2f")]
+            rows += [(f"Brier (survival), {v}", per, "brier_cum", ".3f") for v, per in variants]
             for label, per, key, spec in rows:
                 vals = [p.get(key) for p in per]
                 print(f"| {label} | " + " | ".join("-" if v is None or v != v else format(v, spec) for v in vals) + " |")

@@ -583,6 +583,7 @@ def _calibrate(parser: argparse.ArgumentParser):
         from dspark_native.engine import Engine
         from dspark_native.metrics import ece
         from dspark_native.scheduler import apply_sts, calibrate_sts
+        from dspark_native.training.evaluate import full_block_confidences
 
         _check_decode_args(args)
         texts = []
@@ -605,15 +606,8 @@ def _calibrate(parser: argparse.ArgumentParser):
         prompts = [e for e in _add_prompts(tok, chat, texts, args.max_seq, "") if e is not None]
         _run_engine(eng, prompts, _params(args, len(prompts), eos), "calibrate")
         g = eng.gamma
-        confs, accs = [], []
-        for conf, lengths, acc in eng.round_log:
-            if conf is None:  # nothing was drafted this round (every request at its token limit)
-                continue
-            full = lengths == g  # rounds that verified the whole block give uncensored labels
-            confs.append(conf[full][:, :g])
-            accs.append(acc[full])
-        c = torch.cat(confs) if confs else torch.zeros(0, g)
-        a = torch.cat(accs) if accs else torch.zeros(0, dtype=torch.long)
+        c, a = full_block_confidences(eng.round_log, g)
+        c = c.float()  # the op's confidence dtype, so "after" rounds as dspark_draft's output does
         if c.shape[0] == 0:
             raise UserError("no round verified a whole block (generate more tokens)")
         temps = calibrate_sts(c, a)
@@ -744,7 +738,7 @@ def _eval(parser: argparse.ArgumentParser):
         from dspark_native.engine import Engine
         from dspark_native.metrics import reliability_diagram_png
         from dspark_native.scheduler import apply_sts
-        from dspark_native.training.evaluate import macro_average, round_metrics
+        from dspark_native.training.evaluate import full_block_confidences, macro_average, round_metrics
 
         args.temperature = 0.0
         _check_decode_args(args)
@@ -799,12 +793,9 @@ def _eval(parser: argparse.ArgumentParser):
                 print(line)
                 print("  confidence AUC by position: " + " ".join(f"{r['auc']:.2f}" for r in overall["confidence"]))
                 if args.png:
-                    logs = [e for e in logs if e[0] is not None]
-                    c = torch.cat([e[0][:, :g] for e in logs]).double()
-                    L = torch.cat([e[2] for e in logs])
-                    full = torch.cat([e[1] for e in logs]) == g
-                    lab = torch.stack([(L[full] > k).double() for k in range(g)], 1)
-                    variants = [("raw", c[full])] + ([("sts", apply_sts(c[full], temps_sts))] if temps_sts else [])
+                    c, L = full_block_confidences(logs, g)
+                    lab = torch.stack([(L > k).double() for k in range(g)], 1)
+                    variants = [("raw", c)] + ([("sts", apply_sts(c, temps_sts))] if temps_sts else [])
                     for name, cc in variants:
                         path = f"{args.png}_T{T:g}_{name}.png"
                         reliability_diagram_png(torch.cumprod(cc, 1), lab, path)

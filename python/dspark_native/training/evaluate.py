@@ -14,7 +14,7 @@ accepted [R])`` entry per round), so it measures what speculative decoding actua
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -40,19 +40,28 @@ def round_metrics(round_log: Sequence, g: int, sts_temperature: Optional[Sequenc
         reached.append(m)
         cond.append(float((acc[r] > k).double().mean()) if m else None)
     out.update(reached=reached, cond_accept=cond, mean_verified=float(lengths.double().mean()) if n else 0.0)
-    # Rounds without confidences (EAGLE-3, DFlash, or nothing left to draft) carry no labels for them.
-    with_conf = [e for e in round_log if e[0] is not None]
-    if with_conf:
-        c = torch.cat([torch.as_tensor(e[0], dtype=torch.float64)[:, :g] for e in with_conf])
-        cl = torch.cat([torch.as_tensor(e[1]).long().flatten() for e in with_conf])
-        ca = torch.cat([torch.as_tensor(e[2]).long().flatten() for e in with_conf])
-        full = cl == g
-        if bool(full.any()):
-            out["confidence_rounds"] = int(full.sum())
-            out["confidence"] = per_position_metrics(c[full], ca[full])
-            if sts_temperature is not None:
-                out["confidence_sts"] = per_position_metrics(apply_sts(c[full], list(sts_temperature)), ca[full])
+    c, ca = full_block_confidences(round_log, g)
+    if c.shape[0]:
+        out["confidence_rounds"] = int(c.shape[0])
+        out["confidence"] = per_position_metrics(c, ca)
+        if sts_temperature is not None:
+            out["confidence_sts"] = per_position_metrics(apply_sts(c, list(sts_temperature)), ca)
     return out
+
+
+def full_block_confidences(round_log: Sequence, g: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The confidence-head samples of a round log: confidences float64 [N, g] and accepted drafts
+    int64 [N] of the rounds that verified the whole block (their survival labels are not censored
+    by the policy). Rounds without confidences (EAGLE-3, DFlash, or nothing left to draft) carry
+    no labels and are skipped. Shared by eval's metrics and PNGs and by ``calibrate``."""
+    rounds = [e for e in round_log if e[0] is not None]
+    if not rounds:
+        return torch.zeros(0, g, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
+    c = torch.cat([torch.as_tensor(e[0], dtype=torch.float64)[:, :g] for e in rounds])
+    lengths = torch.cat([torch.as_tensor(e[1]).long().flatten() for e in rounds])
+    acc = torch.cat([torch.as_tensor(e[2]).long().flatten() for e in rounds])
+    full = lengths == g
+    return c[full], acc[full]
 
 
 def macro_average(values: List[Optional[float]]) -> Optional[float]:
