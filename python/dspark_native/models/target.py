@@ -37,6 +37,7 @@ class RaggedPlan:
     positions: torch.Tensor
     mask: torch.Tensor
     uniform: bool
+    chain: bool = True  # no tree mask: every block is causal
 
 
 def _as_long_1d(x, name: str, device) -> torch.Tensor:
@@ -163,7 +164,7 @@ def plan_ragged(
     return RaggedPlan(
         R=R, n_max=n_max, L_max=L_max, counts=counts, slots=req, slot_slice=slot_slice,
         row_req=row_req, row_off=row_off, slot_t=slot_t, store_t=store_t, positions=positions,
-        mask=mask, uniform=all(n == n_max for n in counts_l),
+        mask=mask, uniform=all(n == n_max for n in counts_l), chain=tree_mask is None,
     )
 
 
@@ -236,13 +237,15 @@ class TargetModel(nn.Module):
 
     def set_weights(self, weights: str = "auto") -> str:
         """Choose the forward path: "reference", "fused" (fused projections, model dtype), "bf16"
-        (fused, layer weights bf16 packed for oneDNN: CPUs with AMX / AVX512-BF16) or "auto"
-        (bf16 where the CPU has native bf16 matmul, else fused). Packs the weights once from the
+        (fused, layer weights bf16 packed for oneDNN: CPUs with AMX / AVX512-BF16), "native" (the
+        whole forward in one native CPU call, bf16 weights: dspark_native.ops.target_forward) or
+        "auto" (native on the CPU when the extension is built, see
+        :func:`dspark_native.models.fused.resolve_weight_format`). Packs the weights once from the
         current parameters: call it again after changing them (or moving the model). Returns the
         format chosen."""
         from .fused import pack_target, resolve_weight_format
 
-        fmt = resolve_weight_format(weights, self.device)
+        fmt = resolve_weight_format(weights, self.device, self.dtype)
         self._packed = None if fmt == "reference" else pack_target(self, fmt)
         return fmt
 

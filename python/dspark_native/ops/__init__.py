@@ -11,3 +11,4 @@ from .verify_tree import VerifyTreeOutput, verify_tree  # noqa: F401
 from .kv_compact import KVCompactOutput, kv_commit_chain, kv_compact  # noqa: F401
 from .dspark_draft import DSparkDraftOutput, dspark_draft  # noqa: F401
 from .schedule_prefix import ScheduleOutput, schedule_prefix  # noqa: F401
+from .target_forward import pack_gate_up_panels, pack_panels, target_forward, target_forward_isa  # noqa: F401

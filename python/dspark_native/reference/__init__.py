@@ -11,3 +11,4 @@ from .verify_tree import verify_tree_reference  # noqa: F401
 from .kv_compact import kv_compact_reference  # noqa: F401
 from .dspark_draft import dspark_draft_reference  # noqa: F401
 from .schedule_prefix import schedule_prefix_reference  # noqa: F401
+from .target_forward import target_forward_reference  # noqa: F401
