@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 from .common import (
     UserError,
@@ -42,7 +43,7 @@ def _eval(parser: argparse.ArgumentParser):
         import torch
 
         from dspark_native.engine import Engine
-        from dspark_native.metrics import reliability_diagram_png
+        from dspark_native.plots import INSTALL_HINT, have_matplotlib, reliability_diagram
         from dspark_native.scheduler import apply_sts
         from dspark_native.training.evaluate import full_block_confidences, macro_average, round_metrics
 
@@ -57,6 +58,10 @@ def _eval(parser: argparse.ArgumentParser):
         sets = prompt_sets(files, args.limit)
         if not sets:
             raise UserError("no usable prompt")
+        png = args.png
+        if png and not have_matplotlib():
+            print(f"note: --png: {INSTALL_HINT}; the JSON results are written without the diagrams", file=sys.stderr)
+            png = None
         target = load_target(args)
         loaded = load_drafter(args, target)
         drafter = loaded.model
@@ -92,13 +97,15 @@ def _eval(parser: argparse.ArgumentParser):
                     line += " | after STS: " + " ".join(f"{r['ece_cum']:.3f}" for r in overall["confidence_sts"])
                 print(line)
                 print("  confidence AUC by position: " + " ".join(f"{r['auc']:.2f}" for r in overall["confidence"]))
-                if args.png:
+                if png:
                     c, L = full_block_confidences(logs, g)
                     lab = torch.stack([(L > k).double() for k in range(g)], 1)
                     variants = [("raw", c)] + ([("sts", apply_sts(c, temps_sts))] if temps_sts else [])
                     for name, cc in variants:
-                        path = f"{args.png}_T{T:g}_{name}.png"
-                        reliability_diagram_png(torch.cumprod(cc, 1), lab, path)
+                        path = f"{png}_T{T:g}_{name}.png"
+                        title = f"survival product of the {name} confidences by block position, T = {T:g}"
+                        reliability_diagram(torch.cumprod(cc, 1), lab, path, title=title,
+                                            series=[f"k={k}" for k in range(g)])
                         print(f"  wrote {path}")
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -89,6 +89,23 @@ def _train(parser: argparse.ArgumentParser):
         except (ValueError, FileNotFoundError) as exc:
             raise UserError(str(exc)) from None
         print(f"wrote {os.path.join(args.out, 'final')} (DeepSpec layout; load with --drafter)")
+        _plot_curves(args.out, args.kind)
         return 0
 
     return run
+
+
+def _plot_curves(out_dir: str, kind: str) -> None:
+    """<out>/training_curves.png from <out>/log.jsonl (a note instead without matplotlib)."""
+    from dspark_native.plots import PlotsUnavailable, training_curves
+
+    log = os.path.join(out_dir, "log.jsonl")
+    if not os.path.isfile(log) or os.path.getsize(log) == 0:
+        return
+    path = os.path.join(out_dir, "training_curves.png")
+    try:
+        training_curves(log, path, title=f"{kind} drafter training ({out_dir})")
+    except PlotsUnavailable as exc:
+        print(f"note: no training_curves.png: {exc}", file=sys.stderr)
+        return
+    print(f"wrote {path}")
