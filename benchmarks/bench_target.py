@@ -108,7 +108,6 @@ def main():
         cache = model.new_cache(R, args.ctx + max(args.blocks))
         g = torch.Generator().manual_seed(R)
         ctx_ids = torch.randint(0, c.vocab_size, (R * args.ctx,), generator=g)
-        cu_ctx = torch.arange(R + 1) * args.ctx
         slots = torch.arange(R)
         # Prefill one request at a time to keep peak memory small.
         for r in range(R):

@@ -13,8 +13,16 @@ import torch
 import dspark_native.ops as ops
 from dspark_native import metrics
 from dspark_native.reference import schedule_prefix_reference
-from dspark_native.scheduler import (ConfidenceThreshold, HardwareAwareAsync, HardwareAwareCausal, SPSTable,
-                                     StaticLength, apply_sts, calibrate_sts, profile_sps)
+from dspark_native.scheduler import (
+    ConfidenceThreshold,
+    HardwareAwareAsync,
+    HardwareAwareCausal,
+    SPSTable,
+    StaticLength,
+    apply_sts,
+    calibrate_sts,
+    profile_sps,
+)
 
 
 def sps_curve(T, knee=8):

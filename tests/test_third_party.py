@@ -48,7 +48,7 @@ def test_table1_reproduces_the_stated_figures():
             rows = t["tau"][target]
             got = 100 * (sum(rows["DSpark"]) / sum(rows[other]) - 1)
             assert round(got, 1) == pct, (target, other, got)
-    by = dict(zip(bench, t["tau"]["Qwen3-4B"]["DSpark"]))
+    by = dict(zip(bench, t["tau"]["Qwen3-4B"]["DSpark"], strict=True))
     for dom, mean in stated["domain_mean_tau_DSpark_Qwen3-4B"].items():
         names = t["domains"][dom]
         assert round(sum(by[b] for b in names) / len(names), 2) == mean, dom
@@ -63,7 +63,7 @@ def test_figure6_matches_the_stated_ranges():
     assert [trunc(min(f["auc"]), 2), trunc(max(f["auc"]), 2)] == s["auc_range"]
     assert [trunc(min(f["ece_pct_before_sts"]), 0), trunc(max(f["ece_pct_before_sts"]), 0)] == s["ece_pct_range_before"]
     assert abs(sum(f["ece_pct_after_sts"]) / n - s["mean_ece_pct_after_about"]) < 0.5
-    assert all(a < b for a, b in zip(f["ece_pct_after_sts"], f["ece_pct_before_sts"]))
+    assert all(a < b for a, b in zip(f["ece_pct_after_sts"], f["ece_pct_before_sts"], strict=True))
 
 
 def test_results_tool_prints_the_paper_rows(tmp_path):

@@ -29,7 +29,7 @@ def paper_rows(target="Qwen3-4B", path=PAPER_TABLE):
            "|---" * (2 + len(bench) + len(doms)) + "|"]
     macro = {}
     for name, vals in rows.items():
-        by = dict(zip(bench, vals))
+        by = dict(zip(bench, vals, strict=True))
         dm = [sum(by[b] for b in t["domains"][d]) / len(t["domains"][d]) for d in doms]
         macro[name] = sum(vals) / len(vals)
         out.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in vals) + " | "
@@ -95,7 +95,7 @@ def main(argv):
             e = r["temperatures"].get(t)
             if e:
                 ca, n = e["overall"]["cond_accept"], e["overall"]["reached"]
-                print(f"| {name} | {t} | " + " | ".join(f"{_fmt(a)} ({m})" for a, m in zip(ca, n)) + " |")
+                print(f"| {name} | {t} | " + " | ".join(f"{_fmt(a)} ({m})" for a, m in zip(ca, n, strict=True)) + " |")
 
     for name, r in runs:
         for t in temps:
@@ -113,7 +113,8 @@ def main(argv):
             rows += [(f"Brier (survival), {v}", per, "brier_cum", ".3f") for v, per in variants]
             for label, per, key, spec in rows:
                 vals = [p.get(key) for p in per]
-                print(f"| {label} | " + " | ".join("-" if v is None or v != v else format(v, spec) for v in vals) + " |")
+                cells = ("-" if v is None or v != v else format(v, spec) for v in vals)
+                print(f"| {label} | " + " | ".join(cells) + " |")
 
     if paper:
         print()

@@ -80,7 +80,8 @@ def per_position_metrics(confidences, accept_lengths, bins: int = 20) -> List[Di
     c = torch.as_tensor(confidences, dtype=torch.float64)
     L = torch.as_tensor(accept_lengths).long().flatten()
     if c.dim() != 2 or c.shape[0] != L.numel():
-        raise ValueError(f"confidences must be [N, g] and accept_lengths [N], got {tuple(c.shape)} and {tuple(L.shape)}")
+        raise ValueError(f"confidences must be [N, g] and accept_lengths [N], got {tuple(c.shape)} and "
+                         f"{tuple(L.shape)}")
     cum = torch.cumprod(c, 1)
     out = []
     for k in range(c.shape[1]):

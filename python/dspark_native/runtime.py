@@ -253,7 +253,7 @@ def run_prompts(engine, prompts: Sequence[Sequence[int]], params: Sequence, *,
     by ``engine.add``, in prompt order); on_progress(done, total, elapsed_s) is called after every
     engine step."""
     t0 = time.perf_counter()
-    ids = [engine.add(p, sp, on_tokens=on_tokens) for p, sp in zip(prompts, params)]
+    ids = [engine.add(p, sp, on_tokens=on_tokens) for p, sp in zip(prompts, params, strict=True)]
     done = 0
     while engine.has_unfinished():
         done += len(engine.step())

@@ -7,6 +7,7 @@ import time
 
 from .common import UserError, command
 
+
 @command("demo")
 def _demo(parser: argparse.ArgumentParser):
     """Fused chain verification on real-sized inputs, against the pure-PyTorch reference."""

@@ -71,7 +71,8 @@ def _eval(parser: argparse.ArgumentParser):
         eng = Engine(target.model, drafter, policy="static", num_drafts=args.num_drafts, max_batch=args.max_batch,
                      max_seq=args.max_seq)
         g = eng.gamma
-        result = dict(target=target.name, drafter=loaded.name, kind=eng.kind, num_drafts=g, max_new_tokens=args.max_new_tokens,
+        result = dict(target=target.name, drafter=loaded.name, kind=eng.kind, num_drafts=g,
+                      max_new_tokens=args.max_new_tokens,
                       sts_temperature=temps_sts, temperatures={})
         for T in args.temperatures:
             args.temperature = T

@@ -59,7 +59,8 @@ def _generate(parser: argparse.ArgumentParser):
             raise UserError("no prompt fits the context")
         prompts = [encoded[i] for i in keep]
         params = sampling_params(args, len(prompts), target.eos_token_ids)
-        print(f"target: {target.name}; drafter: {drafter.name} ({spec.kind}, {spec.gamma} drafts/round, policy {args.policy})",
+        print(f"target: {target.name}; drafter: {drafter.name} ({spec.kind}, {spec.gamma} drafts/round, "
+              f"policy {args.policy})",
               file=sys.stderr)
         stream = None
         if len(prompts) == 1:
