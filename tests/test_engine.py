@@ -289,7 +289,8 @@ def test_sts_with_fewer_drafts_than_the_block(target):
 
 @pytest.mark.parametrize("weights", ["fused", "bf16", "native"])
 @pytest.mark.parametrize("kind,block,batch,policy", [("dspark", 7, 3, "static"), ("dspark", 4, 5, "causal"),
-                                                     ("eagle3", 4, 2, "static")])
+                                                     ("eagle3", 4, 2, "static"),
+                                                     ("dspark", 16, 5, "static")])  # 85-row verify forwards
 def test_greedy_lossless_on_fast_target_paths(weights, kind, block, batch, policy):
     """Speculative output equals plain output on each fast forward path (the paths differ from
     the reference by rounding, so the plain run uses the same path)."""

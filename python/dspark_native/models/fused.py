@@ -35,8 +35,13 @@ import torch.nn.functional as F
 
 WEIGHT_FORMATS = ("reference", "fused", "bf16", "native", "auto")
 
-# Above this many rows a forward (a long prefill) is compute-bound, where oneDNN's AMX GEMMs
-# beat the native kernel's vector FMAs; "native" then runs the "bf16" path for that call.
+# Above this many rows a forward (a long prefill) is compute-bound, where oneDNN's AMX GEMMs beat
+# the native kernel; "native" then runs the "bf16" path for that call, but only when the call
+# wants no logits (a prefill: logit_rows="none"). Any forward whose logits pick tokens stays
+# native whatever its size, because only the native kernel guarantees that a row's result does
+# not depend on the other rows (SDPA's per-row result can move at the 1e-7 level with the block
+# size, which bf16 rounding can turn into a different token at a near-tie), and that guarantee is
+# what keeps speculative output identical to plain output.
 NATIVE_MAX_ROWS = 64
 
 
@@ -50,7 +55,7 @@ def cpu_has_bf16_matmul() -> bool:
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         return False
     try:
-        with open("/proc/cpuinfo", "r", encoding="ascii", errors="replace") as f:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
                 if line.startswith("flags"):
                     flags = set(line.split(":", 1)[1].split())
@@ -241,11 +246,12 @@ def fused_forward(model, packed: PackedTarget, input_ids, plan, cache, ids, rows
     an index tensor, or "none")."""
     from .target import ragged_attention
 
-    if packed.native is not None and plan.chain and input_ids.numel() <= NATIVE_MAX_ROWS:
+    if packed.native is not None and plan.chain and (
+            input_ids.numel() <= NATIVE_MAX_ROWS or not isinstance(rows, str)):
         return _native_forward(model, packed, input_ids, plan, cache, ids, rows)
     c = model.config
     Hq, Hkv, d, H = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
-    I, eps = c.intermediate_size, c.rms_norm_eps
+    inter, eps = c.intermediate_size, c.rms_norm_eps
     dtype = model.dtype
     T = input_ids.numel()
     nq = (Hq + Hkv) * d
@@ -278,7 +284,7 @@ def fused_forward(model, packed: PackedTarget, input_ids, plan, cache, ids, rows
         h = h + L.o(attn)
         x = F.rms_norm(h, (H,), L.post_norm, eps)
         gu = L.gate_up(x)
-        h = h + L.down(F.silu(gu[:, :I]) * gu[:, I:])
+        h = h + L.down(F.silu(gu[:, :inter]) * gu[:, inter:])
         if li in want:
             feats[li] = h
     cache.lengths[plan.slots] += plan.counts
