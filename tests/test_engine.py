@@ -285,3 +285,21 @@ def test_sts_with_fewer_drafts_than_the_block(target):
     for (c0, _, _), (c1, _, _) in zip(raw.round_log, cal.round_log, strict=True):
         assert c0.shape[-1] == 3
         torch.testing.assert_close(c1.double(), apply_sts(c0.double(), temps[:3]), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("weights", ["fused", "bf16", "native"])
+@pytest.mark.parametrize("kind,block,batch,policy", [("dspark", 7, 3, "static"), ("dspark", 4, 5, "causal"),
+                                                     ("eagle3", 4, 2, "static")])
+def test_greedy_lossless_on_fast_target_paths(weights, kind, block, batch, policy):
+    """Speculative output equals plain output on each fast forward path (the paths differ from
+    the reference by rounding, so the plain run uses the same path)."""
+    target = tiny_target(V)
+    assert target.set_weights(weights) == weights
+    prompts = _prompts(batch, seed=block * 7 + batch)
+    params = _params_with_stops(target, prompts)
+    want = _plain(target, prompts, params)
+    drafter = tiny_drafter(target, kind, block_size=block, aligned=True)
+    out = Engine(target, drafter, policy=policy, max_batch=batch, max_seq=96).generate(prompts, params)
+    assert [o.token_ids for o in out] == want
+    if kind == "dspark":
+        assert sum(o.stats.accepted_drafts for o in out) > 0, "aligned drafter: drafts must be accepted (premise)"

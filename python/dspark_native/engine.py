@@ -442,7 +442,7 @@ class Engine:
             cu = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
             ids = torch.tensor([t for p in pre for t in p], dtype=torch.int64)
             need = self.drafter is not None
-            _, hidden = self.target(ids, cu, slots, self.cache, return_hidden=need)
+            _, hidden = self.target(ids, cu, slots, self.cache, return_hidden=need, logit_rows="none")
             if self.kind == "eagle3":
                 self.drafter.ingest(slots, hidden, cu, ids)
             elif need:

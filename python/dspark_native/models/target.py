@@ -37,6 +37,7 @@ class RaggedPlan:
     positions: torch.Tensor
     mask: torch.Tensor
     uniform: bool
+    chain: bool = True  # no tree mask: every block is causal
 
 
 def _as_long_1d(x, name: str, device) -> torch.Tensor:
@@ -163,7 +164,7 @@ def plan_ragged(
     return RaggedPlan(
         R=R, n_max=n_max, L_max=L_max, counts=counts, slots=req, slot_slice=slot_slice,
         row_req=row_req, row_off=row_off, slot_t=slot_t, store_t=store_t, positions=positions,
-        mask=mask, uniform=all(n == n_max for n in counts_l),
+        mask=mask, uniform=all(n == n_max for n in counts_l), chain=tree_mask is None,
     )
 
 
@@ -193,6 +194,23 @@ def ragged_attention(
     return out
 
 
+def _logit_row_index(logit_rows, plan: RaggedPlan, T: int, device):
+    """None (all rows), "none", or an int64 index tensor of the rows that need logits."""
+    if isinstance(logit_rows, str):
+        if logit_rows == "all":
+            return None
+        if logit_rows == "none":
+            return "none"
+        if logit_rows == "last":
+            ends = torch.cumsum(plan.counts, 0) - 1
+            return ends[plan.counts > 0]
+        raise ValueError(f"logit_rows must be 'all', 'last', 'none' or an index tensor, got {logit_rows!r}")
+    rows = _as_long_1d(logit_rows, "logit_rows", device)
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= T):
+        raise ValueError(f"logit_rows must index rows in [0, {T}), got {rows.tolist()}")
+    return rows
+
+
 class TargetModel(nn.Module):
     """Llama / Qwen3 decoder-only LM with a contiguous KV cache and ragged batched forward.
 
@@ -209,6 +227,27 @@ class TargetModel(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self._packed = None  # fused-path weights (set_weights); None = the reference path
+
+    @property
+    def weights(self) -> str:
+        """The forward path in use: "reference" (the modules, HF numerics: training and tests),
+        "fused" or "bf16" (see :mod:`dspark_native.models.fused`)."""
+        return "reference" if self._packed is None else self._packed.weights
+
+    def set_weights(self, weights: str = "auto") -> str:
+        """Choose the forward path: "reference", "fused" (fused projections, model dtype), "bf16"
+        (fused, layer weights bf16 packed for oneDNN: CPUs with AMX / AVX512-BF16), "native" (the
+        whole forward in one native CPU call, bf16 weights: dspark_native.ops.target_forward) or
+        "auto" (native on the CPU when the extension is built, see
+        :func:`dspark_native.models.fused.resolve_weight_format`). Packs the weights once from the
+        current parameters: call it again after changing them (or moving the model). Returns the
+        format chosen."""
+        from .fused import pack_target, resolve_weight_format
+
+        fmt = resolve_weight_format(weights, self.device, self.dtype)
+        self._packed = None if fmt == "reference" else pack_target(self, fmt)
+        return fmt
 
     @property
     def dtype(self) -> torch.dtype:
@@ -244,7 +283,8 @@ class TargetModel(nn.Module):
         tree_mask: TreeMask = None,
         positions: Optional[torch.Tensor] = None,
         return_hidden: bool = True,
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        logit_rows: Union[str, torch.Tensor] = "all",
+    ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """One forward over a ragged batch of query blocks; appends their K/V to ``cache``.
 
         Args:
@@ -258,8 +298,11 @@ class TargetModel(nn.Module):
             positions: int64 [T] RoPE positions; default lengths[slot] + depth (depth = row
                 offset for chains, number of ancestors for trees).
             return_hidden: also return the target-layer features.
+            logit_rows: rows that get logits: "all", "last" (the last row of every non-empty
+                block, in request order), "none" (features only, e.g. a prefill: skips the LM
+                head) or an int64 index tensor into [0, T).
         Returns:
-            logits fp32 [T, V] and hidden features [T, len(target_layer_ids) * H] in the model
+            logits fp32 [T, V] (or [len(rows), V]; None for "none") and hidden features [T, len(target_layer_ids) * H] in the model
             dtype (raw outputs of the layers target_layer_ids, before the final norm,
             concatenated in that order), or None when return_hidden is False or no layer is set.
         """
@@ -279,12 +322,18 @@ class TargetModel(nn.Module):
         plan = plan_ragged(cu_seqlens, request_ids, cache, tree_mask, positions, total_rows=T)
         ids = self.config.target_layer_ids if return_hidden else []
         H = self.config.hidden_size
+        rows = _logit_row_index(logit_rows, plan, T, self.device)
         if T == 0:
-            logits = torch.zeros(0, self.config.vocab_size, device=self.device)
+            logits = None if isinstance(rows, str) else torch.zeros(
+                0, self.config.vocab_size, device=self.device)
             return logits, (torch.zeros(0, len(ids) * H, dtype=self.dtype) if ids else None)
-        return self._forward_planned(input_ids, plan, cache, ids)
+        if self._packed is not None:
+            from .fused import fused_forward
 
-    def _forward_planned(self, input_ids, plan: RaggedPlan, cache: KVCache, ids):
+            return fused_forward(self, self._packed, input_ids, plan, cache, ids, rows)
+        return self._forward_planned(input_ids, plan, cache, ids, rows)
+
+    def _forward_planned(self, input_ids, plan: RaggedPlan, cache: KVCache, ids, rows=None):
         h = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(plan.positions, self.config.head_dim, self.config.rope_theta, h.dtype)
         feats = {}
@@ -300,7 +349,10 @@ class TargetModel(nn.Module):
             if li in want:
                 feats[li] = h
         cache.lengths[plan.slots] += plan.counts
-        logits = self.lm_head(self.norm(h)).float()
+        if isinstance(rows, str):
+            logits = None
+        else:
+            logits = self.lm_head(self.norm(h if rows is None else h[rows])).float()
         hidden = torch.cat([feats[i] for i in ids], dim=-1) if ids else None
         return logits, hidden
 
@@ -323,7 +375,8 @@ class TargetModel(nn.Module):
         cache.reset([slot])
         slot_t = torch.tensor([slot])
         logits, _ = self.forward(
-            prompt, torch.tensor([0, prompt.numel()]), slot_t, cache, return_hidden=False
+            prompt, torch.tensor([0, prompt.numel()]), slot_t, cache, return_hidden=False,
+            logit_rows="last",
         )
         out: List[int] = []
         eos = set(int(e) for e in eos_token_ids)
