@@ -50,7 +50,7 @@ def cpu_has_bf16_matmul() -> bool:
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         return False
     try:
-        with open("/proc/cpuinfo", "r", encoding="ascii", errors="replace") as f:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
                 if line.startswith("flags"):
                     flags = set(line.split(":", 1)[1].split())
@@ -245,7 +245,7 @@ def fused_forward(model, packed: PackedTarget, input_ids, plan, cache, ids, rows
         return _native_forward(model, packed, input_ids, plan, cache, ids, rows)
     c = model.config
     Hq, Hkv, d, H = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
-    I, eps = c.intermediate_size, c.rms_norm_eps
+    I, eps = c.intermediate_size, c.rms_norm_eps  # noqa: E741 - I = intermediate size, as in the shapes
     dtype = model.dtype
     T = input_ids.numel()
     nq = (Hq + Hkv) * d
