@@ -13,6 +13,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # helpers live beside the tests
 
 from models_helpers import random_tensors, target_raw_config, target_shapes, write_checkpoint
+
 from dspark_native.models import load_target
 from dspark_native.ops import pack_gate_up_panels, pack_panels, target_forward, target_forward_isa
 from dspark_native.reference import target_forward_reference
@@ -52,7 +53,7 @@ def _batch(c, blocks, base, max_requests=4, max_seq=24, seed=1):
     v = torch.randn(cache_shape, generator=g) * 0.5
     cu = torch.tensor([0] + list(torch.tensor(blocks).cumsum(0).tolist()), dtype=torch.int64)
     base_t = torch.tensor(base, dtype=torch.int64)
-    pos = torch.cat([torch.arange(n) + b for n, b in zip(blocks, base)]).to(torch.int64)
+    pos = torch.cat([torch.arange(n) + b for n, b in zip(blocks, base, strict=True)]).to(torch.int64)
     h = torch.randn(T, c["H"], generator=g)
     return h, pos, cu, base_t, k, v
 
@@ -127,7 +128,7 @@ print(json.dumps(dict(isa=target_forward_isa(), logits=lg.tolist(), h=h.tolist()
     ref = out["generic"]
     for name, res in out.items():
         torch.testing.assert_close(torch.tensor(res["logits"]), torch.tensor(ref["logits"]), atol=2e-3, rtol=2e-3,
-                                   msg=lambda m: f"{name} vs generic: {m}")
+                                   msg=lambda m, name=name: f"{name} vs generic: {m}")
         torch.testing.assert_close(torch.tensor(res["h"]), torch.tensor(ref["h"]), atol=2e-3, rtol=2e-3)
     assert target_forward_isa() in out
 

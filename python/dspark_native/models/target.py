@@ -302,9 +302,10 @@ class TargetModel(nn.Module):
                 block, in request order), "none" (features only, e.g. a prefill: skips the LM
                 head) or an int64 index tensor into [0, T).
         Returns:
-            logits fp32 [T, V] (or [len(rows), V]; None for "none") and hidden features [T, len(target_layer_ids) * H] in the model
-            dtype (raw outputs of the layers target_layer_ids, before the final norm,
-            concatenated in that order), or None when return_hidden is False or no layer is set.
+            logits fp32 [T, V] (or [len(rows), V]; None for "none") and hidden features
+            [T, len(target_layer_ids) * H] in the model dtype (raw outputs of the layers
+            target_layer_ids, before the final norm, concatenated in that order), or None when
+            return_hidden is False or no layer is set.
         """
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 1:
             raise ValueError("input_ids must be a 1-D LongTensor [T]")

@@ -40,7 +40,7 @@ def pack_gate_up_panels(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if gate.shape != up.shape or gate.dim() != 2 or gate.shape[0] % PANEL:
         raise ValueError(f"gate and up must both be [I, H] with I a multiple of {PANEL}, got "
                          f"{tuple(gate.shape)} and {tuple(up.shape)}")
-    I, H = gate.shape
+    I, H = gate.shape  # noqa: E741 - I = intermediate size, as in the docstring's shapes
     both = torch.stack([gate.reshape(I // PANEL, PANEL, H), up.reshape(I // PANEL, PANEL, H)], 1)
     return pack_panels(both.reshape(2 * I, H))
 

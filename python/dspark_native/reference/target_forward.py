@@ -40,7 +40,7 @@ def target_forward_reference(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     T, H = h.shape
     L, _, Hkv, _, d = k_cache.shape
-    Hq, I, half = num_heads, intermediate_size, d // 2
+    Hq, I, half = num_heads, intermediate_size, d // 2  # noqa: E741 - I = intermediate size
     nq = (Hq + 2 * Hkv) * d
     cu = cu_seqlens.tolist()
     row_req = [r for r in range(len(cu) - 1) for _ in range(cu[r], cu[r + 1])]
