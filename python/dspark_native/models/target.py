@@ -8,7 +8,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .cache import ContextLengthError, KVCache
+from .cache import ContextLengthError, KVCache, host_ints, upload
 from .config import ModelConfig
 from .layers import DecoderLayer, RMSNorm, rope_cos_sin, sdpa
 
@@ -17,11 +17,12 @@ TreeMask = Union[None, torch.Tensor, Sequence[Optional[torch.Tensor]]]
 
 @dataclass
 class RaggedPlan:
-    """Host-side bookkeeping for one ragged forward (shared by every layer).
+    """Bookkeeping for one ragged forward (shared by every layer), planned on the host.
 
-    row_req [T] request index of each row, row_off [T] offset of the row in its block,
-    slot_t [T] cache slot, store_t [T] storage index in the cache, positions [T] RoPE positions,
-    mask [R, 1, n_max, L_max] bool, uniform: every block has n_max rows (no padding needed).
+    Device tensors: row_req [T] request index of each row, row_off [T] offset of the row in its
+    block, slot_t [T] cache slot, store_t [T] storage index in the cache, positions [T] RoPE
+    positions, mask [R, 1, n_max, L_max] bool, counts / slots [R]. Host: slots_l / counts_l (the
+    same values as lists, for ``cache.advance``), uniform: every block has n_max rows.
     """
 
     R: int
@@ -37,16 +38,29 @@ class RaggedPlan:
     positions: torch.Tensor
     mask: torch.Tensor
     uniform: bool
+    slots_l: Optional[List[int]] = None
+    counts_l: Optional[List[int]] = None
 
 
-def _as_long_1d(x, name: str, device) -> torch.Tensor:
+def _check_long_1d(x, name: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         x = torch.as_tensor(x, dtype=torch.int64)
     if x.dim() != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(x.shape)}")
     if x.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{name} must be an integer tensor, got {x.dtype}")
-    return x.to(device=device, dtype=torch.int64)
+    return x
+
+
+def _as_long_1d(x, name: str, device) -> torch.Tensor:
+    """int64 [n] on ``device`` (host input uploaded without a device sync)."""
+    return upload(_check_long_1d(x, name).to(torch.int64), device)
+
+
+def _host_long_1d(x, name: str) -> List[int]:
+    """Values of a 1-D integer input on the host (free for host input; one read for a device
+    tensor)."""
+    return host_ints(_check_long_1d(x, name), name)
 
 
 def plan_ragged(
@@ -62,30 +76,31 @@ def plan_ragged(
     Query row i of request r (0-based inside its block) is stored at cache index
     lengths[slot] + i and sees every cached position < lengths[slot] plus the rows j of its own
     block allowed by the block mask (causal j <= i, or tree_mask[r][i, j]).
+
+    ``cu_seqlens`` and ``request_ids`` are host bookkeeping: pass them as host tensors (or lists)
+    and the plan reads nothing from the device (the cache lengths come from
+    ``cache.host_lengths()``); the per-request vectors are uploaded in one asynchronous copy.
     """
     device = cache.device
-    cu = _as_long_1d(cu_seqlens, "cu_seqlens", device)
-    req = _as_long_1d(request_ids, "request_ids", device)
-    R = req.numel()
-    if cu.numel() != R + 1:
+    cu_l = _host_long_1d(cu_seqlens, "cu_seqlens")
+    req_l = _host_long_1d(request_ids, "request_ids")
+    R = len(req_l)
+    if len(cu_l) != R + 1:
         raise ValueError(
-            f"cu_seqlens must have len(request_ids) + 1 = {R + 1} entries, got {cu.numel()}"
+            f"cu_seqlens must have len(request_ids) + 1 = {R + 1} entries, got {len(cu_l)}"
         )
-    cu_l = cu.tolist()
     if cu_l[0] != 0 or any(b < a for a, b in zip(cu_l, cu_l[1:])):
         raise ValueError(f"cu_seqlens must start at 0 and be non-decreasing, got {cu_l}")
     if total_rows is not None and cu_l[-1] != total_rows:
         raise ValueError(
             f"cu_seqlens[-1] = {cu_l[-1]} does not match the number of rows {total_rows}"
         )
-    req_l = req.tolist()
     if any(s < 0 or s >= cache.max_requests for s in req_l):
         raise ValueError(f"request_ids must be in [0, {cache.max_requests}), got {req_l}")
     if len(set(req_l)) != R:
         raise ValueError(f"request_ids must be distinct, got {req_l}")
     counts_l = [b - a for a, b in zip(cu_l, cu_l[1:])]
-    base = cache.lengths[req]
-    base_l = base.tolist()
+    base_l = cache.host_lengths()[req_l].tolist() if R else []
     for r in range(R):
         if base_l[r] + counts_l[r] > cache.max_seq:
             raise ContextLengthError(
@@ -95,9 +110,10 @@ def plan_ragged(
     T = cu_l[-1] if R else 0
     n_max = max(counts_l) if R else 0
     L_max = max(b + n for b, n in zip(base_l, counts_l)) if R else 0
-    counts = torch.tensor(counts_l, dtype=torch.int64, device=device)
-    row_req = torch.repeat_interleave(torch.arange(R, device=device), counts)
-    row_off = torch.arange(T, device=device) - cu[:-1][row_req]
+    meta = upload(torch.tensor([req_l, base_l, counts_l, cu_l[:-1]], dtype=torch.int64).reshape(4, R), device)
+    req, base, counts, starts = meta[0], meta[1], meta[2], meta[3]
+    row_req = torch.repeat_interleave(torch.arange(R, device=device), counts, output_size=T)
+    row_off = torch.arange(T, device=device) - starts[row_req]
     slot_t = req[row_req]
     store_t = base[row_req] + row_off
 
@@ -130,13 +146,13 @@ def plan_ragged(
                 raise ValueError(
                     f"tree_mask[{r}] must be [{n}, {n}] for a block of {n} rows, got {tuple(tm.shape)}"
                 )
-            tm = tm.to(device)
             if n and not bool(tm.diagonal().all()):
                 raise ValueError(f"tree_mask[{r}]: every node must attend to itself (diagonal)")
             if bool(torch.triu(tm, diagonal=1).any()):
                 raise ValueError(
                     f"tree_mask[{r}]: nodes must be in topological order (no True above the diagonal)"
                 )
+            tm = upload(tm, device)
             blk[r, :n, :n] = tm
             depth_parts.append(tm.sum(-1) - 1)
         depth_t = torch.cat(depth_parts) if depth_parts else row_off
@@ -163,7 +179,7 @@ def plan_ragged(
     return RaggedPlan(
         R=R, n_max=n_max, L_max=L_max, counts=counts, slots=req, slot_slice=slot_slice,
         row_req=row_req, row_off=row_off, slot_t=slot_t, store_t=store_t, positions=positions,
-        mask=mask, uniform=all(n == n_max for n in counts_l),
+        mask=mask, uniform=all(n == n_max for n in counts_l), slots_l=req_l, counts_l=counts_l,
     )
 
 
@@ -272,16 +288,22 @@ class TargetModel(nn.Module):
                 f"cache does not match the model (dtype {cache.dtype} vs {self.dtype}, "
                 f"layers {cache.num_layers} vs {len(self.layers)})"
             )
-        input_ids = input_ids.to(self.device, torch.int64)
         T = input_ids.numel()
-        if T and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
-            raise ValueError(f"input_ids out of range [0, {self.config.vocab_size})")
+        V = self.config.vocab_size
+        if input_ids.device.type == "cpu":  # host input: checked here, then uploaded asynchronously
+            if T and (int(input_ids.min()) < 0 or int(input_ids.max()) >= V):
+                raise ValueError(f"input_ids out of range [0, {V})")
+            input_ids = upload(input_ids.to(torch.int64), self.device)
+        else:  # device input: checked on the device, without a host sync
+            input_ids = input_ids.to(self.device, torch.int64)
+            if T:
+                torch._assert_async(((input_ids >= 0) & (input_ids < V)).all(), f"input_ids out of range [0, {V})")
         plan = plan_ragged(cu_seqlens, request_ids, cache, tree_mask, positions, total_rows=T)
         ids = self.config.target_layer_ids if return_hidden else []
         H = self.config.hidden_size
         if T == 0:
             logits = torch.zeros(0, self.config.vocab_size, device=self.device)
-            return logits, (torch.zeros(0, len(ids) * H, dtype=self.dtype) if ids else None)
+            return logits, (torch.zeros(0, len(ids) * H, dtype=self.dtype, device=self.device) if ids else None)
         return self._forward_planned(input_ids, plan, cache, ids)
 
     def _forward_planned(self, input_ids, plan: RaggedPlan, cache: KVCache, ids):
@@ -299,7 +321,7 @@ class TargetModel(nn.Module):
             h = layer.finish(h, attn)
             if li in want:
                 feats[li] = h
-        cache.lengths[plan.slots] += plan.counts
+        cache.advance(plan.slots, plan.counts, plan.slots_l, plan.counts_l)
         logits = self.lm_head(self.norm(h)).float()
         hidden = torch.cat([feats[i] for i in ids], dim=-1) if ids else None
         return logits, hidden
