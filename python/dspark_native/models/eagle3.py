@@ -79,7 +79,8 @@ class Eagle3Drafter(nn.Module):
         plan = plan_ragged(cu, req, cache, total_rows=tokens.numel())
         layer = self.layers[0]
         x = torch.cat([layer.input_layernorm(self.embed_tokens(tokens)), layer.hidden_norm(g)], -1)
-        cos, sin = rope_cos_sin(plan.positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(plan.positions, self.config.head_dim, self.config.rope_theta, x.dtype,
+                                self.config.rope_scaling)
         q = layer.self_attn.q(x, cos, sin)
         k, v = layer.self_attn.kv(x, cos, sin)
         cache.k_cache[0, plan.slot_t, :, plan.store_t] = k

@@ -308,7 +308,8 @@ class TargetModel(nn.Module):
 
     def _forward_planned(self, input_ids, plan: RaggedPlan, cache: KVCache, ids):
         h = self.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(plan.positions, self.config.head_dim, self.config.rope_theta, h.dtype)
+        cos, sin = rope_cos_sin(plan.positions, self.config.head_dim, self.config.rope_theta, h.dtype,
+                                self.config.rope_scaling)
         feats = {}
         want = set(ids)
         for li, layer in enumerate(self.layers):
