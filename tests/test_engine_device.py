@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from fake_cuda import DeviceMixError, FakeCuda, to_fake_cuda
-from test_engine_helpers import tiny_drafter, tiny_target
+from test_engine_helpers import greedy_reference, tiny_drafter, tiny_target
 
 from dspark_native.engine import Engine, SamplingParams
 
@@ -142,21 +142,6 @@ def test_fake_cuda_counts_host_reads():
 
 # ----------------------------------------------------------------------------- a real GPU
 
-def _greedy_reference(target, prompt, n):
-    """Engine-free greedy decoding: full forwards over the growing sequence, argmax of the last row."""
-    seq = list(prompt)
-    out = []
-    dev = target.device
-    for _ in range(n):
-        cache = target.new_cache(1, len(seq))
-        logits, _ = target(torch.tensor(seq, device=dev), torch.tensor([0, len(seq)]), torch.tensor([0]), cache,
-                           return_hidden=False)
-        tok = int(logits[-1].argmax())
-        out.append(tok)
-        seq.append(tok)
-    return out
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("kind,policy", [("dspark", "causal"), ("dspark", "async"), ("dflash", "static"),
                                          ("eagle3", "threshold")])
@@ -173,9 +158,9 @@ def test_engine_on_cuda(target, kind, policy):
     params = SamplingParams(max_new_tokens=14)
     plain = Engine(t, None, max_batch=3, max_seq=64).generate(PROMPTS, params)
     spec = Engine(t, d, policy=policy, max_batch=3, max_seq=64).generate(PROMPTS, params)
-    for p, a, b in zip(PROMPTS, plain, spec):
-        assert a.token_ids == b.token_ids
-        assert b.token_ids == _greedy_reference(t, p, 14)
+    ref = greedy_reference(t, PROMPTS, 14)
+    for a, b, r in zip(plain, spec, ref):
+        assert a.token_ids == b.token_ids == r
     assert sum(o.stats.accepted_drafts for o in spec) > 0
 
     # sampling smoke test: one shared temperature (EAGLE-3 then samples its drafts on the device)
