@@ -14,6 +14,10 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 echo "[setup] installing runtime and build requirements"
 pip_install numpy safetensors gguf tokenizers "scikit-build-core>=0.10" pytest
+# Optional extra [plots]: the reliability diagrams and training curves the commands write.
+pip_install matplotlib
+# Lint (`python3 -m ruff check python tests benchmarks tools`, run by .ci/run).
+pip_install "ruff>=0.6"
 # transformers: only the tests use it (Llama 3 / Qwen2 logits compared with Hugging Face's models;
 # skipped when it is absent)
 pip_install "transformers>=4.45"

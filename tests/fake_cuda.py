@@ -36,8 +36,8 @@ import traceback
 import weakref
 
 import torch
-from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves, tree_map
 
 FAKE_DEVICE = torch.device("cuda", 0)
 

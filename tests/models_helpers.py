@@ -24,7 +24,7 @@ def target_raw_config(arch="Qwen3ForCausalLM", **over):
 
 
 def layer_shapes(prefix, c, qk_norm, attn_in=None, qkv_bias=False):
-    H, I = c["hidden_size"], c["intermediate_size"]
+    H, inter = c["hidden_size"], c["intermediate_size"]
     hd, nh, kv = c["head_dim"], c["num_attention_heads"], c["num_key_value_heads"]
     a = attn_in or H
     s = {
@@ -32,9 +32,9 @@ def layer_shapes(prefix, c, qk_norm, attn_in=None, qkv_bias=False):
         prefix + "self_attn.k_proj.weight": (kv * hd, a),
         prefix + "self_attn.v_proj.weight": (kv * hd, a),
         prefix + "self_attn.o_proj.weight": (H, nh * hd),
-        prefix + "mlp.gate_proj.weight": (I, H),
-        prefix + "mlp.up_proj.weight": (I, H),
-        prefix + "mlp.down_proj.weight": (H, I),
+        prefix + "mlp.gate_proj.weight": (inter, H),
+        prefix + "mlp.up_proj.weight": (inter, H),
+        prefix + "mlp.down_proj.weight": (H, inter),
         prefix + "input_layernorm.weight": (H,),
         prefix + "post_attention_layernorm.weight": (H,),
     }
@@ -162,6 +162,13 @@ def mlp(x, W, p):
     return (torch.nn.functional.silu(g) * u) @ W[p + "mlp.down_proj.weight"].double().T
 
 
+def _proj(W, name, x):
+    """x @ W[name.weight]^T (+ W[name.bias] when the checkpoint has it), fp64."""
+    y = x @ W[name + ".weight"].double().T
+    b = W.get(name + ".bias")
+    return y if b is None else y + b.double()
+
+
 def ref_target_forward(W, c, ids, allowed=None, pos=None, rope_fn=None):
     """Whole-sequence reference forward. ids [n]; allowed [n, n] (default causal); q/k/v biases
     are added when W has them (Qwen2); ``rope_fn(x, pos, theta)`` replaces plain RoPE;
@@ -179,12 +186,7 @@ def ref_target_forward(W, c, ids, allowed=None, pos=None, rope_fn=None):
     for i in range(c["num_hidden_layers"]):
         p = f"model.layers.{i}."
         x = rms(h, W[p + "input_layernorm.weight"], eps)
-        def proj(name):
-            y = x @ W[p + f"self_attn.{name}.weight"].double().T
-            b = W.get(p + f"self_attn.{name}.bias")
-            return (y if b is None else y + b.double()).reshape(n, -1, hd)
-
-        q, k, v = proj("q_proj"), proj("k_proj"), proj("v_proj")
+        q, k, v = (_proj(W, p + f"self_attn.{name}", x).reshape(n, -1, hd) for name in ("q_proj", "k_proj", "v_proj"))
         if qk:
             q = rms(q, W[p + "self_attn.q_norm.weight"], eps)
             k = rms(k, W[p + "self_attn.k_norm.weight"], eps)

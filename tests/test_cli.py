@@ -154,9 +154,8 @@ def _check_bench_domain(d):
 
 
 # the shared prompt sets sit beside the repository (../shared); DSPARK_NATIVE_PROMPTS overrides
-EVAL = os.path.join(os.environ.get("DSPARK_NATIVE_PROMPTS")
-                    or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "prompts"),
-                    "eval")
+_SHARED_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "prompts")
+EVAL = os.path.join(os.environ.get("DSPARK_NATIVE_PROMPTS") or _SHARED_PROMPTS, "eval")
 
 
 @pytest.mark.slow

@@ -8,6 +8,8 @@ scheduler), and statistics with scripted drafters whose acceptance is known in a
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 
@@ -38,16 +40,17 @@ def _prompts(n, seed=0):
             for _ in range(n)]
 
 
-_REF = {}
+_REF = weakref.WeakKeyDictionary()  # target -> {(prompt, max_new): continuation}
 
 
 def _free(target, prompts, max_new):
-    """Engine-free greedy continuations (cached per prompt)."""
-    todo = [p for p in prompts if (tuple(p), max_new) not in _REF]
+    """Engine-free greedy continuations (cached per target and prompt)."""
+    ref = _REF.setdefault(target, {})
+    todo = [p for p in prompts if (tuple(p), max_new) not in ref]
     if todo:
-        for p, out in zip(todo, greedy_reference(target, todo, max_new)):
-            _REF[(tuple(p), max_new)] = out
-    return [_REF[(tuple(p), max_new)] for p in prompts]
+        for p, out in zip(todo, greedy_reference(target, todo, max_new), strict=True):
+            ref[(tuple(p), max_new)] = out
+    return [ref[(tuple(p), max_new)] for p in prompts]
 
 
 def _want(target, prompts, params):
@@ -55,7 +58,14 @@ def _want(target, prompts, params):
     if isinstance(params, SamplingParams):
         params = [params] * len(prompts)
     n = max(sp.max_new_tokens for sp in params)
-    return [expected_output(f, sp) for f, sp in zip(_free(target, prompts, n), params)]
+    return [expected_output(f, sp) for f, sp in zip(_free(target, prompts, n), params, strict=True)]
+
+
+def _plain(target, prompts, params, max_seq=96):
+    """The plain engine's outputs (for the fast target paths, whose rounding the reference would
+    not share)."""
+    eng = Engine(target, None, max_batch=len(prompts), max_seq=max_seq)
+    return [o.token_ids for o in eng.generate(prompts, params)]
 
 
 def _params_with_stops(target, prompts, max_new=24):
@@ -91,12 +101,12 @@ def test_greedy_lossless(target, kind, aligned, block, batch, policy):
     prompts = _prompts(batch, seed=block * 31 + batch)
     params = _params_with_stops(target, prompts)
     want = _want(target, prompts, params)
-    assert any(sp.stop_token_ids and w[-1] in sp.stop_token_ids for w, sp in zip(want, params)) or batch < 2, \
-        "test premise: some request stops on a stop token"
+    stopped = any(sp.stop_token_ids and w[-1] in sp.stop_token_ids for w, sp in zip(want, params, strict=True))
+    assert stopped or batch < 2, "test premise: some request stops on a stop token"
     drafter = tiny_drafter(target, kind, block_size=block, aligned=aligned)
     eng = Engine(target, drafter, policy=policy, max_batch=max(1, batch - 1) if batch > 2 else batch, max_seq=96)
     out = eng.generate(prompts, params)
-    for i, (o, w) in enumerate(zip(out, want)):
+    for i, (o, w) in enumerate(zip(out, want, strict=True)):
         assert o.token_ids == w, f"request {i}: {o.token_ids} != greedy reference {w}"
         stops = set(params[i].stop_token_ids)
         assert not any(t in stops for t in o.token_ids[:-1]), "token emitted after a stop token"
@@ -146,11 +156,11 @@ def test_statistics_of_scripted_drafters(target, kind, right):
     g, max_new = 4, 25  # 25 = 5 full rounds of g + 1
     prompts = _prompts(3, seed=21)
     free = _free(target, prompts, max_new + g + 2)
-    drafter = scripted_drafter(target, kind, g, [p + f for p, f in zip(prompts, free)], right)
+    drafter = scripted_drafter(target, kind, g, [p + f for p, f in zip(prompts, free, strict=True)], right)
     outs = Engine(target, drafter, policy="static", max_batch=3, max_seq=64).generate(
         prompts, SamplingParams(max_new_tokens=max_new))
     model = _round_model(max_new, g, right)
-    for o, f in zip(outs, free):
+    for o, f in zip(outs, free, strict=True):
         st = o.stats
         assert o.token_ids == f[:max_new]
         assert st.rounds == len(model) and st.tau == max_new / len(model)
@@ -173,12 +183,12 @@ def test_oracle_and_wrong_drafters_under_every_policy(target, policy):
     g, max_new = 5, 18
     prompts = _prompts(4, seed=22)
     free = _free(target, prompts, max_new + g + 2)
-    scripts = [p + f for p, f in zip(prompts, free)]
+    scripts = [p + f for p, f in zip(prompts, free, strict=True)]
     for right in (None, 0):
         drafter = scripted_drafter(target, "dspark", g, scripts, right)
         outs = Engine(target, drafter, policy=policy, max_batch=4, max_seq=64).generate(
             prompts, SamplingParams(max_new_tokens=max_new))
-        for o, f in zip(outs, free):
+        for o, f in zip(outs, free, strict=True):
             assert o.token_ids == f[:max_new]
             st = o.stats
             if right is None:
@@ -226,7 +236,7 @@ def test_streaming_and_stats(target):
         assert s.emitted == 17 and s.rounds >= 3
         assert abs(s.tau - 17 / s.rounds) < 1e-9
         assert s.accepted_drafts == sum(s.accepted)
-        assert all(0 <= a <= n for a, n in zip(s.accepted, s.reached))
+        assert all(0 <= a <= n for a, n in zip(s.accepted, s.reached, strict=True))
         assert set(s.time) == {"prefill", "draft", "schedule", "verify", "rollback"}
         assert s.time["verify"] > 0 and s.time["draft"] > 0
         d = s.to_dict()
@@ -278,14 +288,15 @@ def test_context_limit_mid_generation(target):
     prompt = [2, 3, 4, 5, 6]
     free = _free(target, [prompt], 40)[0]
     for max_seq in (5, 6, 12, 17):
-        out = Engine(target, drafter, max_batch=1, max_seq=max_seq).generate([prompt], SamplingParams(max_new_tokens=40))[0]
+        eng = Engine(target, drafter, max_batch=1, max_seq=max_seq)
+        out = eng.generate([prompt], SamplingParams(max_new_tokens=40))[0]
         assert out.finish_reason == "context"
         assert out.token_ids == free[: max_seq - len(prompt) + 1]
 
 
 def test_default_drafter_is_deterministic(target):
     a, b = default_drafter(target, num_layers=1), default_drafter(target, num_layers=1)
-    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(x, y), k
     assert a.block_size == 7 and a.config.target_layer_ids
 
@@ -368,6 +379,24 @@ def test_sts_with_fewer_drafts_than_the_block(target):
     finally:
         drafter.sts_temperature = None
     assert len(raw.round_log) == len(cal.round_log) > 0
-    for (c0, _, _), (c1, _, _) in zip(raw.round_log, cal.round_log):
+    for (c0, _, _), (c1, _, _) in zip(raw.round_log, cal.round_log, strict=True):
         assert c0.shape[-1] == 3
         torch.testing.assert_close(c1.double(), apply_sts(c0.double(), temps[:3]), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("weights", ["fused", "bf16", "native"])
+@pytest.mark.parametrize("kind,block,batch,policy", [("dspark", 7, 3, "static"), ("dspark", 4, 5, "causal"),
+                                                     ("eagle3", 4, 2, "static")])
+def test_greedy_lossless_on_fast_target_paths(weights, kind, block, batch, policy):
+    """Speculative output equals plain output on each fast forward path (the paths differ from
+    the reference by rounding, so the plain run uses the same path)."""
+    target = tiny_target(V)
+    assert target.set_weights(weights) == weights
+    prompts = _prompts(batch, seed=block * 7 + batch)
+    params = _params_with_stops(target, prompts)
+    want = _plain(target, prompts, params)
+    drafter = tiny_drafter(target, kind, block_size=block, aligned=True)
+    out = Engine(target, drafter, policy=policy, max_batch=batch, max_seq=96).generate(prompts, params)
+    assert [o.token_ids for o in out] == want
+    if kind == "dspark":
+        assert sum(o.stats.accepted_drafts for o in out) > 0, "aligned drafter: drafts must be accepted (premise)"

@@ -17,8 +17,8 @@ import copy
 
 import pytest
 import torch
-
 from fake_cuda import DeviceMixError, FakeCuda, to_fake_cuda
+
 from test_engine_helpers import greedy_reference, tiny_drafter, tiny_target
 
 from dspark_native.engine import Engine, SamplingParams
@@ -99,7 +99,7 @@ def test_engine_on_fake_cuda_matches_cpu_and_syncs_once(target, kind, policy, sy
         mode.reset()
         outs, rounds, prefills = _run_counting(eng, mode, PROMPTS, params)
 
-    for o, w in zip(outs, want):
+    for o, w in zip(outs, want, strict=True):
         assert (o.token_ids, o.finish_reason) == (w.token_ids, w.finish_reason)
     assert rounds, "no round ran"
     for i, (s, uploads) in enumerate(rounds):
@@ -159,7 +159,7 @@ def test_engine_on_cuda(target, kind, policy):
     plain = Engine(t, None, max_batch=3, max_seq=64).generate(PROMPTS, params)
     spec = Engine(t, d, policy=policy, max_batch=3, max_seq=64).generate(PROMPTS, params)
     ref = greedy_reference(t, PROMPTS, 14)
-    for a, b, r in zip(plain, spec, ref):
+    for a, b, r in zip(plain, spec, ref, strict=True):
         assert a.token_ids == b.token_ids == r
     assert sum(o.stats.accepted_drafts for o in spec) > 0
 

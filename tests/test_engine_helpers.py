@@ -126,9 +126,9 @@ def greedy_reference(target: TargetModel, prompts, max_new: int):
         logits, _ = target(torch.tensor([t for s in seqs for t in s], device=dev), torch.tensor(cu),
                            torch.arange(len(seqs)), cache, return_hidden=False)
         last = logits[torch.tensor(cu[1:], device=dev) - 1].argmax(-1).tolist()
-        for s, t in zip(seqs, last):
+        for s, t in zip(seqs, last, strict=True):
             s.append(int(t))
-    return [s[len(p):] for s, p in zip(seqs, prompts)]
+    return [s[len(p):] for s, p in zip(seqs, prompts, strict=True)]
 
 
 def expected_output(free, params):
@@ -160,7 +160,7 @@ class ScriptedDSpark(DSparkDrafter):
         V = U.shape[-1]
         slots = [int(x) for x in torch.as_tensor(request_ids).tolist()]
         pos = self.cache.host_lengths()[slots].tolist()
-        for r, (slot, s) in enumerate(zip(slots, pos)):
+        for r, (slot, s) in enumerate(zip(slots, pos, strict=True)):
             for k in range(U.shape[1]):
                 U[r, k, _scripted_token(self, slot, s + 1 + k, k, V)] += 1e4
         return U, h
@@ -178,7 +178,7 @@ class ScriptedEagle3(Eagle3Drafter):
         slots = [int(x) for x in torch.as_tensor(request_ids).tolist()]
         pos = self.cache.host_lengths()[slots].tolist()
         toks = torch.tensor([[_scripted_token(self, slot, s + 2 + k, k, V) for k in range(steps)]
-                             for slot, s in zip(slots, pos)], dtype=torch.int64)
+                             for slot, s in zip(slots, pos, strict=True)], dtype=torch.int64)
         logits = torch.full((len(slots), steps, V), -30.0)
         logits.scatter_(2, toks[:, :, None], 30.0)
         return toks.to(self.device), logits.to(self.device)

@@ -22,6 +22,7 @@ from models_helpers import (
     target_shapes,
     write_checkpoint,
 )
+
 from dspark_native.models import CheckpointError, ModelConfig, load_target
 from dspark_native.models.layers import rope_inv_freq
 
@@ -51,7 +52,8 @@ def _ids(n, V, seed):
 def test_llama3_inv_freq_matches_the_piecewise_definition():
     cfg = ModelConfig.from_dict(_llama3_raw())
     sc = cfg.rope_scaling
-    assert (sc.factor, sc.low_freq_factor, sc.high_freq_factor, sc.original_max_position_embeddings) == (8.0, 1.0, 4.0, 64)
+    assert (sc.factor, sc.low_freq_factor, sc.high_freq_factor) == (8.0, 1.0, 4.0)
+    assert sc.original_max_position_embeddings == 64
     got = rope_inv_freq(HD, 10000.0, sc).double()
     want = llama3_inv_freq(HD, 10000.0, 8.0, 1.0, 4.0, 64)
     torch.testing.assert_close(got, want, rtol=2e-7, atol=0)
@@ -141,6 +143,17 @@ def test_qwen2_target_matches_reference(qwen2_ckpt):
     torch.testing.assert_close(got.double(), want, atol=2e-4, rtol=1e-4)
     nobias = {k: (torch.zeros_like(v) if k.endswith(".bias") else v) for k, v in W.items()}
     assert float((ref_target_forward(nobias, raw, ids)[0] - want).abs().max()) > 100 * 2e-4
+
+
+def test_fast_target_paths_are_not_used_for_unported_features(llama3_ckpt, qwen2_ckpt):
+    """The fused / bf16 / native forward paths implement plain RoPE without biases: "auto" keeps
+    these models on the reference path and asking for a fast path is refused."""
+    for d, _, _ in (llama3_ckpt, qwen2_ckpt):
+        model = load_target(d)
+        assert model.set_weights("auto") == "reference" and model.weights == "reference"
+        for w in ("fused", "bf16", "native"):
+            with pytest.raises(ValueError, match="does not implement"):
+                model.set_weights(w)
 
 
 def test_qwen2_checkpoint_without_biases_is_refused(qwen2_ckpt, tmp_path):

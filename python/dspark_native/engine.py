@@ -100,7 +100,7 @@ class RequestStats:
 
     @property
     def acceptance(self) -> List[float]:
-        return [a / n if n else float("nan") for a, n in zip(self.accepted, self.reached)]
+        return [a / n if n else float("nan") for a, n in zip(self.accepted, self.reached, strict=True)]
 
     def _grow(self, k: int) -> None:
         while len(self.reached) < k:
@@ -421,7 +421,7 @@ class Engine:
             params = [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError("one SamplingParams per prompt")
-        ids = [self.add(p, sp, on_tokens) for p, sp in zip(prompts, params)]
+        ids = [self.add(p, sp, on_tokens) for p, sp in zip(prompts, params, strict=True)]
         while self.has_unfinished():
             self.step()
         return [self.requests[i].result() for i in ids]
@@ -468,7 +468,8 @@ class Engine:
         if cu[-1]:
             ids = torch.tensor([t for p in pre for t in p], dtype=torch.int64)
             need = self.drafter is not None
-            _, hidden = self.target(ids, torch.tensor(cu), torch.tensor(slots), self.cache, return_hidden=need)
+            _, hidden = self.target(ids, torch.tensor(cu), torch.tensor(slots), self.cache, return_hidden=need,
+                                    logit_rows="none")
             if self.kind == "eagle3":
                 self.drafter.ingest(slots, hidden, cu, ids)
             elif need:
@@ -493,7 +494,7 @@ class Engine:
         offset_l = [rq.offset for rq in reqs]
         # drafts this round may not exceed the block, the context or the tokens still wanted
         caps_l = [max(0, min(g, self.max_seq - 1 - p, rq.params.max_new_tokens - len(rq.output) - 1))
-                  for p, rq in zip(pos_l, reqs)]
+                  for p, rq in zip(pos_l, reqs, strict=True)]
         # per-request vectors of the round: one asynchronous upload each for ints and floats
         ints = upload(torch.tensor([slots_l, [rq.anchor for rq in reqs], seed_l, offset_l,
                                     [int(rq.params.top_k) for rq in reqs]], dtype=torch.int64), dev)
@@ -513,7 +514,7 @@ class Engine:
             drafts, q, conf = sequential_stage(self.drafter, U[:, :g], h[:, :g], anchors, temp, seed, offset)
         elif self.kind == "eagle3" and max(caps_l) > 0:
             ok = self.drafter.has_pending[slots_l].tolist()  # host bookkeeping
-            caps_l = [c if o else 0 for c, o in zip(caps_l, ok)]
+            caps_l = [c if o else 0 for c, o in zip(caps_l, ok, strict=True)]
             idx = [i for i, o in enumerate(ok) if o]
             sampled = {temp_l[i] for i in idx if temp_l[i] > 0}
             T = sampled.pop() if len(sampled) == 1 else 0.0  # all sampled requests share T: draft at T, q = logits
@@ -593,7 +594,7 @@ class Engine:
         accl = res[:, -1].tolist()
         if self.round_log is not None:
             self.round_log.append((conf_host, torch.tensor(lengths_l, dtype=torch.int64), res[:, -1].clone()))
-        new_len = [p + a + 1 for p, a in zip(pos_l, accl)]
+        new_len = [p + a + 1 for p, a in zip(pos_l, accl, strict=True)]
         self.cache.truncate(slots_l, new_len)  # host values: checked on the host, uploaded
         cont = []
         for i, rq in enumerate(reqs):

@@ -173,7 +173,7 @@ class KVCache:
             )
         host = self.host_lengths()
         cur = host[idx_l].tolist() if idx_l else []
-        if any(n < 0 or n > c for n, c in zip(new_l, cur)):
+        if any(n < 0 or n > c for n, c in zip(new_l, cur, strict=True)):
             raise ValueError("truncate: new_lengths must be in [0, current length]")
         if not idx_l:
             return

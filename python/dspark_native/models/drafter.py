@@ -232,7 +232,7 @@ class DSparkDrafter(nn.Module):
             raise ValueError("cu_seqlens must be [R+1], start at 0 and end at ctx_features rows")
         if ctx_features.dim() != 2:
             raise ValueError(f"ctx_features must be 2-D [N, k*H], got {tuple(ctx_features.shape)}")
-        counts_l = [b - a for a, b in zip(cu_l, cu_l[1:])]
+        counts_l = [b - a for a, b in zip(cu_l, cu_l[1:], strict=False)]
         if any(c < 0 for c in counts_l):
             raise ValueError("cu_seqlens must be non-decreasing")
         if R and (min(req_l) < 0 or max(req_l) >= cache.max_requests):
@@ -240,7 +240,7 @@ class DSparkDrafter(nn.Module):
         if len(set(req_l)) != R:
             raise ValueError(f"request_ids must be distinct, got {req_l}")
         base_l = cache.host_lengths()[req_l].tolist() if R else []
-        over = [s for s, b, c in zip(req_l, base_l, counts_l) if b + c > cache.max_seq]
+        over = [s for s, b, c in zip(req_l, base_l, counts_l, strict=True) if b + c > cache.max_seq]
         if over:
             raise ContextLengthError(
                 f"drafter context cache max_seq = {cache.max_seq} exceeded for slots {over}"

@@ -38,7 +38,8 @@ class RaggedPlan:
     positions: torch.Tensor
     mask: torch.Tensor
     uniform: bool
-    slots_l: Optional[List[int]] = None
+    chain: bool = True  # no tree mask: every block is causal
+    slots_l: Optional[List[int]] = None  # host copies of slots / counts (for cache.advance)
     counts_l: Optional[List[int]] = None
 
 
@@ -89,7 +90,7 @@ def plan_ragged(
         raise ValueError(
             f"cu_seqlens must have len(request_ids) + 1 = {R + 1} entries, got {len(cu_l)}"
         )
-    if cu_l[0] != 0 or any(b < a for a, b in zip(cu_l, cu_l[1:])):
+    if cu_l[0] != 0 or any(b < a for a, b in zip(cu_l, cu_l[1:], strict=False)):
         raise ValueError(f"cu_seqlens must start at 0 and be non-decreasing, got {cu_l}")
     if total_rows is not None and cu_l[-1] != total_rows:
         raise ValueError(
@@ -99,7 +100,7 @@ def plan_ragged(
         raise ValueError(f"request_ids must be in [0, {cache.max_requests}), got {req_l}")
     if len(set(req_l)) != R:
         raise ValueError(f"request_ids must be distinct, got {req_l}")
-    counts_l = [b - a for a, b in zip(cu_l, cu_l[1:])]
+    counts_l = [b - a for a, b in zip(cu_l, cu_l[1:], strict=False)]
     base_l = cache.host_lengths()[req_l].tolist() if R else []
     for r in range(R):
         if base_l[r] + counts_l[r] > cache.max_seq:
@@ -109,7 +110,7 @@ def plan_ragged(
             )
     T = cu_l[-1] if R else 0
     n_max = max(counts_l) if R else 0
-    L_max = max(b + n for b, n in zip(base_l, counts_l)) if R else 0
+    L_max = max(b + n for b, n in zip(base_l, counts_l, strict=True)) if R else 0
     meta = upload(torch.tensor([req_l, base_l, counts_l, cu_l[:-1]], dtype=torch.int64).reshape(4, R), device)
     req, base, counts, starts = meta[0], meta[1], meta[2], meta[3]
     row_req = torch.repeat_interleave(torch.arange(R, device=device), counts, output_size=T)
@@ -179,7 +180,8 @@ def plan_ragged(
     return RaggedPlan(
         R=R, n_max=n_max, L_max=L_max, counts=counts, slots=req, slot_slice=slot_slice,
         row_req=row_req, row_off=row_off, slot_t=slot_t, store_t=store_t, positions=positions,
-        mask=mask, uniform=all(n == n_max for n in counts_l), slots_l=req_l, counts_l=counts_l,
+        mask=mask, uniform=all(n == n_max for n in counts_l), chain=tree_mask is None, slots_l=req_l,
+        counts_l=counts_l,
     )
 
 
@@ -209,6 +211,33 @@ def ragged_attention(
     return out
 
 
+def _logit_row_index(logit_rows, plan: RaggedPlan, T: int, device):
+    """None (all rows), "none", or an int64 index tensor of the rows that need logits."""
+    if isinstance(logit_rows, str):
+        if logit_rows == "all":
+            return None
+        if logit_rows == "none":
+            return "none"
+        if logit_rows == "last":  # from the plan's host counts: no device read
+            ends, end = [], 0
+            for n in plan.counts_l:
+                end += n
+                if n:
+                    ends.append(end - 1)
+            return upload(torch.tensor(ends, dtype=torch.int64), device)
+        raise ValueError(f"logit_rows must be 'all', 'last', 'none' or an index tensor, got {logit_rows!r}")
+    rows = _check_long_1d(logit_rows, "logit_rows").to(torch.int64)
+    msg = f"logit_rows must index rows in [0, {T})"
+    if rows.device.type == "cpu":
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= T):
+            raise ValueError(f"{msg}, got {rows.tolist()}")
+        return upload(rows, device)
+    rows = rows.to(device)
+    if rows.numel():
+        torch._assert_async(((rows >= 0) & (rows < T)).all(), msg)
+    return rows
+
+
 class TargetModel(nn.Module):
     """Llama / Qwen3 decoder-only LM with a contiguous KV cache and ragged batched forward.
 
@@ -225,6 +254,36 @@ class TargetModel(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self._packed = None  # fused-path weights (set_weights); None = the reference path
+
+    @property
+    def weights(self) -> str:
+        """The forward path in use: "reference" (the modules, HF numerics: training and tests),
+        "fused" or "bf16" (see :mod:`dspark_native.models.fused`)."""
+        return "reference" if self._packed is None else self._packed.weights
+
+    def set_weights(self, weights: str = "auto") -> str:
+        """Choose the forward path: "reference", "fused" (fused projections, model dtype), "bf16"
+        (fused, layer weights bf16 packed for oneDNN: CPUs with AMX / AVX512-BF16), "native" (the
+        whole forward in one native CPU call, bf16 weights: dspark_native.ops.target_forward) or
+        "auto" (native on the CPU when the extension is built, see
+        :func:`dspark_native.models.fused.resolve_weight_format`). Packs the weights once from the
+        current parameters: call it again after changing them (or moving the model). Returns the
+        format chosen."""
+        from .fused import pack_target, resolve_weight_format
+
+        # The fast paths implement plain RoPE without biases only: Llama 3 scaling and Qwen2's
+        # q/k/v biases run on the reference path ("auto" picks it) until they are ported.
+        unported = [w for w, on in (("rope_scaling (llama3)", self.config.rope_scaling is not None),
+                                    ("q/k/v biases (Qwen2)", self.config.qkv_bias)) if on]
+        if unported and weights != "reference":
+            if weights != "auto":
+                raise ValueError(f"weights={weights!r} does not implement {' and '.join(unported)} yet: "
+                                 "use weights='reference' (or 'auto', which picks it for this model)")
+            weights = "reference"
+        fmt = resolve_weight_format(weights, self.device, self.dtype)
+        self._packed = None if fmt == "reference" else pack_target(self, fmt)
+        return fmt
 
     @property
     def dtype(self) -> torch.dtype:
@@ -260,7 +319,8 @@ class TargetModel(nn.Module):
         tree_mask: TreeMask = None,
         positions: Optional[torch.Tensor] = None,
         return_hidden: bool = True,
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        logit_rows: Union[str, torch.Tensor] = "all",
+    ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """One forward over a ragged batch of query blocks; appends their K/V to ``cache``.
 
         Args:
@@ -274,8 +334,11 @@ class TargetModel(nn.Module):
             positions: int64 [T] RoPE positions; default lengths[slot] + depth (depth = row
                 offset for chains, number of ancestors for trees).
             return_hidden: also return the target-layer features.
+            logit_rows: rows that get logits: "all", "last" (the last row of every non-empty
+                block, in request order), "none" (features only, e.g. a prefill: skips the LM
+                head) or an int64 index tensor into [0, T).
         Returns:
-            logits fp32 [T, V] and hidden features [T, len(target_layer_ids) * H] in the model
+            logits fp32 [T, V] (or [len(rows), V]; None for "none") and hidden features [T, len(target_layer_ids) * H] in the model
             dtype (raw outputs of the layers target_layer_ids, before the final norm,
             concatenated in that order), or None when return_hidden is False or no layer is set.
         """
@@ -301,12 +364,18 @@ class TargetModel(nn.Module):
         plan = plan_ragged(cu_seqlens, request_ids, cache, tree_mask, positions, total_rows=T)
         ids = self.config.target_layer_ids if return_hidden else []
         H = self.config.hidden_size
+        rows = _logit_row_index(logit_rows, plan, T, self.device)
         if T == 0:
-            logits = torch.zeros(0, self.config.vocab_size, device=self.device)
+            logits = None if isinstance(rows, str) else torch.zeros(
+                0, self.config.vocab_size, device=self.device)
             return logits, (torch.zeros(0, len(ids) * H, dtype=self.dtype, device=self.device) if ids else None)
-        return self._forward_planned(input_ids, plan, cache, ids)
+        if self._packed is not None:
+            from .fused import fused_forward
 
-    def _forward_planned(self, input_ids, plan: RaggedPlan, cache: KVCache, ids):
+            return fused_forward(self, self._packed, input_ids, plan, cache, ids, rows)
+        return self._forward_planned(input_ids, plan, cache, ids, rows)
+
+    def _forward_planned(self, input_ids, plan: RaggedPlan, cache: KVCache, ids, rows=None):
         h = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(plan.positions, self.config.head_dim, self.config.rope_theta, h.dtype,
                                 self.config.rope_scaling)
@@ -323,7 +392,10 @@ class TargetModel(nn.Module):
             if li in want:
                 feats[li] = h
         cache.advance(plan.slots, plan.counts, plan.slots_l, plan.counts_l)
-        logits = self.lm_head(self.norm(h)).float()
+        if isinstance(rows, str):
+            logits = None
+        else:
+            logits = self.lm_head(self.norm(h if rows is None else h[rows])).float()
         hidden = torch.cat([feats[i] for i in ids], dim=-1) if ids else None
         return logits, hidden
 
@@ -346,7 +418,8 @@ class TargetModel(nn.Module):
         cache.reset([slot])
         slot_t = torch.tensor([slot])
         logits, _ = self.forward(
-            prompt, torch.tensor([0, prompt.numel()]), slot_t, cache, return_hidden=False
+            prompt, torch.tensor([0, prompt.numel()]), slot_t, cache, return_hidden=False,
+            logit_rows="last",
         )
         out: List[int] = []
         eos = set(int(e) for e in eos_token_ids)
