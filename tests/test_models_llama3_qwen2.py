@@ -145,15 +145,23 @@ def test_qwen2_target_matches_reference(qwen2_ckpt):
     assert float((ref_target_forward(nobias, raw, ids)[0] - want).abs().max()) > 100 * 2e-4
 
 
-def test_fast_target_paths_are_not_used_for_unported_features(llama3_ckpt, qwen2_ckpt):
-    """The fused / bf16 / native forward paths implement plain RoPE without biases: "auto" keeps
-    these models on the reference path and asking for a fast path is refused."""
-    for d, _, _ in (llama3_ckpt, qwen2_ckpt):
-        model = load_target(d)
-        assert model.set_weights("auto") == "reference" and model.weights == "reference"
-        for w in ("fused", "bf16", "native"):
-            with pytest.raises(ValueError, match="does not implement"):
-                model.set_weights(w)
+@pytest.mark.parametrize("weights", ["fused", "bf16", "native"])
+def test_fast_target_paths_keep_scaling_and_biases(llama3_ckpt, qwen2_ckpt, weights):
+    """The fused / bf16 / native forward paths implement Llama 3 scaling and Qwen2's biases: a
+    prefill past the original context, then cached decode, agrees with the reference path
+    (fp32 fused tightly; the bf16 paths to bf16 rounding; dropping either feature is far off)."""
+    for d, raw, _ in (llama3_ckpt, qwen2_ckpt):
+        ref, fast = load_target(d), load_target(d)
+        assert fast.set_weights(weights) == weights
+        ids = _ids(100, raw["vocab_size"], 8)
+        outs = []
+        for m in (ref, fast):
+            cache = m.new_cache(1, 100)
+            a, _ = m(ids[:90], torch.tensor([0, 90]), torch.tensor([0]), cache, return_hidden=False)
+            b, _ = m(ids[90:], torch.tensor([0, 10]), torch.tensor([0]), cache, return_hidden=False)
+            outs.append(torch.cat([a, b]))
+        tol = dict(atol=2e-4, rtol=1e-4) if weights == "fused" else dict(atol=0.15, rtol=0.05)
+        torch.testing.assert_close(outs[1], outs[0], **tol)
 
 
 def test_qwen2_checkpoint_without_biases_is_refused(qwen2_ckpt, tmp_path):

@@ -585,6 +585,9 @@ class Forward {
     const int64_t d = p.head_dim, half = d / 2;
     float* x = &qkv_[t * nqkv_ + hd * d];
     const bool is_q = hd < Hq_;
+    const float* bias = p.layers[l].qkv_bias;
+    if (bias != nullptr)
+      for (int64_t i = 0; i < d; ++i) x[i] += bias[hd * d + i];
     const float* nw = is_q ? p.layers[l].q_norm : p.layers[l].k_norm;
     if (nw != nullptr) {
       const float r = 1.0f / std::sqrt(mean_square(x, d) + p.rms_norm_eps);
@@ -602,7 +605,13 @@ class Forward {
     const int64_t r = row_req_[t];
     const int64_t off = l * layer_stride + ((p.slots[r] * Hkv_ + kvh) * p.max_seq + row_cache_pos_[t]) * d;
     std::memcpy(p.k_cache + off, x, sizeof(float) * d);
-    std::memcpy(p.v_cache + off, &qkv_[t * nqkv_ + (Hq_ + Hkv_) * d + kvh * d], sizeof(float) * d);
+    const int64_t vcol = (Hq_ + Hkv_) * d + kvh * d;
+    float* vdst = p.v_cache + off;
+    const float* vsrc = &qkv_[t * nqkv_ + vcol];
+    if (bias != nullptr)
+      for (int64_t i = 0; i < d; ++i) vdst[i] = vsrc[i] + bias[vcol + i];
+    else
+      std::memcpy(vdst, vsrc, sizeof(float) * d);
   }
 
   // The `group` query heads that share KV head `kvh` read each cached K/V row once together.

@@ -146,6 +146,7 @@ class _PackedLayer:
     post_norm: torch.Tensor
     q_norm: Optional[torch.Tensor]
     k_norm: Optional[torch.Tensor]
+    qkv_bias: Optional[torch.Tensor] = None  # [(Hq + 2 Hkv) d] fp32 (Qwen2)
 
 
 @dataclass
@@ -163,7 +164,7 @@ class PackedTarget:
         """Bytes of matmul weights one forward streams (layers + LM head)."""
         if self.native is not None:
             return 2 * (self.native.lm_head.numel() + sum(
-                w.numel() for i, w in enumerate(self.native.layer_weights) if i % 8 < 4))
+                w.numel() for i, w in enumerate(self.native.layer_weights) if i % 9 < 4))
         return self.lm_head.nbytes + sum(
             p.nbytes for L in self.layers for p in (L.qkv, L.o, L.gate_up, L.down)
         )
@@ -173,7 +174,7 @@ class PackedTarget:
 class _NativeWeights:
     """Arguments of dspark_native.ops.target_forward that depend on the weights only."""
 
-    layer_weights: List[torch.Tensor]  # 8 per layer (see ops.target_forward)
+    layer_weights: List[torch.Tensor]  # 9 per layer (see ops.target_forward)
     lm_head: torch.Tensor
     inv_freq: torch.Tensor
 
@@ -195,11 +196,19 @@ def _pack_native(model) -> _NativeWeights:
             layer.post_attention_layernorm.weight.detach().float().contiguous(),
             empty if a.q_norm is None else a.q_norm.weight.detach().float().contiguous(),
             empty if a.k_norm is None else a.k_norm.weight.detach().float().contiguous(),
+            _qkv_bias(a, empty),
         ]
-    d = c.head_dim
-    # the reference's rope_cos_sin computes exactly these fp32 frequencies
-    inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-    return _NativeWeights(lw, pack_panels(model.lm_head.weight), inv_freq.contiguous())
+    from .layers import rope_inv_freq
+
+    inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)  # what the reference uses
+    return _NativeWeights(lw, pack_panels(model.lm_head.weight), inv_freq.float().contiguous())
+
+
+def _qkv_bias(attn, empty: torch.Tensor) -> torch.Tensor:
+    """The fused q/k/v bias [(Hq + 2 Hkv) d] fp32 (Qwen2), or ``empty`` when the model has none."""
+    if attn.q_proj.bias is None:
+        return empty
+    return torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]).detach().float().contiguous()
 
 
 @torch.no_grad()
@@ -222,6 +231,7 @@ def pack_target(model, weights: str) -> PackedTarget:
             post_norm=layer.post_attention_layernorm.weight.detach(),
             q_norm=None if a.q_norm is None else a.q_norm.weight.detach(),
             k_norm=None if a.k_norm is None else a.k_norm.weight.detach(),
+            qkv_bias=None if a.q_proj.bias is None else _qkv_bias(a, None),
         ))
     return PackedTarget(weights=weights, layers=layers,
                         lm_head=PackedLinear(model.lm_head.weight, kind),
@@ -229,12 +239,12 @@ def pack_target(model, weights: str) -> PackedTarget:
                         native=_pack_native(model) if weights == "native" else None)
 
 
-def rope_tables(positions: torch.Tensor, head_dim: int, theta: float):
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, scaling=None):
     """fp32 ``cos, sin_signed [T, 1, head_dim]`` such that rotate-half RoPE is
     ``x * cos + roll(x, head_dim / 2) * sin_signed`` (the sign of rotate_half folded into sin)."""
     from .layers import rope_cos_sin
 
-    cos, sin = rope_cos_sin(positions, head_dim, theta, torch.float32)
+    cos, sin = rope_cos_sin(positions, head_dim, theta, torch.float32, scaling)
     half = head_dim // 2
     sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
     return cos.unsqueeze(1), sin.unsqueeze(1)
@@ -256,16 +266,19 @@ def fused_forward(model, packed: PackedTarget, input_ids, plan, cache, ids, rows
     T = input_ids.numel()
     nq = (Hq + Hkv) * d
     half = d // 2
-    cos, sin = rope_tables(plan.positions, d, c.rope_theta)
+    cos, sin = rope_tables(plan.positions, d, c.rope_theta, c.rope_scaling)
     single = plan.R == 1
     if single:  # one request: its rows are a contiguous range of the cache, no index_put needed
-        slot, base = int(plan.slots[0]), int(plan.store_t[0])
+        slot = plan.slots_l[0]
+        base = int(cache.host_lengths()[slot])
     want = set(ids)
     feats = {}
     h = model.embed_tokens(input_ids)
     for li, L in enumerate(packed.layers):
         x = F.rms_norm(h, (H,), L.input_norm, eps)
         qkv = L.qkv(x)
+        if L.qkv_bias is not None:
+            qkv = qkv + L.qkv_bias
         qk = qkv[:, :nq].view(T, Hq + Hkv, d).float()
         if L.q_norm is not None:
             qk = torch.cat([F.rms_norm(qk[:, :Hq], (d,), L.q_norm.float(), eps),
@@ -287,7 +300,7 @@ def fused_forward(model, packed: PackedTarget, input_ids, plan, cache, ids, rows
         h = h + L.down(F.silu(gu[:, :inter]) * gu[:, inter:])
         if li in want:
             feats[li] = h
-    cache.lengths[plan.slots] += plan.counts
+    cache.advance(plan.slots, plan.counts, plan.slots_l, plan.counts_l)
     if isinstance(rows, str):  # "none": the caller needs the features only (prefill)
         logits = None
     else:
@@ -311,9 +324,9 @@ def _native_forward(model, packed: PackedTarget, input_ids, plan, cache, ids, ro
     else:
         lrows = torch.arange(T) if rows is None else rows.contiguous()
     logits, feats = target_forward(
-        h, plan.positions.contiguous(), cu, plan.slots.contiguous(), cache.lengths[plan.slots].contiguous(),
+        h, plan.positions.contiguous(), cu, plan.slots.contiguous(), cache.host_lengths()[plan.slots].contiguous(),
         cache.k_cache, cache.v_cache, nw.layer_weights, nw.lm_head, packed.final_norm, nw.inv_freq, lrows,
         list(ids), num_heads=c.num_attention_heads, intermediate_size=c.intermediate_size,
         vocab_size=c.vocab_size, eps=c.rms_norm_eps)
-    cache.lengths[plan.slots] += plan.counts
+    cache.advance(plan.slots, plan.counts, plan.slots_l, plan.counts_l)
     return (None if isinstance(rows, str) else logits), (feats if ids else None)

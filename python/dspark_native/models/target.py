@@ -272,15 +272,6 @@ class TargetModel(nn.Module):
         format chosen."""
         from .fused import pack_target, resolve_weight_format
 
-        # The fast paths implement plain RoPE without biases only: Llama 3 scaling and Qwen2's
-        # q/k/v biases run on the reference path ("auto" picks it) until they are ported.
-        unported = [w for w, on in (("rope_scaling (llama3)", self.config.rope_scaling is not None),
-                                    ("q/k/v biases (Qwen2)", self.config.qkv_bias)) if on]
-        if unported and weights != "reference":
-            if weights != "auto":
-                raise ValueError(f"weights={weights!r} does not implement {' and '.join(unported)} yet: "
-                                 "use weights='reference' (or 'auto', which picks it for this model)")
-            weights = "reference"
         fmt = resolve_weight_format(weights, self.device, self.dtype)
         self._packed = None if fmt == "reference" else pack_target(self, fmt)
         return fmt
