@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import threading
 import time
 
 import pytest
@@ -65,7 +66,8 @@ def long_prompts(tiny):
     raise AssertionError("no prompt runs 88 tokens without eos")
 
 
-def tiny_server(tiny, *, max_batch=8, max_seq=96, policy="causal", plain=False, step_delay_s=0.0, **cfg):
+def tiny_server(tiny, *, max_batch=8, max_seq=96, policy="causal", plain=False, step_delay_s=0.0, graceful_s=5.0,
+                **cfg):
     if plain:
         eng = Engine(tiny.model, None, max_batch=max_batch, max_seq=max_seq)
     else:
@@ -80,7 +82,7 @@ def tiny_server(tiny, *, max_batch=8, max_seq=96, policy="causal", plain=False, 
 
         eng.step = slow_step
     app = server.create_app(tiny, eng, server.ServerConfig(model_name="tiny", **cfg), dict(policy=policy))
-    return server.ServerThread(app)
+    return server.ServerThread(app, graceful_s=graceful_s)
 
 
 def tiny_prompts(n, seed=0):
@@ -307,6 +309,53 @@ def test_engine_fault_fails_only_its_requests(tiny):
         assert m["dspark_requests_finished_total"]['{reason="error"}'] == 2
         wait_idle(c)
         assert_no_leak(srv)
+
+
+def test_internal_error_is_json_500_and_server_goes_on(tiny, monkeypatch):
+    with tiny_server(tiny) as srv, httpx.Client(base_url=srv.url, timeout=TIMEOUT) as c:
+        def broken(*a, **k):
+            raise RuntimeError("injected parse bug")
+
+        monkeypatch.setattr(server, "parse_sampling", broken)
+        r = c.post("/v1/completions", json=dict(prompt="w1", max_tokens=3))
+        assert r.status_code == 500 and "injected parse bug" in r.json()["error"]["message"]
+        monkeypatch.undo()
+        assert c.post("/v1/completions", json=dict(prompt="w1", max_tokens=3)).status_code == 200
+        wait_idle(c)
+        assert_no_leak(srv)
+
+
+def test_shutdown_with_an_open_stream_ends_everything(tiny, long_prompts):
+    srv = tiny_server(tiny, step_delay_s=0.05, graceful_s=0.3).start()
+    st = srv.server.config.app.state.dspark
+    got = {}
+
+    def client():
+        try:
+            with httpx.Client(base_url=srv.url, timeout=TIMEOUT) as c, \
+                    c.stream("POST", "/v1/completions", json=dict(prompt=long_prompts[0], max_tokens=88,
+                                                                 temperature=0, stream=True)) as r:
+                got["lines"] = list(r.iter_lines())
+        except httpx.HTTPError as exc:
+            got["error"] = exc
+
+    th = threading.Thread(target=client)
+    th.start()
+    try:
+        t_end = time.monotonic() + 30
+        while st.metrics.generation_tokens == 0:
+            assert time.monotonic() < t_end and th.is_alive()
+            time.sleep(0.01)
+    finally:
+        t0 = time.monotonic()
+        srv.stop()
+        th.join(30)
+    assert time.monotonic() - t0 < 30 and not th.is_alive()
+    assert not st.loop.thread.is_alive() and st.loop.pending == 0 and not st.engine.has_unfinished()
+    assert "error" in got or "data: [DONE]" not in got["lines"]  # cut off, not completed
+    fin = st.metrics.snapshot()["finished"]
+    assert sum(fin.values()) == 1 and set(fin) <= {"aborted", "shutdown"}
+    assert st.metrics.generation_tokens < 88
 
 
 def test_full_queue_answers_503_and_disconnect_frees_the_slot(tiny, long_prompts):

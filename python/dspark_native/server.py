@@ -341,12 +341,17 @@ class EngineLoop:
                 self.error = exc
                 print(f"dspark-native serve: engine error: {type(exc).__name__}: {exc}", file=sys.stderr)
                 finished = self._fail_all(f"engine error: {type(exc).__name__}: {exc}")
-            self._account(time.perf_counter() - t0, finished)
+            try:
+                self._account(time.perf_counter() - t0, finished)
+            except Exception as exc:  # never leave handlers waiting on a dead loop
+                self.error = exc
+                print(f"dspark-native serve: bookkeeping error: {type(exc).__name__}: {exc}", file=sys.stderr)
         # shutting down: abort everything submitted; the step only drains (nothing is left to run)
         with self._lock:
             rids = list(self._records)
             for rid in rids:
-                self._records[rid].reason = "shutdown"
+                if self._records[rid].reason is None:
+                    self._records[rid].reason = "shutdown"
         for rid in rids:
             eng.abort(rid)
         self._account(0.0, eng.step())
@@ -745,7 +750,7 @@ def create_app(target, engine, config: Optional[ServerConfig] = None, info: Opti
             raise APIError(400, "this model has no chat template: use /v1/completions", param="messages")
         try:
             return list(target.chat_template.encode(target.tokenizer, msgs))
-        except (ValueError, RuntimeError) as exc:
+        except Exception as exc:  # jinja2 errors and the template's raise_exception (ValueError)
             raise APIError(400, f"the chat template rejected the messages: {exc}", param="messages") from None
 
     async def generation(request: Request, chat: bool):
@@ -914,13 +919,28 @@ def create_app(target, engine, config: Optional[ServerConfig] = None, info: Opti
         finally:
             await asyncio.get_running_loop().run_in_executor(None, st.loop.stop)
 
+    def guarded(handler):
+        """A bug in a handler is answered as a JSON 500 (and logged); the server goes on. (Starlette's
+        own last-resort handler re-raises after answering, and the connection is reset.)"""
+
+        async def run(request):
+            try:
+                return await handler(request)
+            except Exception as exc:
+                print(f"dspark-native serve: {request.method} {request.url.path}: {type(exc).__name__}: {exc}",
+                      file=sys.stderr)
+                return error_response(APIError(500, f"internal error: {type(exc).__name__}: {exc}",
+                                               code="internal_error"))
+
+        return run
+
     routes = [
-        Route("/v1/completions", completions, methods=["POST"]),
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/v1/models/{model:path}", model_one, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
+        Route("/v1/completions", guarded(completions), methods=["POST"]),
+        Route("/v1/chat/completions", guarded(chat_completions), methods=["POST"]),
+        Route("/v1/models", guarded(models), methods=["GET"]),
+        Route("/v1/models/{model:path}", guarded(model_one), methods=["GET"]),
+        Route("/health", guarded(health), methods=["GET"]),
+        Route("/metrics", guarded(metrics), methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
     app.state.dspark = st
