@@ -90,7 +90,9 @@ async def run_level(url, model, c, n_per_client, max_tokens, timeout_s):
 
 def metric_diff(a, b):
     keys = ("rounds", "request_rounds", "verified_drafts", "accepted_drafts", "generation_tokens")
-    return {k: b[k] - a[k] for k in keys}
+    out = {k: b[k] - a[k] for k in keys}
+    out["engine_time"] = {p: b["engine_time"][p] - a["engine_time"][p] for p in a["engine_time"]}
+    return out
 
 
 def main() -> int:
@@ -123,7 +125,7 @@ def main() -> int:
             table = runtime.load_sps_table(args.sps)
         if table is None or len(table.sps) < need:
             print(f"profiling the SPS table (B = 1..{need})", file=sys.stderr, flush=True)
-            table = server.profile_sps_table(target.model, need)
+            table = server.profile_sps_table(target.model, need, repeats=3)
             if args.sps:
                 table.save(args.sps)
     max_seq = 256
@@ -157,11 +159,14 @@ def main() -> int:
                            ttft_p50=pct(ttft, 50), ttft_p99=pct(ttft, 99), itl_p50=pct(itl, 50), itl_p99=pct(itl, 99),
                            drafts_per_round=d["verified_drafts"] / max(1, d["rounds"]),
                            drafts_per_request_round=d["verified_drafts"] / rr,
-                           tau=d["generation_tokens"] / rr, batch_per_round=d["request_rounds"] / max(1, d["rounds"]))
+                           tau=d["generation_tokens"] / rr, batch_per_round=d["request_rounds"] / max(1, d["rounds"]),
+                           ms_per_round={p: 1e3 * t / max(1, d["rounds"]) for p, t in d["engine_time"].items()})
                 rows.append(row)
                 print(f"{pol:>9} c={c:<3} {row['throughput']:7.1f} tok/s, per user {row['per_user_tok_s']:6.2f}, "
                       f"TTFT p50 {row['ttft_p50']:.2f} s, ITL p50 {row['itl_p50'] * 1e3:.0f} ms, drafts/req/round "
-                      f"{row['drafts_per_request_round']:.2f}, tau {row['tau']:.2f}  ({wall:.1f} s)", flush=True)
+                      f"{row['drafts_per_request_round']:.2f}, tau {row['tau']:.2f}, ms/round "
+                      + " ".join(f"{p} {v:.0f}" for p, v in row["ms_per_round"].items()) + f"  ({wall:.1f} s)",
+                      flush=True)
         del eng, app
     load_after = os.getloadavg()
     machine = dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
@@ -170,12 +175,14 @@ def main() -> int:
     total = time.perf_counter() - t_start
     print(f"\nmachine: {machine}\ntotal {total:.0f} s\n")
     print("| policy | c | tok/s | per-user tok/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | drafts verified / round "
-          "| per request | tau |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| per request | tau | draft / verify ms per round |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        t = r["ms_per_round"]
         print(f"| {r['policy']} | {r['concurrency']} | {r['throughput']:.1f} | {r['per_user_tok_s']:.2f} | "
               f"{r['ttft_p50']:.2f} / {r['ttft_p99']:.2f} | {r['itl_p50'] * 1e3:.0f} / {r['itl_p99'] * 1e3:.0f} | "
-              f"{r['drafts_per_round']:.1f} | {r['drafts_per_request_round']:.2f} | {r['tau']:.2f} |")
+              f"{r['drafts_per_round']:.1f} | {r['drafts_per_request_round']:.2f} | {r['tau']:.2f} | "
+              f"{t['draft']:.0f} / {t['verify']:.0f} |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(machine=machine, args=vars(args), total_s=total, rows=rows), f, indent=1)

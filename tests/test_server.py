@@ -577,6 +577,53 @@ def test_smollm2_completions_openai_client_and_concurrency(smol):
         assert_no_leak(srv)
 
 
+def test_serve_command_end_to_end(tiny, tmp_path):
+    """`dspark-native serve` as a subprocess on a tiny target directory: flags -> engine (causal,
+    SPS table profiled at start-up) -> uvicorn on a free port; a request; SIGINT stops it cleanly."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from dspark_native.models import save_drafter, save_target
+
+    tdir, ddir = str(tmp_path / "target"), str(tmp_path / "drafter")
+    save_target(tiny.model, tdir)
+    tiny.tokenizer.save(os.path.join(tdir, "tokenizer.json"))
+    with open(os.path.join(tdir, "tokenizer_config.json"), "w") as f:
+        json.dump({}, f)
+    save_drafter(tiny_drafter(tiny.model, "dspark", block_size=5), ddir, include_shared=True)
+    import dspark_native
+
+    # the subprocess imports the same dspark_native as this process (the source tree or the install)
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(dspark_native.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH")) if p))
+    cmd = [sys.executable, "-m", "dspark_native", "serve", "--target", tdir, "--drafter", ddir, "--port", "0",
+           "--threads", "1", "--max-batch", "2", "--max-seq", "64", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    try:
+        url, lines, t_end = None, [], time.monotonic() + 120
+        while url is None:
+            assert time.monotonic() < t_end and proc.poll() is None, lines
+            ln = proc.stderr.readline()
+            lines.append(ln)
+            m = re.search(r"serving the OpenAI API on (http://127\.0\.0\.1:\d+)/v1", ln)
+            url = m.group(1) if m else None
+        assert any("profiling the SPS table" in ln for ln in lines)
+        with httpx.Client(base_url=url, timeout=TIMEOUT) as c:
+            assert c.get("/v1/models").json()["data"][0]["id"] == "target"
+            r = c.post("/v1/completions", json=dict(model="target", prompt="w3 w4", max_tokens=6, temperature=0))
+            assert r.status_code == 200
+            assert r.json()["choices"][0]["text"] == tiny.decode(solo_greedy(tiny, "w3 w4", 6)[0])
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        proc.stderr.close()
+
+
 def test_serve_help_and_bad_flags(capsys):
     from dspark_native import cli
 

@@ -1022,6 +1022,8 @@ def profile_sps_table(target_model, max_tokens: int, *, context: int = 128, repe
 
 
 def format_startup(target, drafter_name: str, engine, policy: str, url: str) -> Tuple[str, ...]:
-    return (f"target: {target.name}; drafter: {drafter_name} ({engine.kind}, {engine.gamma} drafts/round, "
-            f"policy {policy}); max batch {engine.max_batch}, context {engine.max_seq}",
+    """The start-up lines of ``dspark-native serve``."""
+    spec = "" if engine.kind == "plain" else f" ({engine.kind}, {engine.gamma} drafts/round, policy {policy})"
+    return (f"target: {target.name}; drafter: {drafter_name}{spec}; max batch {engine.max_batch}, "
+            f"context {engine.max_seq}",
             f"serving the OpenAI API on {url}/v1 (health: {url}/health, metrics: {url}/metrics)")

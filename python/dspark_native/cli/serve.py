@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 from .common import UserError, add_model_args, build_engine, build_plain_engine, command, load_drafter, load_target
 
@@ -80,8 +81,10 @@ def _serve(parser: argparse.ArgumentParser):
                                              max_seq=2).gamma
                 need = args.max_batch * (gamma + 1)
                 print(f"profiling the SPS table on the target (B = 1..{need} tokens; --sps JSON skips this)",
-                      file=sys.stderr)
+                      file=sys.stderr, flush=True)
+                t0 = time.perf_counter()
                 table = server.profile_sps_table(target.model, need)
+                print(f"profiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
                 engine = _engine_with_table(args, target, drafter.model, table)
             else:
                 engine = build_engine(args, target, drafter.model)
@@ -102,7 +105,11 @@ def _serve(parser: argparse.ArgumentParser):
         import uvicorn
 
         config = uvicorn.Config(app, log_level=args.log_level, lifespan="on", timeout_graceful_shutdown=5)
-        uvicorn.Server(config).run(sockets=[sock])
+        try:
+            uvicorn.Server(config).run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on: the normal way to stop
+            pass
+        print("stopped", file=sys.stderr)
         return 0
 
     return run
