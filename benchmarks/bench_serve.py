@@ -129,45 +129,51 @@ def main() -> int:
             if args.sps:
                 table.save(args.sps)
     max_seq = 256
-    rows = []
-    for pol in policies:
+    def make_engine(pol):
         if pol == "plain":
-            eng = runtime.build_plain_engine(target.model, max_batch=max_batch, max_seq=max_seq)
-        elif pol.startswith("static-"):
-            eng = runtime.build_engine(target.model, drafter.model, policy="static", num_drafts=int(pol[7:]),
-                                       max_batch=max_batch, max_seq=max_seq)
-        else:
-            eng = runtime.build_engine(target.model, drafter.model, policy=pol, sps_table=table,
-                                       max_batch=max_batch, max_seq=max_seq)
-        app = server.create_app(target, eng, server.ServerConfig(model_name="smol", max_queue=4 * max_batch))
-        st = app.state.dspark
-        with server.ServerThread(app) as srv:
-            asyncio.run(run_level(srv.url, "smol", 1, 1, 4, args.timeout))  # warm-up
-            for c in levels:
+            return runtime.build_plain_engine(target.model, max_batch=max_batch, max_seq=max_seq)
+        if pol.startswith("static-"):
+            return runtime.build_engine(target.model, drafter.model, policy="static", num_drafts=int(pol[7:]),
+                                        max_batch=max_batch, max_seq=max_seq)
+        return runtime.build_engine(target.model, drafter.model, policy=pol, sps_table=table, max_batch=max_batch,
+                                    max_seq=max_seq)
+
+    rows = []
+    # Concurrency outside, policies inside in alternating order (forward, backward, ...): the load of a
+    # shared machine drifts over minutes, and every policy of a level is measured within the same minute.
+    for li, c in enumerate(levels):
+        for pol in (policies if li % 2 == 0 else policies[::-1]):
+            eng = make_engine(pol)  # a fresh engine (the drafter's cache is re-allocated; one engine at a time)
+            app = server.create_app(target, eng, server.ServerConfig(model_name="smol", max_queue=4 * max_batch))
+            st = app.state.dspark
+            with server.ServerThread(app) as srv:
+                asyncio.run(run_level(srv.url, "smol", 1, 1, 4, args.timeout))  # warm-up
                 n_per = max(1, -(-args.requests // c))
                 m0 = st.metrics.snapshot()
                 res, wall = asyncio.run(run_level(srv.url, "smol", c, n_per, args.max_tokens, args.timeout))
                 m1 = st.metrics.snapshot()
-                d = metric_diff(m0, m1)
-                toks = sum(r["tokens"] for r in res)
-                ttft = [r["first"] - r["t0"] for r in res if r["first"] is not None]
-                itl = [(r["last"] - r["first"]) / (r["tokens"] - 1) for r in res if r["tokens"] > 1]
-                per_user = [r["tokens"] / (r["last"] - r["t0"]) for r in res if r["last"] is not None]
-                rr = d["request_rounds"] or 1
-                row = dict(policy=pol, concurrency=c, requests=len(res), tokens=toks, wall_s=wall,
-                           throughput=toks / wall, per_user_tok_s=statistics.median(per_user),
-                           ttft_p50=pct(ttft, 50), ttft_p99=pct(ttft, 99), itl_p50=pct(itl, 50), itl_p99=pct(itl, 99),
-                           drafts_per_round=d["verified_drafts"] / max(1, d["rounds"]),
-                           drafts_per_request_round=d["verified_drafts"] / rr,
-                           tau=d["generation_tokens"] / rr, batch_per_round=d["request_rounds"] / max(1, d["rounds"]),
-                           ms_per_round={p: 1e3 * t / max(1, d["rounds"]) for p, t in d["engine_time"].items()})
-                rows.append(row)
-                print(f"{pol:>9} c={c:<3} {row['throughput']:7.1f} tok/s, per user {row['per_user_tok_s']:6.2f}, "
-                      f"TTFT p50 {row['ttft_p50']:.2f} s, ITL p50 {row['itl_p50'] * 1e3:.0f} ms, drafts/req/round "
-                      f"{row['drafts_per_request_round']:.2f}, tau {row['tau']:.2f}, ms/round "
-                      + " ".join(f"{p} {v:.0f}" for p, v in row["ms_per_round"].items()) + f"  ({wall:.1f} s)",
-                      flush=True)
-        del eng, app
+            del eng, app, st
+            d = metric_diff(m0, m1)
+            toks = sum(r["tokens"] for r in res)
+            ttft = [r["first"] - r["t0"] for r in res if r["first"] is not None]
+            itl = [(r["last"] - r["first"]) / (r["tokens"] - 1) for r in res if r["tokens"] > 1]
+            per_user = [r["tokens"] / (r["last"] - r["t0"]) for r in res if r["last"] is not None]
+            rr = d["request_rounds"] or 1
+            row = dict(policy=pol, concurrency=c, requests=len(res), tokens=toks, wall_s=wall,
+                       throughput=toks / wall, per_user_tok_s=statistics.median(per_user),
+                       ttft_p50=pct(ttft, 50), ttft_p99=pct(ttft, 99), itl_p50=pct(itl, 50), itl_p99=pct(itl, 99),
+                       drafts_per_round=d["verified_drafts"] / max(1, d["rounds"]),
+                       drafts_per_request_round=d["verified_drafts"] / rr,
+                       tau=d["generation_tokens"] / rr, batch_per_round=d["request_rounds"] / max(1, d["rounds"]),
+                       ms_per_round={p: 1e3 * t / max(1, d["rounds"]) for p, t in d["engine_time"].items()},
+                       loadavg=os.getloadavg()[0])
+            rows.append(row)
+            print(f"{pol:>9} c={c:<3} {row['throughput']:7.1f} tok/s, per user {row['per_user_tok_s']:6.2f}, "
+                  f"TTFT p50 {row['ttft_p50']:.2f} s, ITL p50 {row['itl_p50'] * 1e3:.0f} ms, drafts/req/round "
+                  f"{row['drafts_per_request_round']:.2f}, tau {row['tau']:.2f}, ms/round "
+                  + " ".join(f"{p} {v:.0f}" for p, v in row["ms_per_round"].items())
+                  + f"  ({wall:.1f} s, load {row['loadavg']:.1f})", flush=True)
+    rows.sort(key=lambda r: (policies.index(r["policy"]), r["concurrency"]))
     load_after = os.getloadavg()
     machine = dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
                    cpu_count=os.cpu_count(), torch=torch.__version__, torch_threads=torch.get_num_threads(),
