@@ -391,7 +391,10 @@ class EngineLoop:
             m.active = len(eng.active)
             m.queue_length = max(0, n_pending - m.active)
             for rec, out in done:
-                reason = rec.reason if (rec.reason and out.finish_reason == "aborted") else out.finish_reason
+                # what the client saw: a stop string the server found is "stop" even when the engine
+                # ended the request in the same round; a server-side abort is counted by its cause
+                reason = rec.reason if rec.reason == "stop" or (rec.reason and out.finish_reason == "aborted") \
+                    else out.finish_reason
                 m.finished[reason] = m.finished.get(reason, 0) + 1
                 m.e2e.observe(now - rec.t_submit)
         eng.release()
