@@ -466,6 +466,57 @@ void to_pairs(const float* src, int64_t k, uint32_t* dst) {
   }
 }
 
+#if DSPARK_TF_X86
+// Scores and weighted sum of one (row, KV head) with AVX-512: each cached K/V row is loaded once
+// into registers and used by the g query heads of the group (g * d / 16 <= 16 registers).
+// Returns false when the shape does not fit (the caller runs the portable loops).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))) bool attend_avx512(
+    const float* q0, int64_t g, int64_t d, const float* K, const float* V, int64_t span, float scale,
+    float* sc, float* out) {
+  const int64_t nc = d / 16;
+  if (d % 16 != 0 || g * nc > 16 || nc > 8) return false;
+  __m512 q[16];
+  for (int64_t hh = 0; hh < g; ++hh)
+    for (int64_t c = 0; c < nc; ++c) q[hh * nc + c] = _mm512_loadu_ps(q0 + hh * d + 16 * c);
+  for (int64_t j = 0; j < span; ++j) {
+    const float* k = K + j * d;
+    __m512 kv[8];
+    for (int64_t c = 0; c < nc; ++c) kv[c] = _mm512_loadu_ps(k + 16 * c);
+    for (int64_t hh = 0; hh < g; ++hh) {
+      __m512 acc = _mm512_mul_ps(q[hh * nc], kv[0]);
+      for (int64_t c = 1; c < nc; ++c) acc = _mm512_fmadd_ps(q[hh * nc + c], kv[c], acc);
+      sc[hh * span + j] = _mm512_reduce_add_ps(acc) * scale;
+    }
+  }
+  for (int64_t hh = 0; hh < g; ++hh) {
+    float* s = sc + hh * span;
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < span; ++j) mx = std::max(mx, s[j]);
+    float sum = 0.0f;
+    for (int64_t j = 0; j < span; ++j) {
+      s[j] = detail::exp_nonpos(s[j] - mx);
+      sum += s[j];
+    }
+    const float inv = 1.0f / sum;
+    for (int64_t j = 0; j < span; ++j) s[j] *= inv;
+  }
+  __m512 o[16];
+  for (int64_t i = 0; i < g * nc; ++i) o[i] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < span; ++j) {
+    const float* v = V + j * d;
+    __m512 vv[8];
+    for (int64_t c = 0; c < nc; ++c) vv[c] = _mm512_loadu_ps(v + 16 * c);
+    for (int64_t hh = 0; hh < g; ++hh) {
+      const __m512 w = _mm512_set1_ps(sc[hh * span + j]);
+      for (int64_t c = 0; c < nc; ++c) o[hh * nc + c] = _mm512_fmadd_ps(w, vv[c], o[hh * nc + c]);
+    }
+  }
+  for (int64_t hh = 0; hh < g; ++hh)
+    for (int64_t c = 0; c < nc; ++c) _mm512_storeu_ps(out + hh * d + 16 * c, o[hh * nc + c]);
+  return true;
+}
+#endif
+
 struct Plan {
   std::vector<int64_t> row_req, row_pos_in_cache;  // [T]
   int64_t span_max = 0;
@@ -627,6 +678,14 @@ class Forward {
     float* sc = &scores_[static_cast<size_t>(tid) * scratch_per_thread_];  // [g][span]
     float* out = sc + g * span;                                            // [g][d]
     const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+#if DSPARK_TF_X86
+    if (which_ == Isa::kAmx || which_ == Isa::kAvx512Bf16 || which_ == Isa::kAvx512) {
+      if (attend_avx512(q0, g, d, K, V, span, scale, sc, out)) {
+        for (int64_t hh = 0; hh < g; ++hh) to_pairs(out + hh * d, d, &xb_[t * k2a_ + (kvh * g + hh) * (d / 2)]);
+        return;
+      }
+    }
+#endif
     for (int64_t j = 0; j < span; ++j) {
       const float* k = K + j * d;
       for (int64_t hh = 0; hh < g; ++hh) sc[hh * span + j] = dot(q0 + hh * d, k, d) * scale;
