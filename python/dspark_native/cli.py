@@ -106,6 +106,9 @@ def _add_model_args(parser: argparse.ArgumentParser, drafter: bool = True) -> No
                        "default: the trained DSpark drafter shipped for the embedded SmolLM2, else the "
                        "package's untrained random-init DSpark drafter for the target")
         g.add_argument("--sts", metavar="JSON", help="STS temperatures from `dspark-native calibrate`")
+    g.add_argument("--backend", choices=("auto", "native", "transformers"), default="auto",
+                   help="--target implementation: native (Llama/Qwen3), transformers (any causal LM; needs the "
+                   "transformers extra) or auto (native where possible; default)")
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="model dtype (default float32)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
@@ -149,7 +152,7 @@ def _load_target(args):
 
             if not os.path.isdir(args.target):
                 raise UserError(f"--target {args.target}: not a directory")
-            model = load_target(args.target, dtype=_dtype(args.dtype))
+            model = load_target(args.target, dtype=_dtype(args.dtype), backend=args.backend)
             tok, chat = load_tokenizer_files(args.target)
             if tok is None:
                 raise UserError(f"--target {args.target}: no tokenizer.json in the directory")
