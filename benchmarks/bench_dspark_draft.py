@@ -45,7 +45,6 @@ def make_inputs(R, V, device, seed=0):
 
 def eager_loop(U, h, w1, w2f, cw, cb, anc, gen):
     """Batched eager PyTorch: per position one [R, r] x [r, V] GEMM, softmax, multinomial."""
-    R = U.shape[0]
     prev = anc
     toks, qs, confs = [], [], []
     cwf, cbf = cw.float().reshape(-1), cb.float()

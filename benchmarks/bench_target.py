@@ -71,7 +71,7 @@ def main():
     ap.add_argument("--model", default=None, help="HF-style directory (default: embedded SmolLM2)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--weights", nargs="+", default=["reference", "auto"],
-                    choices=["reference", "fused", "bf16", "auto"],
+                    choices=["reference", "fused", "bf16", "native", "auto"],
                     help="forward paths to time, each in the same run (TargetModel.set_weights)")
     ap.add_argument("--ctx", type=int, default=256, help="cached context per request")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])

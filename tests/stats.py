@@ -44,7 +44,7 @@ def chi2_gof(counts: torch.Tensor, probs: torch.Tensor, min_expected: float = 5.
         exp_cells.append(small_exp)
     if len(obs_cells) < 2:
         return 0.0, math.inf, 0
-    stat = sum((o - e) ** 2 / e for o, e in zip(obs_cells, exp_cells) if e > 0)
+    stat = sum((o - e) ** 2 / e for o, e in zip(obs_cells, exp_cells, strict=True) if e > 0)
     dof = len(obs_cells) - 1
     return stat, chi2_critical(dof), dof
 
@@ -54,4 +54,5 @@ def assert_matches_distribution(samples: torch.Tensor, probs: torch.Tensor, what
     counts = torch.bincount(samples.flatten().long(), minlength=probs.numel()).double()
     assert counts.numel() == probs.numel(), f"{what}: sample values outside 0..{probs.numel() - 1}"
     stat, crit, dof = chi2_gof(counts, probs)
-    assert stat <= crit, f"{what}: chi2 = {stat:.2f} > {crit:.2f} (dof {dof}, alpha {ALPHA}); counts {counts.tolist()} expected {(probs * counts.sum()).tolist()}"
+    assert stat <= crit, (f"{what}: chi2 = {stat:.2f} > {crit:.2f} (dof {dof}, alpha {ALPHA}); counts "
+                          f"{counts.tolist()} expected {(probs * counts.sum()).tolist()}")

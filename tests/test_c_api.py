@@ -45,7 +45,8 @@ def test_cmake_find_package_builds_a_consumer(tmp_path):
         f"add_executable(consumer {HERE / 'c' / 'test_c_api.c'})\n"
         "target_link_libraries(consumer PRIVATE dspark::core m)\n")
     build = tmp_path / "build"
-    subprocess.run(["cmake", "-S", str(src), "-B", str(build), f"-DCMAKE_PREFIX_PATH={dspark_native.cmake_prefix_path()}"],
+    subprocess.run(["cmake", "-S", str(src), "-B", str(build),
+                    f"-DCMAKE_PREFIX_PATH={dspark_native.cmake_prefix_path()}"],
                    check=True, capture_output=True, text=True)
     subprocess.run(["cmake", "--build", str(build)], check=True, capture_output=True, text=True)
     run = subprocess.run([str(build / "consumer")], capture_output=True, text=True, timeout=60)

@@ -18,9 +18,10 @@ import torch
 
 _sys.path.insert(0, _os.path.dirname(_os.path.abspath(__file__)))  # stats.py lives beside the tests
 
+from stats import assert_matches_distribution
+
 import dspark_native.ops as ops
 from dspark_native.reference import dspark_draft_reference, target_probs
-from stats import assert_matches_distribution
 
 
 def make_problem(R=3, G=4, V=50, D=16, r=8, seed=0, wdtype=torch.float32, udtype=torch.float32, conf_markov=True):
@@ -107,7 +108,8 @@ def test_draft_distribution(head, T):
     U = torch.randn(2, V, generator=g)
     h = torch.randn(2, D, generator=g)
     P, kw = make_problem(R=1, G=2, V=V, D=D, r=r, seed=9)
-    args = (U.expand(N, 2, V).contiguous(), torch.full((N,), 2, dtype=torch.long), P["markov_w1"] * 2, P["markov_w2"] * 2)
+    args = (U.expand(N, 2, V).contiguous(), torch.full((N,), 2, dtype=torch.long), P["markov_w1"] * 2,
+            P["markov_w2"] * 2)
     kw.update(hidden=h.expand(N, 2, D).contiguous(), head_type=head, temperature=T, seed=torch.arange(N) + 77, offset=5)
     out = ops.dspark_draft(*args, **kw)
     z0 = out.logits[0, 0]
@@ -188,7 +190,8 @@ def test_nan_rows_stop_the_request():
     U[2, 0, :] = -math.inf
     for T in (0.0, 1.0):
         out = ops.dspark_draft(U, P["anchor_tokens"], P["markov_w1"], P["markov_w2"], hidden=kw["hidden"],
-                               conf_weight=kw["conf_weight"], conf_bias=kw["conf_bias"], temperature=T, seed=3, offset=0)
+                               conf_weight=kw["conf_weight"], conf_bias=kw["conf_bias"], temperature=T, seed=3,
+                               offset=0)
         assert bool((out.tokens[0] >= 0).all())
         assert out.tokens[1, 0] >= 0 and bool((out.tokens[1, 1:] == -1).all())
         assert bool((out.tokens[2] == -1).all())

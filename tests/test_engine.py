@@ -35,7 +35,8 @@ def _prompts(n, seed=0):
 
 
 def _plain(target, prompts, params, max_seq=96):
-    return [o.token_ids for o in Engine(target, None, max_batch=len(prompts), max_seq=max_seq).generate(prompts, params)]
+    eng = Engine(target, None, max_batch=len(prompts), max_seq=max_seq)
+    return [o.token_ids for o in eng.generate(prompts, params)]
 
 
 def _params_with_stops(target, prompts, max_new=24):
@@ -74,7 +75,7 @@ def test_greedy_lossless(target, kind, aligned, block, batch, policy):
     drafter = tiny_drafter(target, kind, block_size=block, aligned=aligned)
     eng = Engine(target, drafter, policy=policy, max_batch=max(1, batch - 1) if batch > 2 else batch, max_seq=96)
     out = eng.generate(prompts, params)
-    for i, (o, w) in enumerate(zip(out, want)):
+    for i, (o, w) in enumerate(zip(out, want, strict=True)):
         assert o.token_ids == w, f"request {i}: {o.token_ids} != plain {w}"
         stops = set(params[i].stop_token_ids)
         assert not any(t in stops for t in o.token_ids[:-1]), "token emitted after a stop token"
@@ -138,7 +139,7 @@ def test_streaming_and_stats(target):
         assert s.emitted == 17 and s.rounds >= 3
         assert abs(s.tau - 17 / s.rounds) < 1e-9
         assert s.accepted_drafts == sum(s.accepted)
-        assert all(0 <= a <= n for a, n in zip(s.accepted, s.reached))
+        assert all(0 <= a <= n for a, n in zip(s.accepted, s.reached, strict=True))
         assert set(s.time) == {"prefill", "draft", "schedule", "verify", "rollback"}
         assert s.time["verify"] > 0 and s.time["draft"] > 0
         d = s.to_dict()
@@ -190,14 +191,15 @@ def test_context_limit_mid_generation(target):
     prompt = [2, 3, 4, 5, 6]
     free = _plain(target, [prompt], SamplingParams(max_new_tokens=40), max_seq=64)[0]
     for max_seq in (5, 6, 12, 17):
-        out = Engine(target, drafter, max_batch=1, max_seq=max_seq).generate([prompt], SamplingParams(max_new_tokens=40))[0]
+        eng = Engine(target, drafter, max_batch=1, max_seq=max_seq)
+        out = eng.generate([prompt], SamplingParams(max_new_tokens=40))[0]
         assert out.finish_reason == "context"
         assert out.token_ids == free[: max_seq - len(prompt) + 1]
 
 
 def test_default_drafter_is_deterministic(target):
     a, b = default_drafter(target, num_layers=1), default_drafter(target, num_layers=1)
-    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(x, y), k
     assert a.block_size == 7 and a.config.target_layer_ids
 
@@ -280,6 +282,24 @@ def test_sts_with_fewer_drafts_than_the_block(target):
     finally:
         drafter.sts_temperature = None
     assert len(raw.round_log) == len(cal.round_log) > 0
-    for (c0, _, _), (c1, _, _) in zip(raw.round_log, cal.round_log):
+    for (c0, _, _), (c1, _, _) in zip(raw.round_log, cal.round_log, strict=True):
         assert c0.shape[-1] == 3
         torch.testing.assert_close(c1.double(), apply_sts(c0.double(), temps[:3]), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("weights", ["fused", "bf16", "native"])
+@pytest.mark.parametrize("kind,block,batch,policy", [("dspark", 7, 3, "static"), ("dspark", 4, 5, "causal"),
+                                                     ("eagle3", 4, 2, "static")])
+def test_greedy_lossless_on_fast_target_paths(weights, kind, block, batch, policy):
+    """Speculative output equals plain output on each fast forward path (the paths differ from
+    the reference by rounding, so the plain run uses the same path)."""
+    target = tiny_target(V)
+    assert target.set_weights(weights) == weights
+    prompts = _prompts(batch, seed=block * 7 + batch)
+    params = _params_with_stops(target, prompts)
+    want = _plain(target, prompts, params)
+    drafter = tiny_drafter(target, kind, block_size=block, aligned=True)
+    out = Engine(target, drafter, policy=policy, max_batch=batch, max_seq=96).generate(prompts, params)
+    assert [o.token_ids for o in out] == want
+    if kind == "dspark":
+        assert sum(o.stats.accepted_drafts for o in out) > 0, "aligned drafter: drafts must be accepted (premise)"

@@ -44,11 +44,13 @@ def _probs(target, exact, **kw):
 
 def _sample(target, drafter, policy="static", n=N_SAMPLES, seed0=0, greedy_every=0, **kw):
     eng = Engine(target, drafter, policy=policy, max_batch=1000, max_seq=len(PROMPT) + N_TOK + 1,
-                 policy_kwargs=dict(sps_table=default_sps_table(8192, 1.0, 2e-4)) if policy in ("causal", "async") else None)
+                 policy_kwargs=dict(sps_table=default_sps_table(8192, 1.0, 2e-4))
+                 if policy in ("causal", "async") else None)
     params = []
     for i in range(n):
         greedy = greedy_every and i % greedy_every == 0
-        params.append(SamplingParams(max_new_tokens=N_TOK, seed=seed0 + i, temperature=0.0 if greedy else kw.get("temperature", 1.0),
+        params.append(SamplingParams(max_new_tokens=N_TOK, seed=seed0 + i,
+                                     temperature=0.0 if greedy else kw.get("temperature", 1.0),
                                      top_k=kw.get("top_k", 0), top_p=kw.get("top_p", 1.0)))
     outs = eng.generate([PROMPT] * n, params)
     assert all(len(o.token_ids) == N_TOK for o in outs)
@@ -91,7 +93,8 @@ def test_top_k_top_p_temperature_lossless(target, exact):
 def test_mixed_greedy_and_sampled_batch(target, exact):
     drafter = tiny_drafter(target, "dspark", block_size=4, aligned=True, markov_scale=3.0)
     outs, params = _sample(target, drafter, "causal", n=N_SAMPLES + N_SAMPLES // 3, seed0=4000, greedy_every=4)
-    greedy_want = Engine(target, None, max_batch=1, max_seq=16).generate([PROMPT], SamplingParams(max_new_tokens=N_TOK))[0].token_ids
-    sampled = [o for o, p in zip(outs, params) if p.temperature > 0]
-    assert all(o.token_ids == greedy_want for o, p in zip(outs, params) if p.temperature == 0)
+    plain = Engine(target, None, max_batch=1, max_seq=16)
+    greedy_want = plain.generate([PROMPT], SamplingParams(max_new_tokens=N_TOK))[0].token_ids
+    sampled = [o for o, p in zip(outs, params, strict=True) if p.temperature > 0]
+    assert all(o.token_ids == greedy_want for o, p in zip(outs, params, strict=True) if p.temperature == 0)
     _check(sampled, _probs(target, exact, temperature=1.0), "mixed batch, sampled part")

@@ -24,7 +24,9 @@ def random_accepted(R, W, old, cap, g, n_verified=None):
         k = int(torch.randint(0, min(n, W) + 1, (1,), generator=g))
         idx = torch.sort(torch.randperm(n, generator=g)[:k]).values
         if k > 0 and torch.rand(1, generator=g) < 0.7:
-            idx = torch.sort(torch.cat([torch.zeros(1, dtype=torch.int64), torch.randperm(n - 1, generator=g)[: k - 1] + 1])).values if n > 1 else idx
+            if n > 1:
+                picks = torch.randperm(n - 1, generator=g)[: k - 1] + 1
+                idx = torch.sort(torch.cat([torch.zeros(1, dtype=torch.int64), picks])).values
         acc[r, : idx.numel()] = idx
     return acc, nv
 
@@ -34,7 +36,7 @@ def random_accepted(R, W, old, cap, g, n_verified=None):
 def test_contiguous_matches_reference_and_poisoning(dtype, form):
     g = torch.Generator().manual_seed(7)
     L, slots, H, S, D = 3, 6, 2, 24, 8
-    for trial in range(6):
+    for _trial in range(6):
         k = (torch.randn(L, slots, H, S, D, generator=g) * 50).to(dtype)  # poison everywhere
         v = (torch.randn(L, slots, H, S, D, generator=g) * 50).to(dtype)
         R = int(torch.randint(1, slots + 1, (1,), generator=g))
@@ -69,7 +71,7 @@ def test_contiguous_matches_reference_and_poisoning(dtype, form):
 def test_paged_matches_reference_and_freed_pages(form):
     g = torch.Generator().manual_seed(8)
     L, pages, P, H, D = 2, 40, 4, 3, 8
-    for trial in range(6):
+    for _trial in range(6):
         k = torch.randn(L, pages, P, H, D, generator=g)
         v = torch.randn(L, pages, P, H, D, generator=g)
         R, per_req = 4, 6
@@ -82,12 +84,12 @@ def test_paged_matches_reference_and_freed_pages(form):
         kk, vv = (k, v) if form == "stacked" else (list(k.unbind(0)), list(v.unbind(0)))
         out = ops.kv_compact(kk, vv, old, acc, num_verified=nv, block_table=bt)
         ref = kv_compact_reference(kr, vr, old, acc, num_verified=nv, block_table=bt)
-        for a, b in zip(out, ref):
+        for a, b in zip(out, ref, strict=True):
             assert torch.equal(a, b)
         assert torch.equal(k, kr) and torch.equal(v, vr)
         unused = torch.ones(pages, dtype=torch.bool)
         unused[bt.flatten().long()] = False
-        assert torch.equal(k[:, unused], k0[:, unused])
+        assert torch.equal(k[:, unused], k0[:, unused]) and torch.equal(v[:, unused], v0[:, unused])
         for r in range(R):
             new, end = int(out.new_lengths[r]), int(old[r]) + int(nv[r])
             assert int(out.free_from[r]) == -(-new // P)
@@ -205,7 +207,7 @@ def test_cuda_matches_cpu(paged):
     kg, vg = k.cuda(), v.cuda()
     outg = ops.kv_compact(kg, vg, old.cuda(), acc.cuda(), num_verified=nv.cuda(),
                           **{a: b.cuda() for a, b in kw.items()})
-    for a, b in zip(out, outg):
+    for a, b in zip(out, outg, strict=True):
         assert torch.equal(a, b.cpu())
     assert torch.equal(kc, kg.cpu()) and torch.equal(vc, vg.cpu())
     # invalid request on CUDA: untouched, new length -1

@@ -1,12 +1,11 @@
 """DSpark / DFlash / EAGLE-3 drafters vs straightforward implementations written here."""
 
-import math
-
-import pytest
-import torch
 
 import os as _os
 import sys as _sys
+
+import pytest
+import torch
 
 _sys.path.insert(0, _os.path.dirname(_os.path.abspath(__file__)))  # helpers live beside the tests
 
@@ -21,6 +20,7 @@ from models_helpers import (
     target_shapes,
     write_checkpoint,
 )
+
 from dspark_native.models import (
     ConfidenceHead,
     DSparkDrafter,

@@ -43,7 +43,7 @@ def _run_mixed(model, raw, g):
     return seqs, outs, hid, cache
 
 
-@pytest.mark.parametrize("weights", ["fused", "bf16"])
+@pytest.mark.parametrize("weights", ["fused", "bf16", "native"])
 def test_fused_matches_reference_path(ckpt, weights):
     d, raw, W = ckpt
     ref_model = load_target(d, target_layer_ids=[0, 2, 3])
@@ -65,7 +65,7 @@ def test_fused_matches_reference_path(ckpt, weights):
                                    atol=2e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("weights", ["fused", "bf16"])
+@pytest.mark.parametrize("weights", ["fused", "bf16", "native"])
 def test_fused_rows_do_not_depend_on_the_batch(ckpt, weights):
     """A row's logits must not depend on how many rows share the forward: plain decoding (one
     row) and verification (a block) then agree bit for bit, which keeps speculative output equal
@@ -119,7 +119,7 @@ def test_fused_tree_and_rollback(ckpt):
                                atol=2e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("weights", ["reference", "fused"])
+@pytest.mark.parametrize("weights", ["reference", "fused", "native"])
 def test_logit_rows(ckpt, weights):
     d, raw, _ = ckpt
     model = load_target(d, target_layer_ids=[1])
@@ -147,8 +147,12 @@ def test_weight_format_choice(ckpt):
     model = load_target(d)
     with pytest.raises(ValueError, match="weights must be one of"):
         model.set_weights("int3")
-    assert resolve_weight_format("auto", torch.device("cpu")) == ("bf16" if cpu_has_bf16_matmul() else "fused")
+    assert resolve_weight_format("auto", torch.device("cpu")) == "native"  # the extension is built
+    assert resolve_weight_format("auto", torch.device("cpu"), torch.bfloat16) == (
+        "bf16" if cpu_has_bf16_matmul() else "fused")
     assert resolve_weight_format("auto", torch.device("cuda")) == "fused"
+    with pytest.raises(ValueError, match="fp32 model"):
+        resolve_weight_format("native", torch.device("cpu"), torch.bfloat16)
     with pytest.raises(ValueError, match="oneDNN on the CPU"):
         resolve_weight_format("bf16", torch.device("cuda"))
     model.set_weights("fused")

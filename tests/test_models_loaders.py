@@ -3,14 +3,13 @@ targets, GGUF layout, and a named CheckpointError for every kind of mismatch."""
 
 import json
 import os
+import os as _os
+import sys as _sys
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-
-import os as _os
-import sys as _sys
 
 _sys.path.insert(0, _os.path.dirname(_os.path.abspath(__file__)))  # helpers live beside the tests
 
@@ -24,6 +23,7 @@ from models_helpers import (
     target_shapes,
     write_checkpoint,
 )
+
 from dspark_native.models import (
     CheckpointError,
     DrafterConfig,

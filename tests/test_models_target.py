@@ -1,20 +1,21 @@
 """Target model: ragged forward vs a whole-sequence reference, KV cache, tree blocks."""
 
-import pytest
-import torch
-
 import os as _os
 import sys as _sys
+
+import pytest
+import torch
 
 _sys.path.insert(0, _os.path.dirname(_os.path.abspath(__file__)))  # helpers live beside the tests
 
 from models_helpers import (
-    ref_target_forward,
     random_tensors,
+    ref_target_forward,
     target_raw_config,
     target_shapes,
     write_checkpoint,
 )
+
 from dspark_native.models import ContextLengthError, load_target
 
 ARCHS = ["Qwen3ForCausalLM", "LlamaForCausalLM"]
@@ -75,7 +76,7 @@ def test_decode_with_cache_and_ragged_batch_match_prefill(ckpt):
     # same-size blocks (the padding-free path), R = 3 decode rows
     nxt = _t([1, 2, 3])
     l1, _ = model(nxt, _t([0, 1, 2, 3]), _t([0, 2, 3]), cache)
-    for r, (s, slot) in enumerate(zip([seqs[1], seqs[0], seqs[2]], [0, 2, 3])):
+    for r, (s, _slot) in enumerate(zip([seqs[1], seqs[0], seqs[2]], [0, 2, 3], strict=True)):
         full = torch.cat([s, nxt[r:r + 1]])
         torch.testing.assert_close(l1[r].double(), ref_target_forward(W, raw, full)[0][-1],
                                    atol=2e-4, rtol=1e-4)

@@ -18,9 +18,10 @@ import torch
 
 _sys.path.insert(0, _os.path.dirname(_os.path.abspath(__file__)))  # stats.py lives beside the tests
 
+from stats import assert_matches_distribution
+
 import dspark_native.ops as ops
 from dspark_native.reference import schedule_prefix_reference
-from stats import assert_matches_distribution
 
 
 def decaying_sps(T, knee=32, floor=0.2):
@@ -214,7 +215,8 @@ def test_appendix_a_causal_scheduler_is_lossless():
         (lambda a: a.update(sps_table=torch.tensor([1.0, -0.5, 0.4, 0.3, 0.2, 0.1])), "sps_table"),
         (lambda a: a.update(sps_table=torch.tensor([1.0, float("nan"), 0.4, 0.3, 0.2, 0.1])), "sps_table"),
         (lambda a: a.update(sps_table=torch.ones(6, 1)), "sps_table"),
-        (lambda a: a.update(min_len=torch.tensor([2, 0], dtype=torch.int32), max_len=torch.tensor([1, 2], dtype=torch.int32)),
+        (lambda a: a.update(min_len=torch.tensor([2, 0], dtype=torch.int32),
+                            max_len=torch.tensor([1, 2], dtype=torch.int32)),
          "min_len"),
         (lambda a: a.update(min_len=torch.tensor([2, 0, 1], dtype=torch.int32)), "min_len"),
         (lambda a: a.update(max_len=torch.tensor([2, 0])), "max_len"),

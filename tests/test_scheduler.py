@@ -1,13 +1,11 @@
 """dspark_native.scheduler and dspark_native.metrics: the policies behind one interface, the
 asynchronous policy's budget/top-K rule, SPS profiling to JSON, STS calibration on a synthetic
-over-confident predictor with known survival, calibration metrics and the reliability PNG."""
+over-confident predictor with known survival, calibration metrics."""
 
 from __future__ import annotations
 
 import json
 import math
-import struct
-import zlib
 
 import pytest
 import torch
@@ -15,8 +13,16 @@ import torch
 import dspark_native.ops as ops
 from dspark_native import metrics
 from dspark_native.reference import schedule_prefix_reference
-from dspark_native.scheduler import (ConfidenceThreshold, HardwareAwareAsync, HardwareAwareCausal, SPSTable,
-                                     StaticLength, apply_sts, calibrate_sts, profile_sps)
+from dspark_native.scheduler import (
+    ConfidenceThreshold,
+    HardwareAwareAsync,
+    HardwareAwareCausal,
+    SPSTable,
+    StaticLength,
+    apply_sts,
+    calibrate_sts,
+    profile_sps,
+)
 
 
 def sps_curve(T, knee=8):
@@ -178,7 +184,7 @@ def test_sts_errors():
 
 
 # ---------------------------------------------------------------------------------------------
-# Metrics and the PNG
+# Metrics (the reliability diagram is tested in test_plots.py)
 # ---------------------------------------------------------------------------------------------
 def test_metrics_basic_values():
     gen = torch.Generator().manual_seed(1)
@@ -204,32 +210,3 @@ def test_per_position_metrics():
     assert rows[0]["cond_accept"] == pytest.approx(float((L > 0).double().mean()))
     assert all(0.5 < r["auc"] <= 1.0 for r in rows)
     assert rows[0]["ece_cum"] == pytest.approx(rows[0]["ece"])
-
-
-def _read_png(data: bytes):
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, chunks = 8, {}
-    while pos < len(data):
-        (n,) = struct.unpack(">I", data[pos:pos + 4])
-        tag, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]
-        (crc,) = struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])
-        assert crc == zlib.crc32(tag + body) & 0xFFFFFFFF
-        chunks.setdefault(tag, b"")
-        chunks[tag] += body
-        pos += 12 + n
-    w, h, depth, ctype = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
-    raw = zlib.decompress(chunks[b"IDAT"])
-    assert depth == 8 and ctype == 2 and len(raw) == h * (1 + 3 * w)
-    return w, h, raw
-
-
-def test_reliability_png(tmp_path):
-    gen = torch.Generator().manual_seed(4)
-    p = torch.rand(3000, generator=gen)
-    y = (torch.rand(3000, generator=gen) < p ** 2).double()
-    path = tmp_path / "rel.png"
-    data = metrics.reliability_diagram_png(p, y, str(path), bins=20, size=200)
-    assert path.read_bytes() == data
-    w, h, raw = _read_png(data)
-    assert (w, h) == (240, 264)
-    assert len(set(raw)) > 3  # not blank

@@ -3,10 +3,11 @@ random target, checkpoint round trip, resume, data build/resume, evaluation metr
 
 import json
 import math
-import os
 
 import pytest
 import torch
+
+from models_helpers import random_tensors, target_raw_config, target_shapes
 
 from dspark_native.models import build_target, load_drafter
 from dspark_native.models.config import ModelConfig
@@ -14,9 +15,6 @@ from dspark_native.training.data import DataConfig, build_training_data, load_tr
 from dspark_native.training.evaluate import round_metrics
 from dspark_native.training.losses import cosine_lr, dspark_loss, l1_to_target, position_weights
 from dspark_native.training.trainer import TrainConfig, batch_for_step, new_drafter, step_loss, train
-
-from models_helpers import random_tensors, target_raw_config, target_shapes
-
 
 # ----------------------------------------------------------------------------- losses
 
@@ -39,7 +37,7 @@ def test_dspark_loss_matches_hand_computation():
     l1 = [sum(abs(q[i][v] - p[i, v].item()) for v in range(3)) for i in range(2)]
     tgt = [min(1.0, max(0.0, 1 - x / 2)) for x in l1]
     sig = [0.5, 1 / (1 + math.exp(-1))]
-    bce = [-(t * math.log(s) + (1 - t) * math.log(1 - s)) for t, s in zip(tgt, sig)]
+    bce = [-(t * math.log(s) + (1 - t) * math.log(1 - s)) for t, s in zip(tgt, sig, strict=True)]
     w = [1.0, math.exp(-0.5)]
     wm = lambda xs: (xs[0] * w[0] + xs[1] * w[1]) / (w[0] + w[1])  # noqa: E731
     want = 0.1 * wm(ce) + 0.9 * wm(l1) + 1.0 * wm(bce)

@@ -8,14 +8,13 @@ seed choice is about 2%; the seeds here are fixed, so results are reproducible.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
+from stats import assert_matches_distribution
+
 import dspark_native.ops as ops
 from dspark_native.reference import target_probs, verify_chain_reference
-from stats import assert_matches_distribution
 
 
 def ragged(lengths):
@@ -77,12 +76,12 @@ def test_greedy_exact(dtype):
     am = tl.float().argmax(dim=1)
     drafts, exp_tokens, exp_acc = [], torch.full((R, G + 1), -1), torch.zeros(R, dtype=torch.long)
     for r in range(R):
-        base, l = int(cu[r]), int(lens[r])
-        wrong_at = int(torch.randint(0, l + 2, (1,), generator=g))  # l or l+1 -> all accepted
-        for k in range(l):
+        base, l_r = int(cu[r]), int(lens[r])
+        wrong_at = int(torch.randint(0, l_r + 2, (1,), generator=g))  # l_r or l_r+1 -> all accepted
+        for k in range(l_r):
             d = int(am[base + k])
             drafts.append((d + 1) % V if k == wrong_at else d)
-        a = min(wrong_at, l)
+        a = min(wrong_at, l_r)
         exp_acc[r] = a
         exp_tokens[r, : a + 1] = am[base : base + a + 1]
     dt = torch.tensor(drafts, dtype=torch.long)
@@ -90,7 +89,8 @@ def test_greedy_exact(dtype):
     assert torch.equal(out.num_accepted, exp_acc)
     assert torch.equal(out.tokens, exp_tokens)
     # greedy accept_prob is the hard acceptance [d == argmax] for every draft row
-    is_am = torch.cat([dt[int(cu[r]) - r : int(cu[r + 1]) - r - 1] == am[int(cu[r]) : int(cu[r + 1]) - 1] for r in range(R)])
+    is_am = torch.cat([dt[int(cu[r]) - r : int(cu[r + 1]) - r - 1] == am[int(cu[r]) : int(cu[r + 1]) - 1]
+                       for r in range(R)])
     assert torch.equal(out.accept_prob, is_am.float())
 
 
@@ -136,7 +136,8 @@ def _run_pairs(kind, temperature, top_k, top_p, dtype, seed):
     tl = torch.stack([P0.expand(N, V), P1[d0], torch.zeros(N, V)], 1).reshape(3 * N, V).to(dtype)
     dt = torch.stack([d0, d1], 1).reshape(-1)
     cu = torch.arange(0, 3 * N + 1, 3)
-    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=torch.arange(N) + seed * N, offset=0, max_drafts=2)
+    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=torch.arange(N) + seed * N, offset=0,
+              max_drafts=2)
     ql = torch.stack([Q0.expand(N, V), Q1[d0]], 1).reshape(2 * N, V)
     if kind == "logits":
         kw["draft_logits"] = ql.to(dtype)
@@ -147,11 +148,13 @@ def _run_pairs(kind, temperature, top_k, top_p, dtype, seed):
     need = second < 0  # rejected at position 0: the next round samples x2 from P1[x1]
     idx = need.nonzero().squeeze(1)
     if idx.numel():
-        nxt = ops.verify_chain(P1[first[idx]].to(dtype), torch.arange(idx.numel() + 1), torch.zeros(0, dtype=torch.long),
-                               temperature=temperature, top_k=top_k, top_p=top_p, seed=idx + seed * N, offset=1, max_drafts=0)
+        nxt = ops.verify_chain(P1[first[idx]].to(dtype), torch.arange(idx.numel() + 1),
+                               torch.zeros(0, dtype=torch.long), temperature=temperature, top_k=top_k,
+                               top_p=top_p, seed=idx + seed * N, offset=1, max_drafts=0)
         second[idx] = nxt.tokens[:, 0]
     exp0 = target_probs(P0.to(dtype), temperature, top_k or 0, top_p or 1.0)
-    exp_pair = torch.stack([exp0[a] * target_probs(P1[a].to(dtype), temperature, top_k or 0, top_p or 1.0) for a in range(V)])
+    exp_pair = torch.stack([exp0[a] * target_probs(P1[a].to(dtype), temperature, top_k or 0, top_p or 1.0)
+                            for a in range(V)])
     return first, second, exp0, exp_pair
 
 
@@ -250,14 +253,16 @@ def test_top_k_one_is_greedy_sampling():
     N, V = 3000, 30
     tl = torch.randn(2 * N, V, generator=gen)
     d = torch.randint(0, V, (N,), generator=gen)
-    out = ops.verify_chain(tl, torch.arange(0, 2 * N + 1, 2), d, temperature=1.0, top_k=1, seed=torch.arange(N), offset=0)
+    out = ops.verify_chain(tl, torch.arange(0, 2 * N + 1, 2), d, temperature=1.0, top_k=1, seed=torch.arange(N),
+                           offset=0)
     am = tl.argmax(1).view(N, 2)
     acc = d == am[:, 0]
     assert torch.equal(out.num_accepted, acc.long())
     assert torch.equal(out.tokens[:, 0], am[:, 0])
     assert torch.equal(out.tokens[acc, 1], am[acc, 1])
     # top_p <= 0 also keeps only the maximum
-    out2 = ops.verify_chain(tl, torch.arange(0, 2 * N + 1, 2), d, temperature=1.0, top_p=0.0, seed=torch.arange(N), offset=0)
+    out2 = ops.verify_chain(tl, torch.arange(0, 2 * N + 1, 2), d, temperature=1.0, top_p=0.0, seed=torch.arange(N),
+                            offset=0)
     assert torch.equal(out2.tokens, out.tokens)
 
 
@@ -271,7 +276,8 @@ def test_zero_target_probability_never_accepted():
     probs_zero_at_d = torch.full((N, V), 1.0 / (V - 1))
     probs_zero_at_d[:, 7] = 0.0
     for kw in ({}, {"draft_probs": probs_zero_at_d}, {"draft_logits": torch.zeros(N, V)}):
-        out = ops.verify_chain(tl, torch.arange(0, 2 * N + 1, 2), d, temperature=1.0, seed=torch.arange(N), offset=0, **kw)
+        out = ops.verify_chain(tl, torch.arange(0, 2 * N + 1, 2), d, temperature=1.0, seed=torch.arange(N), offset=0,
+                               **kw)
         assert int(out.num_accepted.sum()) == 0
         assert not bool((out.tokens[:, 0] == 7).any())
     # top-k excluding the draft token
@@ -404,8 +410,10 @@ def test_cuda_matches_cpu(kind, dtype):
     dl = (tl[: N - R].float() + torch.randn(N - R, V, generator=g)).to(dtype)
     dt = torch.randint(0, V, (N - R,), generator=g)
     dt[::2] = tl[: N - R : 2].float().argmax(1)
-    kw = dict(temperature=torch.where(torch.arange(R) % 4 == 0, 0.0, 0.8), top_k=torch.where(torch.arange(R) % 3 == 0, 50, 0).int(),
-              top_p=torch.where(torch.arange(R) % 5 == 0, 0.9, 1.0), seed=torch.arange(R) * 7, offset=torch.full((R,), 3),
+    kw = dict(temperature=torch.where(torch.arange(R) % 4 == 0, 0.0, 0.8),
+              top_k=torch.where(torch.arange(R) % 3 == 0, 50, 0).int(),
+              top_p=torch.where(torch.arange(R) % 5 == 0, 0.9, 1.0), seed=torch.arange(R) * 7,
+              offset=torch.full((R,), 3),
               max_drafts=G, return_accept_prob=True)
     if kind == "logits":
         kw["draft_logits"] = dl
@@ -454,7 +462,8 @@ dl = torch.randn(R * G, V, generator=g) * 3
 d = torch.randint(0, V, (R * G,), generator=g)
 outs = []
 for kw in ({"draft_logits": dl}, {"draft_probs": torch.softmax(dl, -1)}, {}):
-    o = ops.verify_chain(tl, cu, d, temperature=torch.linspace(0, 1.5, R), top_k=torch.arange(R, dtype=torch.int32) * 50,
+    o = ops.verify_chain(tl, cu, d, temperature=torch.linspace(0, 1.5, R),
+                         top_k=torch.arange(R, dtype=torch.int32) * 50,
                          seed=torch.arange(R), offset=1, return_accept_prob=True, **kw)
     outs += [o.tokens, o.num_accepted, o.accept_prob]
 torch.save(outs, sys.argv[1])
@@ -472,7 +481,7 @@ def test_isa_variants_bit_identical(tmp_path):
         path = tmp_path / f"{isa}.pt"
         subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(path)], check=True, env=env)
         results.append(torch.load(path))
-    for a, b in zip(*results):
+    for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)
 
 
@@ -480,6 +489,7 @@ def test_ops_reachable_from_the_package_root_without_importing_ops():
     import subprocess
     import sys
 
-    code = "import dspark_native as dn; print(dn.verify_chain.__name__, dn.ops.__name__); assert not hasattr(dn, 'no_such_op')"
+    code = ("import dspark_native as dn; print(dn.verify_chain.__name__, dn.ops.__name__); "
+            "assert not hasattr(dn, 'no_such_op')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["verify_chain", "dspark_native.ops"]

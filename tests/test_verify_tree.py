@@ -18,11 +18,17 @@ import torch
 
 _sys.path.insert(0, _os.path.dirname(_os.path.abspath(__file__)))  # stats.py lives beside the tests
 
+from stats import ALPHA, assert_matches_distribution, chi2_critical
+
 import dspark_native.ops as ops
 from dspark_native.reference import target_probs, verify_tree_reference
-from dspark_native.tree import (from_first_child_next_sibling, tree_ancestor_bits, tree_attention_mask, tree_depths,
-                                tree_positions)
-from stats import ALPHA, assert_matches_distribution, chi2_critical
+from dspark_native.tree import (
+    from_first_child_next_sibling,
+    tree_ancestor_bits,
+    tree_attention_mask,
+    tree_depths,
+    tree_positions,
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,7 +72,7 @@ def batch(trees):
     for p, _, _ in trees:
         cu.append(cu[-1] + len(p))
     return (torch.tensor(cu), torch.tensor([x for p, _, _ in trees for x in p]),
-            torch.tensor([x for _, t, _ in trees for x in t]), torch.cat([l for _, _, l in trees]))
+            torch.tensor([x for _, t, _ in trees for x in t]), torch.cat([lg for _, _, lg in trees]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,7 +120,7 @@ def test_greedy_equals_plain_decode(shape):
     model = PathModel(V, salt=3)
     g = torch.Generator().manual_seed(5)
     trees = []
-    for r in range(40):
+    for _tree in range(40):
         n = int(torch.randint(1, 16, (1,), generator=g))
         par = random_parents(n, g, shape)
         toks = [-1]
@@ -190,7 +196,6 @@ def test_stochastic_preserves_target_distribution(shape, trunc):
     model = PathModel(V, scale=1.0, salt=17)
     par = SHAPES[shape][0]
     # drafts: the likeliest tokens of each parent, with a duplicate sibling in random_dup
-    g = torch.Generator().manual_seed(len(par))
     toks, paths = [-1], [()]
     rank = {}
     for i in range(1, len(par)):
@@ -221,7 +226,7 @@ def test_stochastic_preserves_target_distribution(shape, trunc):
 def test_out_of_range_and_zero_probability_drafts_never_accepted():
     V = 4
     logits = torch.tensor([[0.0, 0.0, -math.inf, 0.0]] + [[0.0] * V] * 3)
-    cu, par, toks = torch.tensor([0, 4]), torch.tensor([-1, 0, 0, 0]), torch.tensor([-1, 7, 2, -3])
+    par, toks = torch.tensor([-1, 0, 0, 0]), torch.tensor([-1, 7, 2, -3])
     n = 3000
     out = ops.verify_tree(logits.repeat(n, 1), torch.arange(n + 1) * 4, par.repeat(n), toks.repeat(n),
                           temperature=1.0, seed=torch.arange(n), offset=0)
@@ -259,7 +264,8 @@ def test_chain_tree_matches_verify_chain(T):
         toks.append(t)
         paths.append(paths[-1] + (t,))
     logits, _ = build_tree(model, list(range(-1, L)), toks)
-    tree = ops.verify_tree(logits.repeat(n, 1), torch.arange(n + 1) * (L + 1), torch.tensor(list(range(-1, L))).repeat(n),
+    tree = ops.verify_tree(logits.repeat(n, 1), torch.arange(n + 1) * (L + 1),
+                           torch.tensor(list(range(-1, L))).repeat(n),
                            torch.tensor(toks).repeat(n), temperature=T, seed=torch.arange(n), offset=0)
     chain = ops.verify_chain(logits.repeat(n, 1), torch.arange(n + 1) * (L + 1), torch.tensor(toks[1:]).repeat(n),
                              temperature=T, seed=torch.arange(n) + 10**6, offset=0)
@@ -326,13 +332,15 @@ def test_nonfinite_rows_and_empty_batch():
     tl = torch.randn(3, V)
     tl[0] = float("nan")
     out = ops.verify_tree(tl, torch.tensor([0, 3]), torch.tensor([-1, 0, 0]), torch.tensor([0, 1, 2]), temperature=1.0)
-    assert out.path[0].tolist() == [0, -1, -1] and out.tokens[0].tolist() == [-1, -1, -1] and out.num_accepted.item() == 0
+    assert out.path[0].tolist() == [0, -1, -1] and out.tokens[0].tolist() == [-1, -1, -1]
+    assert out.num_accepted.item() == 0
     out = ops.verify_tree(tl, torch.tensor([0, 3]), torch.tensor([-1, 0, 0]), torch.tensor([0, 1, 2]), temperature=0.0)
     assert out.tokens[0].tolist() == [-1, -1, -1]
     # +inf row: mass uniform on the +inf entries
     tl = torch.zeros(1, V)
     tl[0, 3] = math.inf
-    out = ops.verify_tree(tl, torch.tensor([0, 1]), torch.tensor([-1]), torch.tensor([0]), temperature=1.0, seed=1, offset=0)
+    out = ops.verify_tree(tl, torch.tensor([0, 1]), torch.tensor([-1]), torch.tensor([0]), temperature=1.0, seed=1,
+                          offset=0)
     assert out.tokens.tolist() == [[3]]
     out = ops.verify_tree(torch.randn(0, V), torch.tensor([0]), torch.zeros(0, dtype=torch.int64),
                           torch.zeros(0, dtype=torch.int64))
@@ -406,11 +414,12 @@ def test_cuda_matches_cpu():
         cpu = ops.verify_tree(tl, cu, par, toks, **kw)
         kwc = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
         gpu = ops.verify_tree(tl.cuda(), cu.cuda(), par.cuda(), toks.cuda(), **kwc)
-        for a, b in zip(cpu, gpu):
+        for a, b in zip(cpu, gpu, strict=True):
             assert torch.equal(a, b.cpu())
     # invalid tree on CUDA: that request emits nothing (all -1), the other is unaffected
     tl2 = torch.randn(6, 50, generator=g)
-    cu2, par2, tok2 = torch.tensor([0, 3, 6]), torch.tensor([-1, 0, 0, -1, 2, 0]), torch.randint(0, 50, (6,), generator=g)
+    cu2, par2 = torch.tensor([0, 3, 6]), torch.tensor([-1, 0, 0, -1, 2, 0])
+    tok2 = torch.randint(0, 50, (6,), generator=g)
     gpu = ops.verify_tree(tl2.cuda(), cu2.cuda(), par2.cuda(), tok2.cuda(), max_nodes=3)
     cpu = ops.verify_tree(tl2[:3], cu2[:2], par2[:3], tok2[:3], max_nodes=3)
     assert torch.equal(gpu.path[0].cpu(), cpu.path[0]) and torch.equal(gpu.tokens[0].cpu(), cpu.tokens[0])

@@ -1,11 +1,44 @@
 """Markdown tables from `dspark-native eval --out` JSON files (used for docs/benchmarks.md).
 
     python3 tools/drafter_results_table.py dspark=RUN/eval_dspark.json dflash=RUN/eval_dflash.json \
-        eagle3=RUN/eval_eagle3.json
+        eagle3=RUN/eval_eagle3.json [--paper [TARGET]]
+
+--paper adds the DSpark paper's Table 1 rows for TARGET (default Qwen3-4B) and its drafters'
+macro-tau ratios, from third_party/dspark_paper/table1_tau.json.
 """
 
 import json
+import os
 import sys
+
+PAPER_TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "third_party", "dspark_paper",
+                           "table1_tau.json")
+
+
+def paper_rows(target="Qwen3-4B", path=PAPER_TABLE):
+    """Markdown lines: the paper's tau per benchmark and domain for ``target``, and the DSpark
+    macro-tau ratios against the other drafters."""
+    with open(path) as f:
+        t = json.load(f)
+    if target not in t["tau"]:
+        sys.exit(f"--paper: no target {target!r} in {path} (have {', '.join(t['tau'])})")
+    bench, rows = t["benchmarks"], t["tau"][target]
+    doms = list(t["domains"])
+    out = [f"paper, Table 1 ({target}, T = 1, block 7, static verification; tau bonus included)", "",
+           "| drafter | " + " | ".join(bench) + " | " + " | ".join(f"{d} mean" for d in doms) + " | macro |",
+           "|---" * (2 + len(bench) + len(doms)) + "|"]
+    macro = {}
+    for name, vals in rows.items():
+        by = dict(zip(bench, vals, strict=True))
+        dm = [sum(by[b] for b in t["domains"][d]) / len(t["domains"][d]) for d in doms]
+        macro[name] = sum(vals) / len(vals)
+        out.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in vals) + " | "
+                   + " | ".join(f"{v:.2f}" for v in dm) + f" | **{macro[name]:.2f}** |")
+    if "DSpark" in macro:
+        out.append("")
+        out.append("paper: DSpark macro tau vs " + ", ".join(
+            f"{n} {100 * (macro['DSpark'] / m - 1):+.1f}%" for n, m in macro.items() if n != "DSpark"))
+    return out
 
 
 def _fmt(x, spec=".2f"):
@@ -13,6 +46,12 @@ def _fmt(x, spec=".2f"):
 
 
 def main(argv):
+    paper = None
+    if "--paper" in argv:
+        i = argv.index("--paper")
+        nxt = argv[i + 1] if i + 1 < len(argv) and "=" not in argv[i + 1] else None
+        paper = nxt or "Qwen3-4B"
+        argv = argv[:i] + argv[i + (2 if nxt else 1):]
     runs = []
     for a in argv:
         name, _, path = a.partition("=")
@@ -56,7 +95,7 @@ def main(argv):
             e = r["temperatures"].get(t)
             if e:
                 ca, n = e["overall"]["cond_accept"], e["overall"]["reached"]
-                print(f"| {name} | {t} | " + " | ".join(f"{_fmt(a)} ({m})" for a, m in zip(ca, n)) + " |")
+                print(f"| {name} | {t} | " + " | ".join(f"{_fmt(a)} ({m})" for a, m in zip(ca, n, strict=True)) + " |")
 
     for name, r in runs:
         for t in temps:
@@ -74,7 +113,12 @@ def main(argv):
             rows += [(f"Brier (survival), {v}", per, "brier_cum", ".3f") for v, per in variants]
             for label, per, key, spec in rows:
                 vals = [p.get(key) for p in per]
-                print(f"| {label} | " + " | ".join("-" if v is None or v != v else format(v, spec) for v in vals) + " |")
+                cells = ("-" if v is None or v != v else format(v, spec) for v in vals)
+                print(f"| {label} | " + " | ".join(cells) + " |")
+
+    if paper:
+        print()
+        print("\n".join(paper_rows(paper)))
 
 
 if __name__ == "__main__":

@@ -101,7 +101,7 @@ class RequestStats:
 
     @property
     def acceptance(self) -> List[float]:
-        return [a / n if n else float("nan") for a, n in zip(self.accepted, self.reached)]
+        return [a / n if n else float("nan") for a, n in zip(self.accepted, self.reached, strict=True)]
 
     def _grow(self, k: int) -> None:
         while len(self.reached) < k:
@@ -400,7 +400,7 @@ class Engine:
             params = [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError("one SamplingParams per prompt")
-        ids = [self.add(p, sp, on_tokens) for p, sp in zip(prompts, params)]
+        ids = [self.add(p, sp, on_tokens) for p, sp in zip(prompts, params, strict=True)]
         while self.has_unfinished():
             self.step()
         return [self.requests[i].result() for i in ids]

@@ -1,5 +1,4 @@
-"""Calibration metrics of the confidence head (ECE, AUC, Brier, per position) and a dependency-free
-reliability-diagram PNG writer.
+"""Calibration metrics of the confidence head (ECE, AUC, Brier, per position).
 
 Conventions (docs/scheduler.md): for a drafted round with confidences ``c[n, k]`` and ``L[n]``
 accepted drafts,
@@ -8,20 +7,16 @@ accepted drafts,
   * the *prefix-survival* label is ``L > k`` over all rounds; ``prod_{i<=k} c[n, i]`` predicts it
     (what the scheduler consumes, and what STS calibrates).
 
-The PNG writer is a tiny rasteriser (zlib + struct, no matplotlib): bars of the observed frequency
-per confidence bin, the diagonal, and a strip below the plot whose darkness is the bin's share of
-samples. It has no text; the caption belongs in the surrounding report.
+Reliability diagrams of these bins are drawn by :mod:`dspark_native.plots` (matplotlib).
 """
 
 from __future__ import annotations
 
-import struct
-import zlib
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 
-__all__ = ["ece", "auc", "brier", "reliability_bins", "per_position_metrics", "reliability_diagram_png"]
+__all__ = ["ece", "auc", "brier", "reliability_bins", "per_position_metrics"]
 
 
 def _flat(pred, label):
@@ -85,7 +80,8 @@ def per_position_metrics(confidences, accept_lengths, bins: int = 20) -> List[Di
     c = torch.as_tensor(confidences, dtype=torch.float64)
     L = torch.as_tensor(accept_lengths).long().flatten()
     if c.dim() != 2 or c.shape[0] != L.numel():
-        raise ValueError(f"confidences must be [N, g] and accept_lengths [N], got {tuple(c.shape)} and {tuple(L.shape)}")
+        raise ValueError(f"confidences must be [N, g] and accept_lengths [N], got {tuple(c.shape)} and "
+                         f"{tuple(L.shape)}")
     cum = torch.cumprod(c, 1)
     out = []
     for k in range(c.shape[1]):
@@ -105,59 +101,3 @@ def per_position_metrics(confidences, accept_lengths, bins: int = 20) -> List[Di
         }
         out.append(row)
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# PNG
-# ---------------------------------------------------------------------------------------------
-def _png_bytes(pixels: torch.Tensor) -> bytes:
-    """RGB uint8 [H, W, 3] -> PNG file bytes (colour type 2, filter 0 per row)."""
-    h, w, _ = pixels.shape
-    raw = torch.cat([torch.zeros(h, 1, dtype=torch.uint8), pixels.reshape(h, w * 3)], 1).contiguous()
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw.numpy().tobytes(), 9))
-            + chunk(b"IEND", b""))
-
-
-def reliability_diagram_png(pred, label, path: Optional[str] = None, bins: int = 20, size: int = 400) -> bytes:
-    """Rasterise a reliability diagram and return the PNG bytes (also written to `path` if given).
-
-    Layout: square plot of `size` px with a margin; x = confidence bin, bar height = observed
-    frequency (blue), red tick = mean prediction in the bin, grey diagonal = perfect calibration,
-    a strip underneath whose darkness is the bin's share of samples."""
-    count, mp, my = reliability_bins(pred, label, bins)
-    m, strip = 20, 24
-    W, H = size + 2 * m, size + 2 * m + strip
-    img = torch.full((H, W, 3), 255, dtype=torch.uint8)
-    x0, y0 = m, m  # top-left of the plot area; y grows downwards
-
-    def px(fx, fy):  # plot coordinates in [0, 1] -> pixel (row, col)
-        return int(round(y0 + (1 - fy) * (size - 1))), int(round(x0 + fx * (size - 1)))
-
-    bw = size / bins
-    for b in range(bins):
-        c0, c1 = int(x0 + b * bw) + 1, int(x0 + (b + 1) * bw) - 1
-        if count[b] > 0:
-            top, _ = px(0, float(my[b]))
-            img[top:y0 + size, c0:c1 + 1] = torch.tensor([70, 110, 200], dtype=torch.uint8)
-            r, _ = px(0, float(mp[b]))
-            img[max(r - 1, y0):r + 2, c0:c1 + 1] = torch.tensor([210, 40, 40], dtype=torch.uint8)
-        share = float(count[b] / max(count.sum().item(), 1.0))
-        shade = int(255 - min(1.0, share * bins / 4) * 200)
-        img[y0 + size + 6:y0 + size + strip, c0:c1 + 1] = shade
-    for t in range(size):  # diagonal
-        r, c = px(t / (size - 1), t / (size - 1))
-        img[max(r - 1, 0):r + 1, c] = 120
-    img[y0, x0:x0 + size] = 0  # frame
-    img[y0 + size - 1, x0:x0 + size] = 0
-    img[y0:y0 + size, x0] = 0
-    img[y0:y0 + size, x0 + size - 1] = 0
-    data = _png_bytes(img)
-    if path is not None:
-        with open(path, "wb") as f:
-            f.write(data)
-    return data

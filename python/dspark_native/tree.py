@@ -121,7 +121,8 @@ def from_first_child_next_sibling(first_child, next_sibling, root: int = 0) -> T
     ns = [int(x) for x in torch.as_tensor(next_sibling).tolist()]
     n = len(fc)
     if len(ns) != n or not 0 <= root < max(n, 1):
-        raise ValueError("from_first_child_next_sibling: first_child and next_sibling must have the same length n and root < n")
+        raise ValueError("from_first_child_next_sibling: first_child and next_sibling must have the same length n "
+                         "and root < n")
     new_id = [-1] * n
     parents, order = [], []
     stack = [(root, -1)]

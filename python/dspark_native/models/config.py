@@ -40,7 +40,7 @@ def read_config_json(directory: str) -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise CheckpointError(f"config.json not found in {directory!r}")
     try:
-        with open(path, "r", encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             raw = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"config.json in {directory!r} is unreadable: {e}") from e

@@ -110,7 +110,7 @@ def convert_gguf_to_hf(gguf_path: str, out_dir: str) -> str:
 
 def _converted_ok(directory: str, gguf_path: str) -> bool:
     try:
-        with open(os.path.join(directory, "config.json"), "r", encoding="utf-8") as f:
+        with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
             info = json.load(f).get("dspark_native_conversion", {})
     except (OSError, ValueError):
         return False

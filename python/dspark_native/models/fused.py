@@ -33,7 +33,11 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-WEIGHT_FORMATS = ("reference", "fused", "bf16", "auto")
+WEIGHT_FORMATS = ("reference", "fused", "bf16", "native", "auto")
+
+# Above this many rows a forward (a long prefill) is compute-bound, where oneDNN's AMX GEMMs
+# beat the native kernel's vector FMAs; "native" then runs the "bf16" path for that call.
+NATIVE_MAX_ROWS = 64
 
 
 @functools.lru_cache(maxsize=1)
@@ -56,22 +60,43 @@ def cpu_has_bf16_matmul() -> bool:
     return False
 
 
-def resolve_weight_format(weights: str, device: torch.device) -> str:
+def _has_native_op() -> bool:
+    from .._native import has_native
+
+    return has_native() and hasattr(torch.ops.dspark, "target_forward")
+
+
+def resolve_weight_format(weights: str, device: torch.device,
+                          dtype: torch.dtype = torch.float32) -> str:
     """Map ``weights`` (one of WEIGHT_FORMATS) to the format that will run on ``device``.
 
-    "auto": "bf16" on a CPU with native bf16 matmul, else "fused". "bf16" on a CPU without it is
-    allowed (it is exact to request, just slow); on a non-CPU device it is refused.
+    "auto": on the CPU "native" (the whole-forward kernel, dspark_native.ops.target_forward) when
+    the compiled extension is available and the model is fp32, else "bf16" on a CPU with native
+    bf16 matmul, else "fused"; off the CPU "fused". "bf16" on a CPU without bf16 instructions is
+    allowed (correct, just slow); "bf16" and "native" on a non-CPU device are refused.
     """
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
     if weights == "auto":
-        return "bf16" if device.type == "cpu" and cpu_has_bf16_matmul() else "fused"
-    if weights == "bf16" and device.type != "cpu":
+        if device.type != "cpu":
+            return "fused"
+        if dtype == torch.float32 and _has_native_op():
+            return "native"
+        return "bf16" if cpu_has_bf16_matmul() else "fused"
+    if weights == "native":
+        if device.type != "cpu" or dtype != torch.float32:
+            raise ValueError(
+                f"weights='native' runs the CPU kernel on an fp32 model; the model is {dtype} on "
+                f"{device}. Use weights='fused' there."
+            )
+        if not _has_native_op():
+            raise ValueError("weights='native' needs the compiled extension (dspark_native._C)")
+    if weights in ("bf16", "native") and device.type != "cpu":
         raise ValueError(
             f"weights='bf16' packs weights for oneDNN on the CPU; the model is on {device}. "
             "Use weights='fused' (the model dtype, e.g. bfloat16 on a GPU)."
         )
-    if weights == "bf16" and not torch.backends.mkldnn.is_available():
+    if weights in ("bf16", "native") and not torch.backends.mkldnn.is_available():
         raise ValueError("weights='bf16' needs a torch build with oneDNN (mkldnn)")
     return weights
 
@@ -126,13 +151,50 @@ class PackedTarget:
     layers: List[_PackedLayer]
     lm_head: PackedLinear
     final_norm: torch.Tensor
+    native: Optional["_NativeWeights"] = None
 
     @property
     def weight_bytes(self) -> int:
         """Bytes of matmul weights one forward streams (layers + LM head)."""
+        if self.native is not None:
+            return 2 * (self.native.lm_head.numel() + sum(
+                w.numel() for i, w in enumerate(self.native.layer_weights) if i % 8 < 4))
         return self.lm_head.nbytes + sum(
             p.nbytes for L in self.layers for p in (L.qkv, L.o, L.gate_up, L.down)
         )
+
+
+@dataclass
+class _NativeWeights:
+    """Arguments of dspark_native.ops.target_forward that depend on the weights only."""
+
+    layer_weights: List[torch.Tensor]  # 8 per layer (see ops.target_forward)
+    lm_head: torch.Tensor
+    inv_freq: torch.Tensor
+
+
+def _pack_native(model) -> _NativeWeights:
+    from ..ops.target_forward import pack_gate_up_panels, pack_panels
+
+    c = model.config
+    lw: List[torch.Tensor] = []
+    empty = torch.zeros(0)
+    for layer in model.layers:
+        a, m = layer.self_attn, layer.mlp
+        lw += [
+            pack_panels(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])),
+            pack_panels(a.o_proj.weight),
+            pack_gate_up_panels(m.gate_proj.weight, m.up_proj.weight),
+            pack_panels(m.down_proj.weight),
+            layer.input_layernorm.weight.detach().float().contiguous(),
+            layer.post_attention_layernorm.weight.detach().float().contiguous(),
+            empty if a.q_norm is None else a.q_norm.weight.detach().float().contiguous(),
+            empty if a.k_norm is None else a.k_norm.weight.detach().float().contiguous(),
+        ]
+    d = c.head_dim
+    # the reference's rope_cos_sin computes exactly these fp32 frequencies
+    inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    return _NativeWeights(lw, pack_panels(model.lm_head.weight), inv_freq.contiguous())
 
 
 @torch.no_grad()
@@ -140,7 +202,9 @@ def pack_target(model, weights: str) -> PackedTarget:
     """Derive the fused weights of ``model`` (a TargetModel) for format ``weights`` ("fused" or
     "bf16", already resolved). Costs one copy of the layer weights; the module's own parameters
     are left as they are (training and the reference path keep using them)."""
-    kind = "bf16" if weights == "bf16" else "dense"
+    # "native" keeps oneDNN bf16 packs too, for the long prefills it hands to the "bf16" path
+    kind = "bf16" if weights in ("bf16", "native") and cpu_has_bf16_matmul() else (
+        "bf16" if weights == "bf16" else "dense")
     layers = []
     for layer in model.layers:
         a, m = layer.self_attn, layer.mlp
@@ -156,7 +220,8 @@ def pack_target(model, weights: str) -> PackedTarget:
         ))
     return PackedTarget(weights=weights, layers=layers,
                         lm_head=PackedLinear(model.lm_head.weight, kind),
-                        final_norm=model.norm.weight.detach())
+                        final_norm=model.norm.weight.detach(),
+                        native=_pack_native(model) if weights == "native" else None)
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float):
@@ -176,6 +241,8 @@ def fused_forward(model, packed: PackedTarget, input_ids, plan, cache, ids, rows
     an index tensor, or "none")."""
     from .target import ragged_attention
 
+    if packed.native is not None and plan.chain and input_ids.numel() <= NATIVE_MAX_ROWS:
+        return _native_forward(model, packed, input_ids, plan, cache, ids, rows)
     c = model.config
     Hq, Hkv, d, H = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
     I, eps = c.intermediate_size, c.rms_norm_eps
@@ -222,3 +289,25 @@ def fused_forward(model, packed: PackedTarget, input_ids, plan, cache, ids, rows
         logits = packed.lm_head(F.rms_norm(hr, (H,), packed.final_norm, eps)).float()
     hidden = torch.cat([feats[i] for i in ids], dim=-1).to(dtype) if ids else None
     return logits, hidden
+
+
+def _native_forward(model, packed: PackedTarget, input_ids, plan, cache, ids, rows):
+    from ..ops.target_forward import target_forward
+
+    c = model.config
+    T = input_ids.numel()
+    nw = packed.native
+    h = model.embed_tokens(input_ids).float().contiguous()
+    cu = torch.zeros(plan.R + 1, dtype=torch.int64)
+    torch.cumsum(plan.counts, 0, out=cu[1:])
+    if isinstance(rows, str):
+        lrows = torch.zeros(0, dtype=torch.int64)
+    else:
+        lrows = torch.arange(T) if rows is None else rows.contiguous()
+    logits, feats = target_forward(
+        h, plan.positions.contiguous(), cu, plan.slots.contiguous(), cache.lengths[plan.slots].contiguous(),
+        cache.k_cache, cache.v_cache, nw.layer_weights, nw.lm_head, packed.final_norm, nw.inv_freq, lrows,
+        list(ids), num_heads=c.num_attention_heads, intermediate_size=c.intermediate_size,
+        vocab_size=c.vocab_size, eps=c.rms_norm_eps)
+    cache.lengths[plan.slots] += plan.counts
+    return (None if isinstance(rows, str) else logits), (feats if ids else None)

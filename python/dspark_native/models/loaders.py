@@ -39,7 +39,7 @@ def read_safetensors_dir(directory: str) -> Dict[str, torch.Tensor]:
         files = [single]
     elif os.path.isfile(index):
         try:
-            with open(index, "r", encoding="utf-8") as f:
+            with open(index, encoding="utf-8") as f:
                 weight_map = json.load(f)["weight_map"]
             if not isinstance(weight_map, dict):
                 raise TypeError("weight_map is not an object")

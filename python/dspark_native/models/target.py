@@ -37,6 +37,7 @@ class RaggedPlan:
     positions: torch.Tensor
     mask: torch.Tensor
     uniform: bool
+    chain: bool = True  # no tree mask: every block is causal
 
 
 def _as_long_1d(x, name: str, device) -> torch.Tensor:
@@ -72,7 +73,7 @@ def plan_ragged(
             f"cu_seqlens must have len(request_ids) + 1 = {R + 1} entries, got {cu.numel()}"
         )
     cu_l = cu.tolist()
-    if cu_l[0] != 0 or any(b < a for a, b in zip(cu_l, cu_l[1:])):
+    if cu_l[0] != 0 or any(b < a for a, b in zip(cu_l, cu_l[1:], strict=False)):
         raise ValueError(f"cu_seqlens must start at 0 and be non-decreasing, got {cu_l}")
     if total_rows is not None and cu_l[-1] != total_rows:
         raise ValueError(
@@ -83,7 +84,7 @@ def plan_ragged(
         raise ValueError(f"request_ids must be in [0, {cache.max_requests}), got {req_l}")
     if len(set(req_l)) != R:
         raise ValueError(f"request_ids must be distinct, got {req_l}")
-    counts_l = [b - a for a, b in zip(cu_l, cu_l[1:])]
+    counts_l = [b - a for a, b in zip(cu_l, cu_l[1:], strict=False)]
     base = cache.lengths[req]
     base_l = base.tolist()
     for r in range(R):
@@ -94,7 +95,7 @@ def plan_ragged(
             )
     T = cu_l[-1] if R else 0
     n_max = max(counts_l) if R else 0
-    L_max = max(b + n for b, n in zip(base_l, counts_l)) if R else 0
+    L_max = max(b + n for b, n in zip(base_l, counts_l, strict=True)) if R else 0
     counts = torch.tensor(counts_l, dtype=torch.int64, device=device)
     row_req = torch.repeat_interleave(torch.arange(R, device=device), counts)
     row_off = torch.arange(T, device=device) - cu[:-1][row_req]
@@ -163,7 +164,7 @@ def plan_ragged(
     return RaggedPlan(
         R=R, n_max=n_max, L_max=L_max, counts=counts, slots=req, slot_slice=slot_slice,
         row_req=row_req, row_off=row_off, slot_t=slot_t, store_t=store_t, positions=positions,
-        mask=mask, uniform=all(n == n_max for n in counts_l),
+        mask=mask, uniform=all(n == n_max for n in counts_l), chain=tree_mask is None,
     )
 
 
@@ -236,13 +237,15 @@ class TargetModel(nn.Module):
 
     def set_weights(self, weights: str = "auto") -> str:
         """Choose the forward path: "reference", "fused" (fused projections, model dtype), "bf16"
-        (fused, layer weights bf16 packed for oneDNN: CPUs with AMX / AVX512-BF16) or "auto"
-        (bf16 where the CPU has native bf16 matmul, else fused). Packs the weights once from the
+        (fused, layer weights bf16 packed for oneDNN: CPUs with AMX / AVX512-BF16), "native" (the
+        whole forward in one native CPU call, bf16 weights: dspark_native.ops.target_forward) or
+        "auto" (native on the CPU when the extension is built, see
+        :func:`dspark_native.models.fused.resolve_weight_format`). Packs the weights once from the
         current parameters: call it again after changing them (or moving the model). Returns the
         format chosen."""
         from .fused import pack_target, resolve_weight_format
 
-        fmt = resolve_weight_format(weights, self.device)
+        fmt = resolve_weight_format(weights, self.device, self.dtype)
         self._packed = None if fmt == "reference" else pack_target(self, fmt)
         return fmt
 

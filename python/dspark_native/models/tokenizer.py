@@ -58,7 +58,7 @@ def tokenizer_from_gguf_metadata(meta: Dict[str, object]):
         tok.pre_tokenizer = byte_level
     tok.decoder = decoders.ByteLevel()
     special = [AddedToken(t, special=True, normalized=False)
-               for t, ty in zip(tokens, types) if int(ty) in _SPECIAL_TOKEN_TYPES]
+               for t, ty in zip(tokens, types, strict=True) if int(ty) in _SPECIAL_TOKEN_TYPES]
     tok.add_special_tokens(special)
     return tok
 
@@ -161,7 +161,7 @@ def load_tokenizer_files(directory: str):
     template = None
     cfg_path = os.path.join(directory, "tokenizer_config.json")
     if os.path.isfile(cfg_path):
-        with open(cfg_path, "r", encoding="utf-8") as f:
+        with open(cfg_path, encoding="utf-8") as f:
             cfg = json.load(f)
         if isinstance(cfg.get("chat_template"), str):
             template = ChatTemplate(cfg["chat_template"], _tok_str(cfg.get("bos_token")),

@@ -86,7 +86,7 @@ def dspark_draft(
     if not isinstance(base_logits, torch.Tensor) or base_logits.dim() != 3:
         raise ValueError("dspark_draft: base_logits must be a 3-D tensor [R, g, V]")
     dev = base_logits.device
-    R, g = base_logits.shape[0], base_logits.shape[1]
+    R = base_logits.shape[0]
     if isinstance(temperature, (int, float)) and not (temperature >= 0):
         raise ValueError(f"dspark_draft: temperature must be >= 0 (0 = greedy), got {temperature}")
     temp = per_request(temperature, R, torch.float32, dev, "temperature")

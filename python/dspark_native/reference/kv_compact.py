@@ -19,7 +19,7 @@ def _layers(cache):
         cache = [cache]
     cache = list(cache)
     if len(cache) == 1 and cache[0].dim() == 5:
-        return [cache[0][l] for l in range(cache[0].shape[0])]
+        return [cache[0][i] for i in range(cache[0].shape[0])]
     return cache
 
 
@@ -69,7 +69,8 @@ def kv_compact_reference(
                 for t in (old[r] + j, old[r] + a):
                     pg = bt[r][t // P]
                     if not 0 <= pg < num_pages:
-                        raise ValueError(f"kv_compact: request {r}: block_table[{r}, {t // P}] = {pg} points outside the page pool")
+                        raise ValueError(f"kv_compact: request {r}: block_table[{r}, {t // P}] = {pg} points outside "
+                                         "the page pool")
         elif not 0 <= sl[r] < num_pages:
             raise ValueError(f"kv_compact: request {r}: slots = {sl[r]} outside [0, {num_pages})")
         counts.append(lst)

@@ -79,7 +79,8 @@ def _weights(s: torch.Tensor, m: float) -> torch.Tensor:
     return torch.exp(s - m)
 
 
-def target_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> Optional[torch.Tensor]:
+def target_probs(logits: torch.Tensor, temperature: float, top_k: int = 0,
+                 top_p: float = 1.0) -> Optional[torch.Tensor]:
     """The target distribution of one row [V] after temperature, top-k and top-p (float64), or
     None if the row has no finite logit."""
     s = _scaled(logits, temperature)

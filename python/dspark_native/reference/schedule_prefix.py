@@ -70,7 +70,7 @@ def schedule_prefix_reference(confidences: torch.Tensor, sps_table, *, mode="cau
     cap = max(budget, B) if budget > 0 else None
     best = float(tau) * (1.0 / _SCALE) * sps[B - 1]
     best_tau, admitted = tau, 0
-    for i, (a, r, j) in enumerate(cands):
+    for i, (a, _r, _j) in enumerate(cands):
         if cap is not None and B + 1 > cap:
             break
         B += 1
@@ -81,6 +81,6 @@ def schedule_prefix_reference(confidences: torch.Tensor, sps_table, *, mode="cau
         elif mode == 0:
             break
     lengths = torch.tensor(lo, dtype=torch.int64)
-    for a, r, j in cands[:admitted]:
+    for _a, r, j in cands[:admitted]:
         lengths[r] = max(int(lengths[r]), j + 1)
     return lengths, torch.tensor([best, best_tau / _SCALE], dtype=torch.float32)

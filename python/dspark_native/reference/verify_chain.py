@@ -6,8 +6,16 @@ from typing import Optional
 
 import torch
 
-from .sampling import (RNG_ACCEPT_COIN, RNG_SAMPLE, draft_distribution, first_argmax, inverse_cdf, per_request_values,
-                       philox_uniform, target_probs)
+from .sampling import (
+    RNG_ACCEPT_COIN,
+    RNG_SAMPLE,
+    draft_distribution,
+    first_argmax,
+    inverse_cdf,
+    per_request_values,
+    philox_uniform,
+    target_probs,
+)
 
 __all__ = ["verify_chain_reference"]
 
@@ -46,9 +54,9 @@ def verify_chain_reference(
     accepted = torch.zeros(R, dtype=torch.int64)
     accept_prob = torch.zeros(len(drafts) if return_accept_prob else 0, dtype=torch.float32)
     for r in range(R):
-        base, l = cu[r], cu[r + 1] - cu[r] - 1
-        if l < 0 or l > max_drafts:
-            raise ValueError(f"verify_chain_reference: request {r} has {l} drafts, expected 0..{max_drafts}")
+        base, l_r = cu[r], cu[r + 1] - cu[r] - 1
+        if l_r < 0 or l_r > max_drafts:
+            raise ValueError(f"verify_chain_reference: request {r} has {l_r} drafts, expected 0..{max_drafts}")
         dbase = base - r
         t = float(temps[r])
         greedy = not (t > 0)
@@ -56,12 +64,12 @@ def verify_chain_reference(
         p_eff = float(tps[r])
         p_eff = 1.0 if not (p_eff < 1.0) else max(p_eff, 0.0)
         accepting, n_acc = True, 0
-        for k in range(l + 1):
-            need_prob = return_accept_prob and k < l
+        for k in range(l_r + 1):
+            need_prob = return_accept_prob and k < l_r
             if not accepting and not need_prob:
                 break
             row = target_logits[base + k]
-            d = drafts[dbase + k] if k < l else -1
+            d = drafts[dbase + k] if k < l_r else -1
             if greedy:
                 am = first_argmax(row)
                 if need_prob:
@@ -70,7 +78,7 @@ def verify_chain_reference(
                     continue
                 if am < 0:
                     accepting = False
-                elif k < l and d == am:
+                elif k < l_r and d == am:
                     tokens[r, k] = d
                     n_acc += 1
                 else:
@@ -83,7 +91,7 @@ def verify_chain_reference(
                     accept_prob[dbase + k] = 0.0
                 accepting = False
                 continue
-            if k == l:
+            if k == l_r:
                 tokens[r, k] = inverse_cdf(p, philox_uniform(seeds[r], offs[r], k, RNG_SAMPLE))
                 break
             q = draft_distribution(draft[dbase + k] if draft is not None else None, kind, d, V, t)

@@ -24,7 +24,8 @@ def _check_tree(r: int, par: list, max_depth: int) -> None:
         if i > 0:
             depth[i] = depth[p] + 1
             if depth[i] > max_depth:
-                raise ValueError(f"verify_tree: parents of request {r} make node {i} deeper than max_depth = {max_depth}")
+                raise ValueError(f"verify_tree: parents of request {r} make node {i} deeper than "
+                                 f"max_depth = {max_depth}")
 
 
 def verify_tree_reference(

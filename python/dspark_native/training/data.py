@@ -168,7 +168,7 @@ def build_training_data(target, encode: Callable[[str], List[int]], eos_ids: Seq
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0, stop_token_ids=list(eos_ids))
         outs = engine.generate([p for _, p in shard], params)
         engine.release()
-        seqs = [p + o.token_ids for (_, p), o in zip(shard, outs)]
+        seqs = [p + o.token_ids for (_, p), o in zip(shard, outs, strict=True)]
         feats, tids, tprobs = _target_rows(target, seqs, cfg.topk)
         lens = torch.tensor([len(s) for s in seqs])
         tensors = dict(

@@ -27,8 +27,9 @@ def round_metrics(round_log: Sequence, g: int, sts_temperature: Optional[Sequenc
     ``tau``, ``cond_accept`` [g] (None where no round reached k), ``reached`` [g], and, when the
     rounds carry confidences, ``confidence`` = per-position metrics before STS and, given
     ``sts_temperature``, ``confidence_sts`` after."""
-    lengths = torch.cat([torch.as_tensor(e[1]).long().flatten() for e in round_log]) if round_log else torch.zeros(0, dtype=torch.long)
-    acc = torch.cat([torch.as_tensor(e[2]).long().flatten() for e in round_log]) if round_log else torch.zeros(0, dtype=torch.long)
+    empty = torch.zeros(0, dtype=torch.long)
+    lengths = torch.cat([torch.as_tensor(e[1]).long().flatten() for e in round_log]) if round_log else empty
+    acc = torch.cat([torch.as_tensor(e[2]).long().flatten() for e in round_log]) if round_log else empty
     if bool((acc > lengths).any()):
         raise ValueError("a round accepted more drafts than it verified")
     n = lengths.numel()

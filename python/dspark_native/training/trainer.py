@@ -150,7 +150,7 @@ def make_batch(data: TrainingData, seq_ids: List[int], anchors_per_seq: int, g: 
     tokens = torch.zeros(B, S, dtype=torch.int64)
     anchors = torch.zeros(B, A, dtype=torch.int64)
     a_ok = torch.zeros(B, A, dtype=torch.bool)
-    for b, (i, n) in enumerate(zip(seq_ids, lens)):
+    for b, (i, n) in enumerate(zip(seq_ids, lens, strict=True)):
         o = int(offs[i])
         feats[b, :n] = data.features[o:o + n].float()
         tokens[b, :n] = data.tokens[o:o + n]
