@@ -9,8 +9,7 @@ import sys
 
 import pytest
 
-from dspark_native.models import CheckpointError, select_backend
-from dspark_native.models import hf_target
+from dspark_native.models import CheckpointError, hf_target, select_backend
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python")
 
@@ -29,7 +28,8 @@ def test_core_does_not_import_transformers():
 def test_backend_choice_without_transformers(monkeypatch):
     monkeypatch.setattr(hf_target, "transformers_available", lambda: False)
     assert select_backend({"architectures": ["LlamaForCausalLM"]}) == "native"
-    with pytest.raises(CheckpointError, match=r"Gemma3ForCausalLM.*no native implementation.*dspark-native\[transformers\]"):
+    want = r"Gemma3ForCausalLM.*no native implementation.*dspark-native\[transformers\]"
+    with pytest.raises(CheckpointError, match=want):
         select_backend({"architectures": ["Gemma3ForCausalLM"]})
     with pytest.raises(CheckpointError, match=r"dspark-native\[transformers\]"):
         select_backend({"architectures": ["LlamaForCausalLM"]}, "transformers")

@@ -17,8 +17,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from hf_helpers import (FAMILIES, aligned_drafter, bigram_perm, hf_config_dict, hf_full_logits,  # noqa: E402
-                        hf_greedy, write_hf_model)
+from hf_helpers import FAMILIES, aligned_drafter, bigram_perm, hf_config_dict, hf_full_logits, hf_greedy, write_hf_model  # noqa: E402
 from stats import assert_matches_distribution  # noqa: E402
 
 from dspark_native.engine import Engine, SamplingParams  # noqa: E402
@@ -128,7 +127,7 @@ def test_greedy_speculative_equals_transformers_generate(model_dirs, family):
     params[1] = SamplingParams(max_new_tokens=24, stop_token_ids=[stop])
     want[1] = want[1][: want[1].index(stop) + 1]
     outs = Engine(tgt, drafter, max_batch=3, max_seq=40).generate(prompts, params)
-    for i, (o, w) in enumerate(zip(outs, want)):
+    for i, (o, w) in enumerate(zip(outs, want, strict=True)):
         assert o.token_ids == w, f"request {i}: {o.token_ids} != transformers {w}"
     acc = sum(o.stats.accepted_drafts for o in outs)
     rounds = sum(o.stats.rounds for o in outs)

@@ -144,7 +144,7 @@ def dspark_generate(
     params = [SamplingParams(max_new_tokens=max_new, temperature=temperature, top_k=top_k, top_p=top_p,
                              seed=dspark_seed + b, stop_token_ids=eos_ids) for b in range(B)]
     ids = []
-    for b, (p, sp) in enumerate(zip(prompts, params)):
+    for b, (p, sp) in enumerate(zip(prompts, params, strict=True)):
         rid = engine.add(p, sp, on_tokens=on_tokens)
         ids.append(rid)
         rid_of[rid] = b

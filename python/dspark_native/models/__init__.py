@@ -14,6 +14,7 @@ from .drafter import ConfidenceHead, DSparkDrafter, MarkovHead
 from .eagle3 import Eagle3Drafter
 from .embedded import EmbeddedModel, convert_gguf_to_hf, find_smollm2_gguf, load_embedded_smollm2
 from .gguf_loader import load_gguf_target
+from .hf_target import HFKVCache, TransformersTarget  # transformers itself is imported on use
 from .loaders import (
     build_drafter,
     build_target,
@@ -24,7 +25,6 @@ from .loaders import (
     save_target,
     select_backend,
 )
-from .hf_target import HFKVCache, TransformersTarget  # transformers itself is imported on use
 from .target import TargetModel
 from .tokenizer import ChatTemplate
 

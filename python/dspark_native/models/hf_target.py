@@ -91,7 +91,7 @@ class _Step:
         self.cache = cache
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hf_cache_classes():
     """The ``transformers.Cache`` subclass (built once, transformers imported lazily)."""
     from transformers.cache_utils import Cache, CacheLayerMixin
@@ -473,7 +473,7 @@ class TransformersTarget(nn.Module):
 
         if self.layer_types:
             out = {}
-            for t, w in zip(self.layer_types, self.windows):
+            for t, w in zip(self.layer_types, self.windows, strict=True):
                 out[t] = for_window(w)
             return out
         if len(set(self.windows)) != 1:  # pragma: no cover - layer_windows never returns this
