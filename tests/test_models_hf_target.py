@@ -59,6 +59,8 @@ def test_ragged_forward_rollback_and_features(model_dirs, family):
     two requests; the features of layers 0, 2 and the last (which transformers reports normed)."""
     tgt = load_target(model_dirs[family], backend="transformers", target_layer_ids=[0, 2, 3])
     assert isinstance(tgt, TransformersTarget) and tgt.backend == "transformers"
+    # Gemma 2 runs eager attention (additive float masks), the others sdpa (boolean masks)
+    assert tgt.mask_kind == ("float" if family == "gemma2" else "bool")
     hf = tgt.hf
     g = torch.Generator().manual_seed(7)
     prompt = torch.randint(0, 64, (9,), generator=g).tolist()
