@@ -119,7 +119,9 @@ def main():
           f"batch 1, threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.2f}")
     print(f"{'backend':>40} {'weights':>14} {'tokens':>7} {'tok/s':>8} {'x HF fp32':>10} {'same as ref':>12}")
     for r in rows:
-        same = (sum(a == b for a, b in zip(r["outs"], ref_outs)) / len(prompts)) if ref_outs else float("nan")
+        same = float("nan")
+        if ref_outs:
+            same = sum(a == b for a, b in zip(r["outs"], ref_outs, strict=True)) / len(prompts)
         r["same_tokens_as_reference_fraction"] = same
         x = r["tokens_per_s"] / hf32["tokens_per_s"] if hf32 else float("nan")
         r["x_hf_fp32"] = x

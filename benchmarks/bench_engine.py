@@ -1,4 +1,4 @@
-"""Engine machinery overhead on CPU (SmolLM2-135M, untrained default drafter).
+"""Engine machinery overhead (SmolLM2-135M, untrained default drafter), on the CPU or a GPU.
 
 1. plain decoding through the engine vs the bare model loop (``TargetModel.generate_greedy``):
    what the engine adds per token (batching bookkeeping, verify_chain sampling, emission);
@@ -6,6 +6,9 @@
    verified per round, at batch 1 and batch 4.
 
     PYTHONPATH=python python benchmarks/bench_engine.py --tokens 32 --threads 1 --out bench_engine.json
+    PYTHONPATH=python python benchmarks/bench_engine.py --device cuda --dtype bfloat16 --out bench_engine_gpu.json
+
+The JSON records the device (name included for CUDA) and dtype it ran on.
 """
 
 from __future__ import annotations
@@ -33,13 +36,23 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=32, help="new tokens per request (default 32)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None, help="JSON output")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda[:N] (default cpu)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    em = load_embedded_smollm2()
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", 0)
+    em = load_embedded_smollm2(dtype=getattr(torch, args.dtype), device=dev)
     prompts = [em.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
     params = SamplingParams(max_new_tokens=args.tokens)  # no stop tokens: fixed length
-    res = {"tokens": args.tokens, "threads": torch.get_num_threads()}
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else ""
+    res = {"tokens": args.tokens, "threads": torch.get_num_threads(), "device": f"{dev} {name}".strip(),
+           "dtype": args.dtype, "torch": torch.__version__}
+    print(f"device {res['device']}, {args.dtype}")
+    # every timed run ends with a host read of its last tokens, so wall time covers the device work
+    em.model.generate_greedy(prompts[0], 2)  # warm-up (CUDA context, kernels)
 
     t0 = time.perf_counter()
     bare = em.model.generate_greedy(prompts[0], args.tokens)

@@ -11,8 +11,9 @@ import torch
 
 
 def target_raw_config(arch="Qwen3ForCausalLM", **over):
+    model_type = {"Qwen3": "qwen3", "Qwen2": "qwen2"}.get(arch[:5], "llama")
     raw = dict(
-        architectures=[arch], model_type="qwen3" if arch.startswith("Qwen3") else "llama",
+        architectures=[arch], model_type=model_type,
         vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, head_dim=12 if arch.startswith("Qwen3") else 8,
         rms_norm_eps=1e-6, rope_theta=10000.0, hidden_act="silu", tie_word_embeddings=False,
@@ -22,7 +23,7 @@ def target_raw_config(arch="Qwen3ForCausalLM", **over):
     return raw
 
 
-def layer_shapes(prefix, c, qk_norm, attn_in=None):
+def layer_shapes(prefix, c, qk_norm, attn_in=None, qkv_bias=False):
     H, inter = c["hidden_size"], c["intermediate_size"]
     hd, nh, kv = c["head_dim"], c["num_attention_heads"], c["num_key_value_heads"]
     a = attn_in or H
@@ -40,15 +41,20 @@ def layer_shapes(prefix, c, qk_norm, attn_in=None):
     if qk_norm:
         s[prefix + "self_attn.q_norm.weight"] = (hd,)
         s[prefix + "self_attn.k_norm.weight"] = (hd,)
+    if qkv_bias:  # Qwen2: q/k/v have biases, o_proj does not
+        s[prefix + "self_attn.q_proj.bias"] = (nh * hd,)
+        s[prefix + "self_attn.k_proj.bias"] = (kv * hd,)
+        s[prefix + "self_attn.v_proj.bias"] = (kv * hd,)
     return s
 
 
 def target_shapes(c):
     qk = c["architectures"][0].startswith("Qwen3")
+    bias = c["architectures"][0].startswith("Qwen2")
     s = {"model.embed_tokens.weight": (c["vocab_size"], c["hidden_size"]),
          "model.norm.weight": (c["hidden_size"],)}
     for i in range(c["num_hidden_layers"]):
-        s.update(layer_shapes(f"model.layers.{i}.", c, qk))
+        s.update(layer_shapes(f"model.layers.{i}.", c, qk, qkv_bias=bias))
     if not c.get("tie_word_embeddings", False):
         s["lm_head.weight"] = (c["vocab_size"], c["hidden_size"])
     return s
@@ -97,10 +103,31 @@ def rms(x, w, eps):
     return (xf / torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + eps)) * w.double()
 
 
-def rope(x, pos, theta):
-    """Rotate-half RoPE on x [n, heads, d] at integer positions pos [n] (fp64)."""
+def llama3_inv_freq(d, theta, factor, low_freq_factor, high_freq_factor, original_ctx):
+    """Llama 3 RoPE frequencies, the published piecewise rule, one frequency at a time (fp64):
+    wavelength 2 pi / f below original_ctx / high_freq_factor keeps f, above
+    original_ctx / low_freq_factor gives f / factor, in between a linear blend in
+    original_ctx / wavelength."""
+    out = []
+    for i in range(0, d, 2):
+        f = theta ** (-i / d)
+        wl = 2 * math.pi / f
+        if wl < original_ctx / high_freq_factor:
+            out.append(f)
+        elif wl > original_ctx / low_freq_factor:
+            out.append(f / factor)
+        else:
+            a = (original_ctx / wl - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            out.append((1 - a) * f / factor + a * f)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def rope(x, pos, theta, inv=None):
+    """Rotate-half RoPE on x [n, heads, d] at integer positions pos [n] (fp64); ``inv``: the
+    frequencies (default theta^(-2i/d))."""
     d = x.shape[-1]
-    inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    if inv is None:
+        inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
     ang = pos.double()[:, None] * inv[None, :]
     cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]
     x1, x2 = x[..., : d // 2], x[..., d // 2:]
@@ -135,8 +162,16 @@ def mlp(x, W, p):
     return (torch.nn.functional.silu(g) * u) @ W[p + "mlp.down_proj.weight"].double().T
 
 
+def _proj(W, name, x):
+    """x @ W[name.weight]^T (+ W[name.bias] when the checkpoint has it), fp64."""
+    y = x @ W[name + ".weight"].double().T
+    b = W.get(name + ".bias")
+    return y if b is None else y + b.double()
+
+
 def ref_target_forward(W, c, ids, allowed=None, pos=None, rope_fn=None):
-    """Whole-sequence reference forward. ids [n]; allowed [n, n] (default causal);
+    """Whole-sequence reference forward. ids [n]; allowed [n, n] (default causal); q/k/v biases
+    are added when W has them (Qwen2); ``rope_fn(x, pos, theta)`` replaces plain RoPE;
     returns logits [n, V] and the list of raw layer outputs, fp64."""
     qk = c["architectures"][0].startswith("Qwen3")
     n = ids.numel()
@@ -151,9 +186,7 @@ def ref_target_forward(W, c, ids, allowed=None, pos=None, rope_fn=None):
     for i in range(c["num_hidden_layers"]):
         p = f"model.layers.{i}."
         x = rms(h, W[p + "input_layernorm.weight"], eps)
-        q = (x @ W[p + "self_attn.q_proj.weight"].double().T).reshape(n, -1, hd)
-        k = (x @ W[p + "self_attn.k_proj.weight"].double().T).reshape(n, -1, hd)
-        v = (x @ W[p + "self_attn.v_proj.weight"].double().T).reshape(n, -1, hd)
+        q, k, v = (_proj(W, p + f"self_attn.{name}", x).reshape(n, -1, hd) for name in ("q_proj", "k_proj", "v_proj"))
         if qk:
             q = rms(q, W[p + "self_attn.q_norm.weight"], eps)
             k = rms(k, W[p + "self_attn.k_norm.weight"], eps)

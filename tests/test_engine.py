@@ -1,13 +1,19 @@
 """Engine: greedy losslessness (DSpark / DFlash / EAGLE-3, every policy, blocks 1..16, batches
 1..16 with different prompt lengths and stop points), batch invariance, stops and limits inside
-accepted blocks, streaming, statistics, hostile input."""
+accepted blocks, streaming, statistics, hostile input.
+
+Greedy outputs are compared with ``greedy_reference``, which shares nothing with the engine (a
+fresh whole-sequence target forward per token and an argmax: no KV rollback, no verify_chain, no
+scheduler), and statistics with scripted drafters whose acceptance is known in advance."""
 
 from __future__ import annotations
+
+import weakref
 
 import pytest
 import torch
 
-from test_engine_helpers import tiny_drafter, tiny_target
+from test_engine_helpers import expected_output, greedy_reference, scripted_drafter, tiny_drafter, tiny_target
 
 from dspark_native.engine import POLICIES, Engine, SamplingParams, default_drafter
 from dspark_native.models import ContextLengthError
@@ -34,15 +40,38 @@ def _prompts(n, seed=0):
             for _ in range(n)]
 
 
+_REF = weakref.WeakKeyDictionary()  # target -> {(prompt, max_new): continuation}
+
+
+def _free(target, prompts, max_new):
+    """Engine-free greedy continuations (cached per target and prompt)."""
+    ref = _REF.setdefault(target, {})
+    todo = [p for p in prompts if (tuple(p), max_new) not in ref]
+    if todo:
+        for p, out in zip(todo, greedy_reference(target, todo, max_new), strict=True):
+            ref[(tuple(p), max_new)] = out
+    return [ref[(tuple(p), max_new)] for p in prompts]
+
+
+def _want(target, prompts, params):
+    """What each request must emit: the engine-free greedy continuation cut by its stops / limit."""
+    if isinstance(params, SamplingParams):
+        params = [params] * len(prompts)
+    n = max(sp.max_new_tokens for sp in params)
+    return [expected_output(f, sp) for f, sp in zip(_free(target, prompts, n), params, strict=True)]
+
+
 def _plain(target, prompts, params, max_seq=96):
+    """The plain engine's outputs (for the fast target paths, whose rounding the reference would
+    not share)."""
     eng = Engine(target, None, max_batch=len(prompts), max_seq=max_seq)
     return [o.token_ids for o in eng.generate(prompts, params)]
 
 
 def _params_with_stops(target, prompts, max_new=24):
-    """Per-request limits and stop tokens taken from the unstopped plain output, so that stops fall
-    at various points (often inside accepted blocks)."""
-    free = _plain(target, prompts, SamplingParams(max_new_tokens=max_new))
+    """Per-request limits and stop tokens taken from the unstopped greedy continuation, so that
+    stops fall at various points (often inside accepted blocks)."""
+    free = _free(target, prompts, max_new)
     params = []
     for i, out in enumerate(free):
         stop = [out[(3 * i + 2) % len(out)]] if i % 3 != 2 else []
@@ -71,12 +100,14 @@ CASES = [  # kind, aligned, block, batch, policy
 def test_greedy_lossless(target, kind, aligned, block, batch, policy):
     prompts = _prompts(batch, seed=block * 31 + batch)
     params = _params_with_stops(target, prompts)
-    want = _plain(target, prompts, params)
+    want = _want(target, prompts, params)
+    stopped = any(sp.stop_token_ids and w[-1] in sp.stop_token_ids for w, sp in zip(want, params, strict=True))
+    assert stopped or batch < 2, "test premise: some request stops on a stop token"
     drafter = tiny_drafter(target, kind, block_size=block, aligned=aligned)
     eng = Engine(target, drafter, policy=policy, max_batch=max(1, batch - 1) if batch > 2 else batch, max_seq=96)
     out = eng.generate(prompts, params)
     for i, (o, w) in enumerate(zip(out, want, strict=True)):
-        assert o.token_ids == w, f"request {i}: {o.token_ids} != plain {w}"
+        assert o.token_ids == w, f"request {i}: {o.token_ids} != greedy reference {w}"
         stops = set(params[i].stop_token_ids)
         assert not any(t in stops for t in o.token_ids[:-1]), "token emitted after a stop token"
         assert o.finish_reason in ("stop", "length")
@@ -88,7 +119,7 @@ def test_greedy_lossless(target, kind, aligned, block, batch, policy):
 def test_stop_and_limits_inside_accepted_blocks(target, policy):
     drafter = tiny_drafter(target, "dspark", block_size=8, aligned=True)
     prompts = [[3, 9, 27], [11]]
-    free = _plain(target, prompts, SamplingParams(max_new_tokens=30))
+    free = _free(target, prompts, 30)
     for limit in (1, 2, 3, 5, 8, 9, 13):
         eng = Engine(target, drafter, policy=policy, max_batch=2, max_seq=96)
         out = eng.generate(prompts, SamplingParams(max_new_tokens=limit))
@@ -103,10 +134,76 @@ def test_stop_and_limits_inside_accepted_blocks(target, policy):
     assert out.stats.tau > 2.0, "aligned drafter should get blocks accepted (test premise)"
 
 
+def _round_model(max_new, g, right):
+    """Rounds of one request with a drafter right on the first ``right`` positions (None: all)
+    under the static policy, by the engine's cap rule (l <= g, l <= remaining - 1): per round
+    (verified, accepted)."""
+    rounds, remaining = [], max_new
+    while remaining > 0:
+        cap = max(0, min(g, remaining - 1))
+        acc = cap if right is None else min(right, cap)
+        rounds.append((cap, acc))
+        remaining -= acc + 1
+    return rounds
+
+
+@pytest.mark.parametrize("kind", ["dspark", "dflash", "eagle3"])
+@pytest.mark.parametrize("right", [None, 0, 2], ids=["oracle", "always-wrong", "right-twice"])
+def test_statistics_of_scripted_drafters(target, kind, right):
+    """A drafter that proposes the target's greedy tokens gets every draft accepted: tau = g + 1
+    exactly; one that is always wrong: tau = 1; one right on two positions: two per round. Output,
+    rounds, tau, budget, accepted drafts and per-position acceptance all follow."""
+    g, max_new = 4, 25  # 25 = 5 full rounds of g + 1
+    prompts = _prompts(3, seed=21)
+    free = _free(target, prompts, max_new + g + 2)
+    drafter = scripted_drafter(target, kind, g, [p + f for p, f in zip(prompts, free, strict=True)], right)
+    outs = Engine(target, drafter, policy="static", max_batch=3, max_seq=64).generate(
+        prompts, SamplingParams(max_new_tokens=max_new))
+    model = _round_model(max_new, g, right)
+    for o, f in zip(outs, free, strict=True):
+        st = o.stats
+        assert o.token_ids == f[:max_new]
+        assert st.rounds == len(model) and st.tau == max_new / len(model)
+        assert st.budget == sum(v for v, _ in model) and st.accepted_drafts == sum(a for _, a in model)
+        for k in range(g):
+            reached = sum(1 for v, a in model if v > k and a >= k)
+            assert st.reached[k] == reached
+            assert st.accepted[k] == sum(1 for v, a in model if a > k)
+    if right is None:
+        assert all(o.stats.tau == g + 1 for o in outs)
+        assert all(o.stats.acceptance == [1.0] * g for o in outs)
+    if right == 0:
+        assert all(o.stats.tau == 1 and o.stats.accepted_drafts == 0 for o in outs)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_oracle_and_wrong_drafters_under_every_policy(target, policy):
+    """Whatever lengths a policy picks: with an oracle every verified draft is accepted, with an
+    always-wrong drafter none is and each round emits exactly one token."""
+    g, max_new = 5, 18
+    prompts = _prompts(4, seed=22)
+    free = _free(target, prompts, max_new + g + 2)
+    scripts = [p + f for p, f in zip(prompts, free, strict=True)]
+    for right in (None, 0):
+        drafter = scripted_drafter(target, "dspark", g, scripts, right)
+        outs = Engine(target, drafter, policy=policy, max_batch=4, max_seq=64).generate(
+            prompts, SamplingParams(max_new_tokens=max_new))
+        for o, f in zip(outs, free, strict=True):
+            assert o.token_ids == f[:max_new]
+            st = o.stats
+            if right is None:
+                assert st.accepted_drafts == st.budget and st.emitted == st.rounds + st.budget
+            else:
+                assert st.accepted_drafts == 0 and st.rounds == max_new and st.tau == 1.0
+        if right is None:
+            assert sum(o.stats.budget for o in outs) > 0, f"{policy} verified nothing"
+
+
 def test_plain_engine_matches_generate_greedy(target):
     for p in ([5], [1, 2, 3, 4, 5, 6, 7]):
         eng = Engine(target, None, max_batch=1, max_seq=64)
-        assert eng.generate([p], SamplingParams(max_new_tokens=12))[0].token_ids == target.generate_greedy(p, 12)
+        got = eng.generate([p], SamplingParams(max_new_tokens=12))[0].token_ids
+        assert got == target.generate_greedy(p, 12) == _free(target, [p], 12)[0]
 
 
 def test_batch_invariance_greedy(target):
@@ -115,7 +212,7 @@ def test_batch_invariance_greedy(target):
     params = SamplingParams(max_new_tokens=15)
     alone = [Engine(target, drafter, max_batch=1, max_seq=64).generate([p], params)[0].token_ids for p in prompts]
     together = Engine(target, drafter, policy="causal", max_batch=6, max_seq=64).generate(prompts, params)
-    assert [o.token_ids for o in together] == alone
+    assert [o.token_ids for o in together] == alone == _want(target, prompts, params)
     # and with sampled neighbours that come and go
     eng = Engine(target, drafter, max_batch=4, max_seq=64)
     ids = [eng.add(p, params) for p in prompts[:2]]
@@ -157,7 +254,7 @@ def test_finish_aborts_one_request_only(target):
     c = eng.add([4, 5], SamplingParams(max_new_tokens=20))  # reuses a's slot
     while eng.has_unfinished():
         eng.step()
-    want = _plain(target, [[4, 5]], SamplingParams(max_new_tokens=20))[0]
+    want = _want(target, [[4, 5]], SamplingParams(max_new_tokens=20))[0]
     assert eng.output(b).token_ids == want and eng.output(c).token_ids == want
 
 
@@ -179,7 +276,7 @@ def test_hostile_input(target):
     while eng.has_unfinished():
         eng.step()
     assert eng.output(zero).token_ids == [] and eng.output(zero).finish_reason == "length"
-    assert eng.output(ok).token_ids == _plain(target, [[1, 2, 3]], SamplingParams(max_new_tokens=10))[0]
+    assert eng.output(ok).token_ids == _want(target, [[1, 2, 3]], SamplingParams(max_new_tokens=10))[0]
     # a drafter for another vocabulary
     other = tiny_target(V + 8, seed=3)
     with pytest.raises(ValueError, match="vocabulary"):
@@ -189,7 +286,7 @@ def test_hostile_input(target):
 def test_context_limit_mid_generation(target):
     drafter = tiny_drafter(target, "dspark", block_size=7, aligned=True)
     prompt = [2, 3, 4, 5, 6]
-    free = _plain(target, [prompt], SamplingParams(max_new_tokens=40), max_seq=64)[0]
+    free = _free(target, [prompt], 40)[0]
     for max_seq in (5, 6, 12, 17):
         eng = Engine(target, drafter, max_batch=1, max_seq=max_seq)
         out = eng.generate([prompt], SamplingParams(max_new_tokens=40))[0]
@@ -228,7 +325,7 @@ def test_nan_logits_fail_one_request_only(target):
     requests of the batch are not disturbed."""
     drafter = tiny_drafter(target, "dspark", block_size=4, aligned=False)
     prompts = [[1, 2, 3], [7, 8]]
-    want = _plain(target, prompts, SamplingParams(max_new_tokens=12))
+    want = _want(target, prompts, SamplingParams(max_new_tokens=12))
     eng = Engine(target, drafter, max_batch=2, max_seq=64)
     calls = {"n": 0}
     orig = target.forward
@@ -255,10 +352,10 @@ def test_markov_head_variants_greedy_lossless(target, head_type):
     drafter = tiny_drafter(target, "dspark", block_size=6, aligned=True, head_type=head_type)
     prompts = _prompts(3, seed=11)
     params = _params_with_stops(target, prompts, max_new=16)
-    want = _plain(target, prompts, params)
+    want = _want(target, prompts, params)
     out = Engine(target, drafter, policy="threshold", max_batch=3, max_seq=96).generate(prompts, params)
     assert [o.token_ids for o in out] == want
-    assert sum(o.stats.rounds for o in out) > 0
+    assert sum(o.stats.accepted_drafts for o in out) > 0, "test premise: the aligned head gets drafts accepted"
 
 
 def test_sts_with_fewer_drafts_than_the_block(target):
@@ -269,7 +366,7 @@ def test_sts_with_fewer_drafts_than_the_block(target):
     drafter = tiny_drafter(target, "dspark", block_size=6, aligned=True)
     prompts = _prompts(2, seed=5)
     params = SamplingParams(max_new_tokens=12)
-    want = _plain(target, prompts, params)
+    want = _want(target, prompts, params)
     raw = Engine(target, drafter, num_drafts=3, max_batch=2, max_seq=64)
     raw.round_log = []
     assert [o.token_ids for o in raw.generate(prompts, params)] == want
@@ -289,7 +386,8 @@ def test_sts_with_fewer_drafts_than_the_block(target):
 
 @pytest.mark.parametrize("weights", ["fused", "bf16", "native"])
 @pytest.mark.parametrize("kind,block,batch,policy", [("dspark", 7, 3, "static"), ("dspark", 4, 5, "causal"),
-                                                     ("eagle3", 4, 2, "static")])
+                                                     ("eagle3", 4, 2, "static"),
+                                                     ("dspark", 16, 5, "static")])  # 85-row verify forwards
 def test_greedy_lossless_on_fast_target_paths(weights, kind, block, batch, policy):
     """Speculative output equals plain output on each fast forward path (the paths differ from
     the reference by rounding, so the plain run uses the same path)."""

@@ -107,3 +107,94 @@ def seq_index(tokens, V):
     for t in tokens:
         idx = idx * V + t
     return idx
+
+
+# ----------------------------------------------------------------------------- engine-free references
+
+@torch.no_grad()
+def greedy_reference(target: TargetModel, prompts, max_new: int):
+    """Greedy continuations of ``max_new`` tokens for each prompt, computed without the engine, the
+    KV-cache rollback or verify_chain: every step runs one fresh forward over the whole sequences
+    (a new cache each time) and takes the argmax of each sequence's last row."""
+    seqs = [list(p) for p in prompts]
+    dev = target.device
+    for _ in range(max_new):
+        cu = [0]
+        for s in seqs:
+            cu.append(cu[-1] + len(s))
+        cache = target.new_cache(len(seqs), max(len(s) for s in seqs))
+        logits, _ = target(torch.tensor([t for s in seqs for t in s], device=dev), torch.tensor(cu),
+                           torch.arange(len(seqs)), cache, return_hidden=False)
+        last = logits[torch.tensor(cu[1:], device=dev) - 1].argmax(-1).tolist()
+        for s, t in zip(seqs, last, strict=True):
+            s.append(int(t))
+    return [s[len(p):] for s, p in zip(seqs, prompts, strict=True)]
+
+
+def expected_output(free, params):
+    """What a request must emit given its free-running greedy continuation: cut at max_new_tokens
+    and after the first stop token (inclusive)."""
+    out = []
+    for t in free[: params.max_new_tokens]:
+        out.append(t)
+        if t in set(params.stop_token_ids):
+            break
+    return out
+
+
+class ScriptedDSpark(DSparkDrafter):
+    """A DSpark/DFlash drafter whose block proposals follow a script: the backbone runs as usual (so
+    shapes, hidden states and confidences are real) and the base logit of the scripted token gets
+    +1e4 at each block position, which makes it the draft whatever the Markov head adds.
+
+    ``script[slot]`` is the full token sequence (prompt + greedy continuation) of the request in
+    that slot. Position k of a block anchored at position s proposes ``script[s + 1 + k]`` when
+    k < ``right`` (None: always), else a token that is certainly wrong (the next id modulo V)."""
+
+    script: dict
+    right = None
+
+    def propose(self, request_ids, anchor_tokens):
+        U, h = super().propose(request_ids, anchor_tokens)
+        U = U.clone()
+        V = U.shape[-1]
+        slots = [int(x) for x in torch.as_tensor(request_ids).tolist()]
+        pos = self.cache.host_lengths()[slots].tolist()
+        for r, (slot, s) in enumerate(zip(slots, pos, strict=True)):
+            for k in range(U.shape[1]):
+                U[r, k, _scripted_token(self, slot, s + 1 + k, k, V)] += 1e4
+        return U, h
+
+
+class ScriptedEagle3(Eagle3Drafter):
+    """EAGLE-3 with scripted chains (same script / ``right`` rules as :class:`ScriptedDSpark`);
+    the anchor of request r sits at position cache length + 1 (the pending feature)."""
+
+    script: dict
+    right = None
+
+    def propose(self, request_ids, anchor_tokens, steps, temperature=0.0, generator=None):
+        V = self.config.vocab_size
+        slots = [int(x) for x in torch.as_tensor(request_ids).tolist()]
+        pos = self.cache.host_lengths()[slots].tolist()
+        toks = torch.tensor([[_scripted_token(self, slot, s + 2 + k, k, V) for k in range(steps)]
+                             for slot, s in zip(slots, pos, strict=True)], dtype=torch.int64)
+        logits = torch.full((len(slots), steps, V), -30.0)
+        logits.scatter_(2, toks[:, :, None], 30.0)
+        return toks.to(self.device), logits.to(self.device)
+
+
+def _scripted_token(d, slot, i, k, V):
+    seq = d.script[slot]
+    t = seq[i] if i < len(seq) else 0
+    return t if d.right is None or k < d.right else (t + 1) % V
+
+
+def scripted_drafter(target: TargetModel, kind: str, block_size: int, scripts, right=None):
+    """``tiny_drafter`` turned into a scripted oracle (``right=None``), a drafter that is always wrong
+    (``right=0``) or right for the first ``right`` positions of every block only."""
+    d = tiny_drafter(target, kind, block_size=block_size, aligned=False)
+    d.__class__ = ScriptedEagle3 if kind == "eagle3" else ScriptedDSpark
+    d.script = {i: list(s) for i, s in enumerate(scripts)}
+    d.right = right
+    return d

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from stats import assert_matches_distribution
-from test_engine_helpers import exact_sequence_probs, seq_index, tiny_drafter, tiny_target
+from test_engine_helpers import exact_sequence_probs, greedy_reference, seq_index, tiny_drafter, tiny_target
 
 from dspark_native.engine import Engine, SamplingParams, default_sps_table
 
@@ -93,8 +93,7 @@ def test_top_k_top_p_temperature_lossless(target, exact):
 def test_mixed_greedy_and_sampled_batch(target, exact):
     drafter = tiny_drafter(target, "dspark", block_size=4, aligned=True, markov_scale=3.0)
     outs, params = _sample(target, drafter, "causal", n=N_SAMPLES + N_SAMPLES // 3, seed0=4000, greedy_every=4)
-    plain = Engine(target, None, max_batch=1, max_seq=16)
-    greedy_want = plain.generate([PROMPT], SamplingParams(max_new_tokens=N_TOK))[0].token_ids
+    greedy_want = greedy_reference(target, [PROMPT], N_TOK)[0]
     sampled = [o for o, p in zip(outs, params, strict=True) if p.temperature > 0]
     assert all(o.token_ids == greedy_want for o, p in zip(outs, params, strict=True) if p.temperature == 0)
     _check(sampled, _probs(target, exact, temperature=1.0), "mixed batch, sampled part")

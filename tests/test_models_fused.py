@@ -10,6 +10,7 @@ import torch
 _sys.path.insert(0, _os.path.dirname(_os.path.abspath(__file__)))  # helpers live beside the tests
 
 from models_helpers import random_tensors, ref_target_forward, target_raw_config, target_shapes, write_checkpoint
+
 from dspark_native.models import load_target
 from dspark_native.models.fused import cpu_has_bf16_matmul, resolve_weight_format
 
@@ -53,7 +54,7 @@ def test_fused_matches_reference_path(ckpt, weights):
     seqs, outs, hid, cache = _run_mixed(model, raw, torch.Generator().manual_seed(3))
     # fp32 fused: same math in fewer ops; bf16: weights, GEMM inputs and outputs rounded to bf16
     tol = dict(atol=2e-4, rtol=1e-4) if weights == "fused" else dict(atol=0.1, rtol=0.05)
-    for a, b in zip(outs, ref_outs):
+    for a, b in zip(outs, ref_outs, strict=True):
         assert a.dtype == torch.float32 and a.shape == b.shape
         torch.testing.assert_close(a, b, **tol)
     torch.testing.assert_close(hid, ref_hid, **tol)

@@ -184,7 +184,7 @@ def test_sampling_lossless(small_vocab_dirs, family):
 
 # ----------------------------------------------------------------------------- native vs transformers
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_auto_picks_native_and_both_backends_agree(model_dirs, family):
     d = model_dirs[family]
     native = load_target(d, target_layer_ids=[1, 3])
@@ -277,6 +277,10 @@ def test_unsupported_layers_attention_and_weights(model_dirs, tmp_path):
         tgt.hf.config._attn_implementation = "sdpa"
     with pytest.raises(TypeError, match="PreTrainedModel"):
         TransformersTarget(torch.nn.Linear(2, 2))
+    # the native fast paths do not exist here (runtime / --weights pass them through)
+    assert tgt.set_weights("auto") == "transformers" and tgt.weights == "transformers"
+    with pytest.raises(ValueError, match="weights 'native'"):
+        tgt.set_weights("native")
     # a weight missing from the checkpoint is an error, not a silent random init
     d = str(tmp_path / "missing")
     write_hf_model(d, "mistral")

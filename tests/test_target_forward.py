@@ -13,6 +13,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # helpers live beside the tests
 
 from models_helpers import random_tensors, target_raw_config, target_shapes, write_checkpoint
+
 from dspark_native.models import load_target
 from dspark_native.ops import pack_gate_up_panels, pack_panels, target_forward, target_forward_isa
 from dspark_native.reference import target_forward_reference
@@ -36,7 +37,9 @@ def _case(arch="Qwen3ForCausalLM", hidden=32, inter=48, seed=0, **over):
                pack_gate_up_panels(W[p + "mlp.gate_proj.weight"], W[p + "mlp.up_proj.weight"]),
                pack_panels(W[p + "mlp.down_proj.weight"]),
                W[p + "input_layernorm.weight"], W[p + "post_attention_layernorm.weight"],
-               W.get(a + "q_norm.weight", torch.zeros(0)), W.get(a + "k_norm.weight", torch.zeros(0))]
+               W.get(a + "q_norm.weight", torch.zeros(0)), W.get(a + "k_norm.weight", torch.zeros(0)),
+               torch.cat([W[a + "q_proj.bias"], W[a + "k_proj.bias"], W[a + "v_proj.bias"]])
+               if a + "q_proj.bias" in W else torch.zeros(0)]
     head = W.get("lm_head.weight", W["model.embed_tokens.weight"])
     d = c["d"]
     inv_freq = (1.0 / (10000.0 ** (torch.arange(0, d, 2).float() / d))).contiguous()
@@ -52,7 +55,7 @@ def _batch(c, blocks, base, max_requests=4, max_seq=24, seed=1):
     v = torch.randn(cache_shape, generator=g) * 0.5
     cu = torch.tensor([0] + list(torch.tensor(blocks).cumsum(0).tolist()), dtype=torch.int64)
     base_t = torch.tensor(base, dtype=torch.int64)
-    pos = torch.cat([torch.arange(n) + b for n, b in zip(blocks, base)]).to(torch.int64)
+    pos = torch.cat([torch.arange(n) + b for n, b in zip(blocks, base, strict=True)]).to(torch.int64)
     h = torch.randn(T, c["H"], generator=g)
     return h, pos, cu, base_t, k, v
 
@@ -63,7 +66,8 @@ def _call(fn, c, args, h, pos, cu, slots, base, k, v, rows, feats):
               eps=1e-6)
 
 
-@pytest.mark.parametrize("arch,hidden,inter", [("Qwen3ForCausalLM", 32, 48), ("LlamaForCausalLM", 64, 64)])
+@pytest.mark.parametrize("arch,hidden,inter", [("Qwen3ForCausalLM", 32, 48), ("LlamaForCausalLM", 64, 64),
+                                               ("Qwen2ForCausalLM", 32, 32)])
 @pytest.mark.parametrize("layers", [2, 4])
 def test_matches_reference(arch, hidden, inter, layers):
     c, args, _ = _case(arch, hidden, inter, num_hidden_layers=layers)
@@ -127,7 +131,7 @@ print(json.dumps(dict(isa=target_forward_isa(), logits=lg.tolist(), h=h.tolist()
     ref = out["generic"]
     for name, res in out.items():
         torch.testing.assert_close(torch.tensor(res["logits"]), torch.tensor(ref["logits"]), atol=2e-3, rtol=2e-3,
-                                   msg=lambda m: f"{name} vs generic: {m}")
+                                   msg=lambda m, name=name: f"{name} vs generic: {m}")
         torch.testing.assert_close(torch.tensor(res["h"]), torch.tensor(ref["h"]), atol=2e-3, rtol=2e-3)
     assert target_forward_isa() in out
 
@@ -168,7 +172,7 @@ def test_hostile_input_named():
         run(feats=[9])
     with pytest.raises(RuntimeError, match="qkv must hold the panels"):
         run(layer_weights=[args["layer_weights"][0][:-32]] + args["layer_weights"][1:])
-    with pytest.raises(RuntimeError, match="layer_weights must hold 8"):
+    with pytest.raises(RuntimeError, match="layer_weights must hold 9"):
         run(layer_weights=args["layer_weights"][:-1])
     with pytest.raises(TypeError, match="h must be Float"):
         run(h=h.double())

@@ -16,7 +16,7 @@ namespace dspark_torch {
 namespace {
 
 constexpr const char* kOp = "target_forward";
-constexpr int64_t kPerLayer = 8;  // qkv, o, gate_up, down, input_norm, post_norm, q_norm, k_norm
+constexpr int64_t kPerLayer = 9;  // qkv, o, gate_up, down, input_norm, post_norm, q_norm, k_norm, qkv_bias
 
 void check_cpu_contig(const at::Tensor& t, at::ScalarType st, const char* name) {
   check_dtype(t, st, kOp, name);
@@ -91,6 +91,11 @@ std::tuple<at::Tensor, at::Tensor> target_forward(
       }
     Ld.q_norm = w[6].numel() ? w[6].data_ptr<float>() : nullptr;
     Ld.k_norm = w[7].numel() ? w[7].data_ptr<float>() : nullptr;
+    if (w[8].numel() != 0) {
+      check_cpu_contig(w[8], at::kFloat, "qkv_bias");
+      check_shape_1d(w[8], nqkv, kOp, "qkv_bias");
+    }
+    Ld.qkv_bias = w[8].numel() ? w[8].data_ptr<float>() : nullptr;
   }
   check_panels(lm_head, vocab_size, H, "lm_head", -1);
 

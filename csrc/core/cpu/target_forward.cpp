@@ -495,7 +495,9 @@ class Forward {
         row_cache_pos_[t] = p.base[r] + (t - p.cu_seqlens[r]);
         span = std::max(span, row_cache_pos_[t] + 1);
       }
-    scores_.assign(static_cast<size_t>(nt) * std::max<int64_t>(span, 1), 0.0f);
+    group_ = Hq_ / Hkv_;
+    scratch_per_thread_ = group_ * (std::max<int64_t>(span, 1) + p.head_dim);
+    scores_.assign(static_cast<size_t>(nt) * scratch_per_thread_, 0.0f);
     feature_slot_.assign(p.num_layers, -1);
     for (int32_t f = 0; f < p.num_feature_layers; ++f) feature_slot_[p.feature_layers[f]] = f;
     which_ = isa();
@@ -530,9 +532,9 @@ class Forward {
       split(T * (Hq_ + Hkv_), tid, nt_, b, e);
       for (int64_t u = b; u < e; ++u) rope_unit(l, u / (Hq_ + Hkv_), u % (Hq_ + Hkv_), layer_stride);
       barrier_.wait();
-      // 4. attention -> bf16 pairs of [T, Hq d]
-      split(T * Hq_, tid, nt_, b, e);
-      for (int64_t u = b; u < e; ++u) attend_unit(tid, l, u / Hq_, u % Hq_, layer_stride);
+      // 4. attention -> bf16 pairs of [T, Hq d], one (row, KV head) and its query heads at a time
+      split(T * Hkv_, tid, nt_, b, e);
+      for (int64_t u = b; u < e; ++u) attend_unit(tid, l, u / Hkv_, u % Hkv_, layer_stride);
       barrier_.wait();
       // 5. h += a W_o^T
       split(panels_h, tid, nt_, b, e);
@@ -583,6 +585,9 @@ class Forward {
     const int64_t d = p.head_dim, half = d / 2;
     float* x = &qkv_[t * nqkv_ + hd * d];
     const bool is_q = hd < Hq_;
+    const float* bias = p.layers[l].qkv_bias;
+    if (bias != nullptr)
+      for (int64_t i = 0; i < d; ++i) x[i] += bias[hd * d + i];
     const float* nw = is_q ? p.layers[l].q_norm : p.layers[l].k_norm;
     if (nw != nullptr) {
       const float r = 1.0f / std::sqrt(mean_square(x, d) + p.rms_norm_eps);
@@ -600,46 +605,59 @@ class Forward {
     const int64_t r = row_req_[t];
     const int64_t off = l * layer_stride + ((p.slots[r] * Hkv_ + kvh) * p.max_seq + row_cache_pos_[t]) * d;
     std::memcpy(p.k_cache + off, x, sizeof(float) * d);
-    std::memcpy(p.v_cache + off, &qkv_[t * nqkv_ + (Hq_ + Hkv_) * d + kvh * d], sizeof(float) * d);
+    const int64_t vcol = (Hq_ + Hkv_) * d + kvh * d;
+    float* vdst = p.v_cache + off;
+    const float* vsrc = &qkv_[t * nqkv_ + vcol];
+    if (bias != nullptr)
+      for (int64_t i = 0; i < d; ++i) vdst[i] = vsrc[i] + bias[vcol + i];
+    else
+      std::memcpy(vdst, vsrc, sizeof(float) * d);
   }
 
-  void attend_unit(int tid, int32_t l, int64_t t, int64_t hq, int64_t layer_stride) {
+  // The `group` query heads that share KV head `kvh` read each cached K/V row once together.
+  void attend_unit(int tid, int32_t l, int64_t t, int64_t kvh, int64_t layer_stride) {
     const dspark_target_forward_params& p = p_;
-    const int64_t d = p.head_dim;
-    const int64_t kvh = hq / (Hq_ / Hkv_);
+    const int64_t d = p.head_dim, g = group_;
     const int64_t r = row_req_[t];
     const int64_t span = row_cache_pos_[t] + 1;  // causal: cached context + own block up to t
     const int64_t off = l * layer_stride + (p.slots[r] * Hkv_ + kvh) * p.max_seq * d;
     const float* K = p.k_cache + off;
     const float* V = p.v_cache + off;
-    const float* q = &qkv_[t * nqkv_ + hq * d];
-    float* sc = &scores_[static_cast<size_t>(tid) * (scores_.size() / nt_)];
+    const float* q0 = &qkv_[t * nqkv_ + kvh * g * d];  // query heads kvh*g .. kvh*g+g-1
+    float* sc = &scores_[static_cast<size_t>(tid) * scratch_per_thread_];  // [g][span]
+    float* out = sc + g * span;                                            // [g][d]
     const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-    float mx = -INFINITY;
     for (int64_t j = 0; j < span; ++j) {
-      sc[j] = dot(q, K + j * d, d) * scale;
-      mx = std::max(mx, sc[j]);
+      const float* k = K + j * d;
+      for (int64_t hh = 0; hh < g; ++hh) sc[hh * span + j] = dot(q0 + hh * d, k, d) * scale;
     }
-    for (int64_t j = 0; j < span; ++j) sc[j] = detail::exp_nonpos(sc[j] - mx);
-    float sum = 0.0f;
-    for (int64_t j = 0; j < span; ++j) sum += sc[j];
-    float out[256];
-    for (int64_t i = 0; i < d; ++i) out[i] = 0.0f;
+    for (int64_t hh = 0; hh < g; ++hh) {
+      float* s = sc + hh * span;
+      float mx = -INFINITY;
+      for (int64_t j = 0; j < span; ++j) mx = std::max(mx, s[j]);
+      for (int64_t j = 0; j < span; ++j) s[j] = detail::exp_nonpos(s[j] - mx);
+      float sum = 0.0f;
+      for (int64_t j = 0; j < span; ++j) sum += s[j];
+      const float inv = 1.0f / sum;
+      for (int64_t j = 0; j < span; ++j) s[j] *= inv;
+    }
+    for (int64_t i = 0; i < g * d; ++i) out[i] = 0.0f;
     for (int64_t j = 0; j < span; ++j) {
-      const float w = sc[j];
       const float* v = V + j * d;
-      for (int64_t i = 0; i < d; ++i) out[i] += w * v[i];
+      for (int64_t hh = 0; hh < g; ++hh) {
+        const float w = sc[hh * span + j];
+        float* o = out + hh * d;
+        for (int64_t i = 0; i < d; ++i) o[i] += w * v[i];
+      }
     }
-    const float inv = 1.0f / sum;
-    for (int64_t i = 0; i < d; ++i) out[i] *= inv;
-    to_pairs(out, d, &xb_[t * k2a_ + hq * (d / 2)]);
+    for (int64_t hh = 0; hh < g; ++hh) to_pairs(out + hh * d, d, &xb_[t * k2a_ + (kvh * g + hh) * (d / 2)]);
   }
 
   const dspark_target_forward_params& p_;
   const int nt_;
   Barrier barrier_;
   Isa which_;
-  int64_t Hq_, Hkv_, nqkv_, k2h_, k2a_, k2i_;
+  int64_t Hq_, Hkv_, nqkv_, k2h_, k2a_, k2i_, group_ = 1, scratch_per_thread_ = 0;
   std::vector<uint32_t> xb_, act_;
   std::vector<float> qkv_, cos_, sin_, scores_;
   std::vector<int64_t> row_req_, row_cache_pos_;

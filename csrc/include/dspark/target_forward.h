@@ -11,7 +11,7 @@
  *
  * Math (per layer l, rows t of the batch; H hidden, d head_dim, Hq / Hkv heads, I intermediate):
  *   x    = rmsnorm(h) * input_norm                         (fp32, then rounded to bf16)
- *   q,k,v = x W_qkv^T                                      (bf16 x bf16 -> fp32)
+ *   q,k,v = x W_qkv^T (+ qkv_bias)                         (bf16 x bf16 -> fp32)
  *   q,k  = rmsnorm_per_head(q,k) * {q,k}_norm  (Qwen3 only), then rotate-half RoPE at positions[t]
  *   K/V of row t -> cache slot slots[r], position base[r] + (t - cu[r])
  *   a    = softmax(q K^T / sqrt(d)) V over cached positions 0 .. base[r] + (t - cu[r]) (causal)
@@ -50,6 +50,7 @@ typedef struct dspark_target_layer {
   const float* post_norm;    /* [H] */
   const float* q_norm;       /* [d] per-head q RMSNorm weight (Qwen3), or NULL */
   const float* k_norm;       /* [d] per-head k RMSNorm weight (Qwen3), or NULL */
+  const float* qkv_bias;     /* [(Hq + 2 Hkv) d] bias added to q,k,v before norm / RoPE (Qwen2), or NULL */
 } dspark_target_layer;
 
 typedef struct dspark_target_forward_params {
@@ -62,7 +63,8 @@ typedef struct dspark_target_forward_params {
   int32_t head_dim;          /* d, even, <= 256 */
   int32_t vocab_size;        /* V >= 1 (rows of the LM head) */
   float rms_norm_eps;        /* > 0 */
-  const float* inv_freq;     /* [d / 2] RoPE inverse frequencies (angle = position * inv_freq[i]) */
+  const float* inv_freq;     /* [d / 2] RoPE inverse frequencies, scaling (e.g. Llama 3) applied:
+                                angle = position * inv_freq[i] */
   const dspark_target_layer* layers; /* [num_layers] */
   const uint16_t* lm_head;   /* panels of [V, H] */
   const float* final_norm;   /* [H] */

@@ -14,7 +14,7 @@ import importlib
 import sys
 from typing import List, Optional
 
-from .common import COMMANDS, UserError, command, read_prompt_file
+from .common import COMMANDS, UserError, command, read_prompt_file, reset_stdin_state
 
 __all__ = ["COMMANDS", "UserError", "build_parser", "command", "main", "read_prompt_file"]
 
@@ -39,6 +39,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    reset_stdin_state()
     try:
         return int(args._run(args) or 0)
     except UserError as exc:

@@ -12,6 +12,7 @@ from .common import (
     UserError,
     add_decode_args,
     add_model_args,
+    add_prompt_args,
     build_engine,
     build_plain_engine,
     check_decode_args,
@@ -20,6 +21,7 @@ from .common import (
     load_drafter,
     load_target,
     prompt_sets,
+    refuse_unused_sts,
     run_engine,
     sampling_params,
 )
@@ -38,21 +40,24 @@ def _bench(parser: argparse.ArgumentParser):
                           "per-position acceptance, speedup, and the round time split draft / schedule / verify / "
                           "rollback, as a table and JSON.")
     parser.add_argument("paths", nargs="+",
-                        help="JSONL prompt files or directories (e.g. /work/shared/data/prompts/eval)")
+                        help="JSONL prompt files or directories (e.g. /work/shared/data/prompts/eval); '-': "
+                             "standard input")
     parser.add_argument("--limit", type=int, default=None, help="at most N prompts per file (use a few on CPU)")
     parser.add_argument("--out", metavar="JSON", help="write the results as JSON")
     add_model_args(parser)
+    add_prompt_args(parser)
     add_decode_args(parser)
 
     def run(args) -> int:
         check_decode_args(args)
+        refuse_unused_sts(args)
         if args.limit is not None and args.limit < 1:
             raise UserError("--limit must be >= 1")
         files = []
         for p in args.paths:
             if os.path.isdir(p):
                 files += sorted(glob.glob(os.path.join(p, "*.jsonl")))
-            elif os.path.isfile(p):
+            elif p == "-" or os.path.isfile(p):
                 files.append(p)
             else:
                 raise UserError(f"{p}: no such file or directory")
@@ -67,13 +72,13 @@ def _bench(parser: argparse.ArgumentParser):
         plain = build_plain_engine(args, target)
         domains = []
         for dom, texts in sets:
-            enc = [e for e in encode_prompts(target, texts, args.max_seq, dom) if e is not None]
+            enc = [e for e in encode_prompts(target, texts, args.max_seq, dom, args.system) if e is not None]
             if not enc:
                 continue
             params = sampling_params(args, len(enc), target.eos_token_ids)
             t_spec0 = dict(spec.time)
-            so, sw = run_engine(spec, enc, params, f"{dom} speculative")
-            po, pw = run_engine(plain, enc, params, f"{dom} plain")
+            so, sw, _ = run_engine(spec, enc, params, f"{dom} speculative", target, args.stop)
+            po, pw, _ = run_engine(plain, enc, params, f"{dom} plain", target, args.stop)
             t_spec = {k: spec.time[k] - t_spec0[k] for k in spec.time}
             reqs = []
             for s_o, p_o in zip(so, po, strict=True):
@@ -118,7 +123,8 @@ def _bench(parser: argparse.ArgumentParser):
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(dict(target=target.name, drafter=drafter.name, kind=spec.kind, num_drafts=spec.gamma,
-                               policy=args.policy,
+                               policy=args.policy, device=str(target.model.device),
+                               dtype=str(target.model.dtype).replace("torch.", ""), stop=args.stop,
                                max_batch=args.max_batch, temperature=args.temperature,
                                max_new_tokens=args.max_new_tokens, domains=domains), f, indent=1)
             print(f"wrote {args.out}")

@@ -9,12 +9,14 @@ from .common import (
     UserError,
     add_decode_args,
     add_model_args,
+    add_prompt_args,
     check_decode_args,
     command,
     encode_prompts,
     load_drafter,
     load_target,
     read_prompts_reporting,
+    refuse,
     run_engine,
     sampling_params,
 )
@@ -32,6 +34,7 @@ def _calibrate(parser: argparse.ArgumentParser):
                         help="pass over the first N prompts of each file (e.g. those a drafter was trained on)")
     parser.add_argument("--out", metavar="JSON", default="sts.json", help="output file (default sts.json)")
     add_model_args(parser)
+    add_prompt_args(parser)
     add_decode_args(parser)
 
     def run(args) -> int:
@@ -42,6 +45,14 @@ def _calibrate(parser: argparse.ArgumentParser):
         from dspark_native.scheduler import apply_sts, calibrate_sts
         from dspark_native.training.evaluate import full_block_confidences
 
+        static = "calibrate verifies every draft (static policy), so it"
+        refuse(args, {
+            "policy": "calibrate verifies every draft (static policy): a length policy would censor the "
+                      "survival labels the temperatures are fitted on",
+            "sps": f"{static} uses no SPS table",
+            "threshold": f"{static} uses no threshold",
+            "sts": "calibrate fits STS temperatures on the raw confidences; it does not take them",
+        })
         check_decode_args(args)
         texts = []
         if args.skip < 0:
@@ -54,11 +65,16 @@ def _calibrate(parser: argparse.ArgumentParser):
         drafter = load_drafter(args, target).model
         if getattr(drafter, "confidence_head", None) is None:
             raise UserError("the drafter has no confidence head: nothing to calibrate")
+        block = getattr(drafter, "block_size", None)
+        if args.num_drafts is not None and args.num_drafts != block:
+            raise UserError(f"--num-drafts {args.num_drafts}: calibrate fits one temperature per block position "
+                            f"and the drafter's block is {block}; leave --num-drafts out")
         drafter.sts_temperature = None
         eng = Engine(target.model, drafter, policy="static", max_batch=args.max_batch, max_seq=args.max_seq)
         eng.round_log = []
-        prompts = [e for e in encode_prompts(target, texts, args.max_seq, "") if e is not None]
-        run_engine(eng, prompts, sampling_params(args, len(prompts), target.eos_token_ids), "calibrate")
+        prompts = [e for e in encode_prompts(target, texts, args.max_seq, "", args.system) if e is not None]
+        run_engine(eng, prompts, sampling_params(args, len(prompts), target.eos_token_ids), "calibrate", target,
+                   args.stop)
         g = eng.gamma
         c, a = full_block_confidences(eng.round_log, g)
         c = c.float()  # the op's confidence dtype, so "after" rounds as dspark_draft's output does

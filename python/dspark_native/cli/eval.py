@@ -11,6 +11,7 @@ from .common import (
     UserError,
     add_decode_args,
     add_model_args,
+    add_prompt_args,
     check_decode_args,
     command,
     encode_prompts,
@@ -18,6 +19,7 @@ from .common import (
     load_drafter,
     load_target,
     prompt_sets,
+    refuse,
     run_engine,
     sampling_params,
 )
@@ -37,6 +39,7 @@ def _eval(parser: argparse.ArgumentParser):
     parser.add_argument("--png", metavar="PREFIX", default=None,
                         help="write PREFIX_T<t>_{raw,sts}.png reliability diagrams of the survival product")
     add_model_args(parser)
+    add_prompt_args(parser)
     add_decode_args(parser)
 
     def run(args) -> int:
@@ -47,13 +50,20 @@ def _eval(parser: argparse.ArgumentParser):
         from dspark_native.scheduler import apply_sts
         from dspark_native.training.evaluate import full_block_confidences, macro_average, round_metrics
 
-        args.temperature = 0.0
+        static = "eval measures the drafter with every draft verified (static policy), so it"
+        refuse(args, {
+            "policy": "eval measures the drafter with every draft verified (static policy), apart from any "
+                      "length policy; use bench to measure a policy",
+            "sps": f"{static} uses no SPS table",
+            "threshold": f"{static} uses no threshold",
+            "temperature": "eval runs every value of --temperatures (default 0 1); give them there",
+        })
         check_decode_args(args)
         if any(not t >= 0 for t in args.temperatures):
             raise UserError("--temperatures must be >= 0")
         files = expand_prompt_paths(args.paths)
         for f in files:
-            if not os.path.isfile(f):
+            if f != "-" and not os.path.isfile(f):
                 raise UserError(f"{f}: no such file")
         sets = prompt_sets(files, args.limit)
         if not sets:
@@ -78,9 +88,10 @@ def _eval(parser: argparse.ArgumentParser):
             args.temperature = T
             per, logs = {}, []
             for dom, texts in sets:
-                enc = [e for e in encode_prompts(target, texts, args.max_seq, dom) if e is not None]
+                enc = [e for e in encode_prompts(target, texts, args.max_seq, dom, args.system) if e is not None]
                 eng.round_log = []
-                run_engine(eng, enc, sampling_params(args, len(enc), target.eos_token_ids), f"eval T={T:g} {dom}")
+                run_engine(eng, enc, sampling_params(args, len(enc), target.eos_token_ids), f"eval T={T:g} {dom}",
+                           target, args.stop)
                 eng.release()
                 per[dom] = round_metrics(eng.round_log, g, temps_sts)
                 logs += eng.round_log

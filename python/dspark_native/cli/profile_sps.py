@@ -34,8 +34,8 @@ def _profile_sps(parser: argparse.ArgumentParser):
             done[0] += 1
             progress(f"[profile-sps] {done[0]} forwards")
 
-        table = profile_sps(timed, args.max_tokens, path=args.out, device="cpu", model=target.name, points=pts,
-                            repeats=args.repeats)
+        table = profile_sps(timed, args.max_tokens, path=args.out, device=target.model.device, model=target.name,
+                            points=pts, repeats=args.repeats)
         progress(f"[profile-sps] {done[0]} forwards", end=True)
         for B, s in zip(table.measured_tokens, table.seconds, strict=True):
             print(f"B = {B:>4}: {s * 1e3:8.2f} ms/step, {1 / s:8.1f} steps/s")

@@ -7,7 +7,8 @@ import glob
 import os
 import sys
 
-from .common import UserError, add_model_args, command, load_target
+from .. import runtime
+from .common import UserError, add_model_args, add_prompt_args, command, load_target
 
 
 @command("train")
@@ -21,8 +22,8 @@ def _train(parser: argparse.ArgumentParser):
     parser.add_argument("--out", metavar="DIR", required=True, help="run directory (checkpoints, final/, log)")
     parser.add_argument("--data-dir", metavar="DIR", required=True, help="training-data cache directory")
     parser.add_argument("--prompts", nargs="+", metavar="JSONL", default=None,
-                        help="prompt files (default: every file of ../shared/data/prompts/train next to the repo, "
-                             "if present)")
+                        help="prompt files (default: the *.jsonl files of $DSPARK_TRAIN_PROMPTS, else of "
+                             "shared/data/prompts/train or ../shared/data/prompts/train under the working directory)")
     parser.add_argument("--limit-per-file", type=int, default=120, help="prompts per file (default 120)")
     parser.add_argument("--max-prompt-tokens", type=int, default=320, help="skip longer prompts (default 320)")
     parser.add_argument("--answer-tokens", type=int, default=256, help="max answer length (default 256)")
@@ -42,21 +43,21 @@ def _train(parser: argparse.ArgumentParser):
     parser.add_argument("--holdout", type=int, default=0, help="last N sequences are not trained on")
     parser.add_argument("--no-resume", action="store_true", help="start over even if --out has a training state")
     add_model_args(parser, drafter=False)
+    add_prompt_args(parser)
 
     def run(args) -> int:
         from dspark_native.training.data import DataConfig, build_training_data, load_training_data
         from dspark_native.training.trainer import TrainConfig, train
 
         files = args.prompts
+        if files is not None and "-" in files:
+            raise UserError("--prompts -: train needs prompt files (the resumable data cache is keyed by file "
+                            "name and line), not standard input")
         if files is None:
-            here = os.path.dirname(os.path.abspath(__file__))
-            for root in (os.getcwd(), here):
-                cand = sorted(glob.glob(os.path.join(root, "..", "shared", "data", "prompts", "train", "*.jsonl")))
-                if cand:
-                    files = cand
-                    break
+            files = default_train_prompts()
             if not files and not args.no_generate:
-                raise UserError("no --prompts given and ../shared/data/prompts/train not found")
+                raise UserError("no --prompts given, and no *.jsonl in $DSPARK_TRAIN_PROMPTS, "
+                                "./shared/data/prompts/train or ../shared/data/prompts/train")
         cfg = TrainConfig(kind=args.kind, num_layers=args.layers, markov_rank=args.markov_rank,
                           markov_head_type=args.markov_head, block_size=args.block_size, steps=args.steps,
                           batch_sequences=args.batch_sequences, anchors_per_sequence=args.anchors, lr=args.lr,
@@ -76,8 +77,11 @@ def _train(parser: argparse.ArgumentParser):
                               max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.answer_tokens,
                               batch=args.data_batch, sequences_per_shard=args.data_batch, target_layer_ids=ids)
             try:
-                build_training_data(target, chat_target.encode, chat_target.eos_token_ids, dcfg, args.data_dir,
+                build_training_data(target, lambda text: chat_target.encode(text, args.system),
+                                    chat_target.eos_token_ids, dcfg, args.data_dir,
                                     max_sequences=args.max_sequences)
+            except runtime.SetupError as exc:
+                raise UserError(f"--system: {exc}") from None
             except (ValueError, FileNotFoundError) as exc:
                 raise UserError(str(exc)) from None
         try:
@@ -93,6 +97,21 @@ def _train(parser: argparse.ArgumentParser):
         return 0
 
     return run
+
+
+def default_train_prompts() -> list:
+    """The prompt files ``train`` uses without --prompts: the *.jsonl files of the directory in
+    $DSPARK_TRAIN_PROMPTS if set, else of shared/data/prompts/train or ../shared/data/prompts/train
+    relative to the working directory (the project's layout, for a run from the repository root).
+    Never relative to where the package is installed."""
+    env = os.environ.get("DSPARK_TRAIN_PROMPTS")
+    roots = [env] if env else [os.path.join("shared", "data", "prompts", "train"),
+                               os.path.join("..", "shared", "data", "prompts", "train")]
+    for root in roots:
+        cand = sorted(glob.glob(os.path.join(root, "*.jsonl")))
+        if cand:
+            return cand
+    return []
 
 
 def _plot_curves(out_dir: str, kind: str) -> None:

@@ -21,9 +21,11 @@ class CheckpointError(ValueError):
 
 
 # Architectures we can run. qk_norm: Qwen3 applies an RMSNorm over head_dim to every q/k head.
+# qkv_bias: Qwen2 / Qwen2.5 have biases on the q, k and v projections (not on o_proj).
 TARGET_ARCHITECTURES = {
-    "LlamaForCausalLM": dict(qk_norm=False),
-    "Qwen3ForCausalLM": dict(qk_norm=True),
+    "LlamaForCausalLM": dict(qk_norm=False, qkv_bias=False),
+    "Qwen2ForCausalLM": dict(qk_norm=False, qkv_bias=True),
+    "Qwen3ForCausalLM": dict(qk_norm=True, qkv_bias=False),
 }
 DRAFTER_ARCHITECTURES = {
     "Qwen3DSparkModel": dict(kind="dspark", qk_norm=True),
@@ -85,6 +87,75 @@ def _merge(out: Dict[str, Any], **fields) -> None:
             out[k] = v
 
 
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3 frequency-dependent RoPE scaling (``rope_type`` "llama3", Llama 3.1 / 3.2 / 3.3).
+
+    With wavelength w = 2 pi / f of each base frequency f = theta^(-2i/d): w < L / high_freq_factor
+    keeps f, w > L / low_freq_factor uses f / factor, and in between the two are blended linearly in
+    s = (L / w - low_freq_factor) / (high_freq_factor - low_freq_factor): (1 - s) f / factor + s f,
+    with L = original_max_position_embeddings (see :func:`dspark_native.models.layers.rope_inv_freq`).
+    """
+
+    rope_type: str
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dict(rope_type=self.rope_type, factor=self.factor, low_freq_factor=self.low_freq_factor,
+                    high_freq_factor=self.high_freq_factor,
+                    original_max_position_embeddings=self.original_max_position_embeddings)
+
+
+ROPE_TYPES = ("default", "llama3")
+
+
+def _rope_fields(raw: Dict[str, Any], where: str):
+    """(rope_theta, RopeScaling or None) from a config dict. Reads both spellings: the released
+    checkpoints' ``rope_theta`` + ``rope_scaling``, and ``rope_parameters`` (a dict with
+    ``rope_type``, ``rope_theta`` and the scaling fields) that transformers 5 writes."""
+    params = raw.get("rope_parameters")
+    if params is not None and not isinstance(params, dict):
+        raise CheckpointError(f"{where}: field 'rope_parameters' must be an object, got {params!r}")
+    params = params or {}
+    if raw.get("rope_theta") is not None:
+        theta = _get(raw, "rope_theta", float, where=where)
+    else:
+        theta = _get(params, "rope_theta", float, 10000.0, f"{where} rope_parameters")
+    if not theta > 0:
+        raise CheckpointError(f"{where}: field 'rope_theta' must be positive, got {theta}")
+    scaling = raw.get("rope_scaling")
+    field_name = "rope_scaling"
+    if scaling in (None, {}):
+        scaling, field_name = params, "rope_parameters"
+    if not isinstance(scaling, dict):
+        raise CheckpointError(f"{where}: field 'rope_scaling' must be an object or null, got {scaling!r}")
+    rtype = scaling.get("rope_type", scaling.get("type", "default"))
+    if rtype not in ROPE_TYPES:
+        raise CheckpointError(
+            f"{where}: field {field_name!r} has rope_type {rtype!r}, which is not supported "
+            f"(supported: {', '.join(ROPE_TYPES)})"
+        )
+    if rtype == "default":
+        return theta, None
+    sub = f"{where} {field_name}"
+    factor = _get(scaling, "factor", float, where=sub)
+    low = _get(scaling, "low_freq_factor", float, where=sub)
+    high = _get(scaling, "high_freq_factor", float, where=sub)
+    orig = _get(scaling, "original_max_position_embeddings", int, where=sub)
+    if not factor > 0 or not low > 0 or orig <= 0:
+        raise CheckpointError(
+            f"{sub}: 'factor', 'low_freq_factor' and 'original_max_position_embeddings' must be positive"
+        )
+    if not high > low:
+        raise CheckpointError(
+            f"{sub}: 'high_freq_factor' ({high}) must be larger than 'low_freq_factor' ({low})"
+        )
+    return theta, RopeScaling("llama3", factor, low, high, orig)
+
+
 def default_target_layer_ids(num_target_layers: int, count: int = 5) -> List[int]:
     """Evenly spaced target layers between 1 and N-3 (DFlash/DSpark convention).
 
@@ -122,6 +193,10 @@ class ModelConfig:
     qk_norm: bool
     tie_word_embeddings: bool = False
     max_position_embeddings: Optional[int] = None
+    #: Llama 3 RoPE scaling, or None for plain RoPE
+    rope_scaling: Optional[RopeScaling] = None
+    #: biases on q_proj / k_proj / v_proj (Qwen2)
+    qkv_bias: bool = False
     target_layer_ids: List[int] = field(default_factory=list)
     raw: Dict[str, Any] = field(default_factory=dict)
 
@@ -152,17 +227,12 @@ class ModelConfig:
         _positive("head_dim", head_dim, where)
         if head_dim % 2:
             raise CheckpointError(f"{where}: head_dim must be even for RoPE, got {head_dim}")
-        rope_scaling = raw.get("rope_scaling")
-        if rope_scaling not in (None, {}) and not (
-            isinstance(rope_scaling, dict)
-            and rope_scaling.get("rope_type", rope_scaling.get("type")) == "default"
-        ):
-            raise CheckpointError(
-                f"{where}: field 'rope_scaling' = {rope_scaling!r} is not supported "
-                "(only plain RoPE)"
-            )
+        rope_theta, rope_scaling = _rope_fields(raw, where)
         if raw.get("attention_bias", False) or raw.get("mlp_bias", False):
             raise CheckpointError(f"{where}: fields 'attention_bias'/'mlp_bias' must be false")
+        if raw.get("use_sliding_window", False):
+            raise CheckpointError(f"{where}: field 'use_sliding_window' must be false (sliding-window "
+                                  "attention is not supported)")
         act = raw.get("hidden_act", "silu")
         if act != "silu":
             raise CheckpointError(f"{where}: field 'hidden_act' = {act!r} unsupported (silu only)")
@@ -182,7 +252,8 @@ class ModelConfig:
             num_key_value_heads=kv_heads,
             head_dim=head_dim,
             rms_norm_eps=eps,
-            rope_theta=_get(raw, "rope_theta", float, 10000.0, where),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
             qk_norm=qk_norm,
             max_position_embeddings=_get(raw, "max_position_embeddings", int, None, where),
         )
@@ -191,7 +262,7 @@ class ModelConfig:
     def from_dict(
         cls, raw: Dict[str, Any], target_layer_ids: Optional[List[int]] = None
     ) -> "ModelConfig":
-        """Target config from an HF config.json dict (Llama or Qwen3 architectures)."""
+        """Target config from an HF config.json dict (Llama, Qwen2 or Qwen3 architectures)."""
         archs = raw.get("architectures")
         if not isinstance(archs, list) or not archs:
             raise CheckpointError("config.json: missing required field 'architectures'")
@@ -204,6 +275,7 @@ class ModelConfig:
         common = cls._common(raw, TARGET_ARCHITECTURES[arch]["qk_norm"], "config.json")
         cfg = cls(
             architecture=arch,
+            qkv_bias=TARGET_ARCHITECTURES[arch]["qkv_bias"],
             # HF's default for both Llama and Qwen3 configs is untied.
             tie_word_embeddings=_get(raw, "tie_word_embeddings", bool, False),
             raw=copy.deepcopy(raw),

@@ -9,10 +9,32 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cache import ContextLengthError, KVCache
+from .cache import ContextLengthError, KVCache, upload
 from .config import DrafterConfig
 from .layers import DecoderLayer, RMSNorm, rope_cos_sin, sdpa
-from .target import _as_long_1d
+from .target import _host_long_1d
+
+
+def _anchor_tokens(anchor_tokens, R: int, vocab_size: int, device) -> torch.Tensor:
+    """int64 [R] anchors on ``device``, range-checked: on the host for host input, on the device
+    (``torch._assert_async``, no host sync) for device input."""
+    if not isinstance(anchor_tokens, torch.Tensor):
+        anchor_tokens = torch.as_tensor(anchor_tokens, dtype=torch.int64)
+    if anchor_tokens.dim() != 1:
+        raise ValueError(f"anchor_tokens must be 1-D, got shape {tuple(anchor_tokens.shape)}")
+    if anchor_tokens.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"anchor_tokens must be an integer tensor, got {anchor_tokens.dtype}")
+    if anchor_tokens.numel() != R:
+        raise ValueError("anchor_tokens must have one token per request")
+    msg = f"anchor_tokens out of range [0, {vocab_size})"
+    if anchor_tokens.device.type == "cpu":
+        if R and (int(anchor_tokens.min()) < 0 or int(anchor_tokens.max()) >= vocab_size):
+            raise ValueError(msg)
+        return upload(anchor_tokens.to(torch.int64), device)
+    anchor = anchor_tokens.to(device=device, dtype=torch.int64)
+    if R:
+        torch._assert_async(((anchor >= 0) & (anchor < vocab_size)).all(), msg)
+    return anchor
 
 
 class MarkovHead(nn.Module):
@@ -199,41 +221,48 @@ class DSparkDrafter(nn.Module):
 
         request_ids int64 [R]; ctx_features [N, k*H] ragged (rows of request r are
         cu[r]..cu[r+1]-1, at positions lengths[slot]..); cu_seqlens int64 [R+1].
+        ``request_ids`` and ``cu_seqlens`` are host bookkeeping (host tensors or lists: no device
+        read); ``ctx_features`` lives on the drafter's device.
         """
         cache = self._need_cache()
-        req = _as_long_1d(request_ids, "request_ids", self.device)
-        cu = _as_long_1d(cu_seqlens, "cu_seqlens", self.device)
-        if cu.numel() != req.numel() + 1 or int(cu[0]) != 0 or int(cu[-1]) != ctx_features.shape[0]:
+        req_l = _host_long_1d(request_ids, "request_ids")
+        cu_l = _host_long_1d(cu_seqlens, "cu_seqlens")
+        R = len(req_l)
+        if len(cu_l) != R + 1 or cu_l[0] != 0 or cu_l[-1] != ctx_features.shape[0]:
             raise ValueError("cu_seqlens must be [R+1], start at 0 and end at ctx_features rows")
         if ctx_features.dim() != 2:
             raise ValueError(f"ctx_features must be 2-D [N, k*H], got {tuple(ctx_features.shape)}")
-        counts = cu[1:] - cu[:-1]
-        if bool((counts < 0).any()):
+        counts_l = [b - a for a, b in zip(cu_l, cu_l[1:], strict=False)]
+        if any(c < 0 for c in counts_l):
             raise ValueError("cu_seqlens must be non-decreasing")
-        if req.numel() and (int(req.min()) < 0 or int(req.max()) >= cache.max_requests):
+        if R and (min(req_l) < 0 or max(req_l) >= cache.max_requests):
             raise ValueError(f"request_ids must be in [0, {cache.max_requests})")
-        if req.unique().numel() != req.numel():
-            raise ValueError(f"request_ids must be distinct, got {req.tolist()}")
-        over = cache.lengths[req] + counts > cache.max_seq
-        if bool(over.any()):
+        if len(set(req_l)) != R:
+            raise ValueError(f"request_ids must be distinct, got {req_l}")
+        base_l = cache.host_lengths()[req_l].tolist() if R else []
+        over = [s for s, b, c in zip(req_l, base_l, counts_l, strict=True) if b + c > cache.max_seq]
+        if over:
             raise ContextLengthError(
-                f"drafter context cache max_seq = {cache.max_seq} exceeded for slots "
-                f"{req[over].tolist()}"
+                f"drafter context cache max_seq = {cache.max_seq} exceeded for slots {over}"
             )
         N = ctx_features.shape[0]
         if N == 0:
             return
-        row_req = torch.repeat_interleave(torch.arange(req.numel(), device=self.device), counts)
+        dev = self.device
+        meta = upload(torch.tensor([req_l, base_l, counts_l, cu_l[:-1]], dtype=torch.int64), dev)
+        req, base, counts, starts = meta[0], meta[1], meta[2], meta[3]
+        row_req = torch.repeat_interleave(torch.arange(R, device=dev), counts, output_size=N)
         slot_t = req[row_req]
-        pos_t = cache.lengths[slot_t] + torch.arange(N, device=self.device) - cu[:-1][row_req]
+        pos_t = base[row_req] + torch.arange(N, device=dev) - starts[row_req]
         C = self.project_context(ctx_features)
-        cos, sin = rope_cos_sin(pos_t, self.config.head_dim, self.config.rope_theta, C.dtype)
+        cos, sin = rope_cos_sin(pos_t, self.config.head_dim, self.config.rope_theta, C.dtype,
+                                self.config.rope_scaling)
         for li, layer in enumerate(self.layers):
             # Context rows bypass input_layernorm (DFlash KV injection): k/v come from C directly.
             k, v = layer.self_attn.kv(C, cos, sin)
             cache.k_cache[li, slot_t, :, pos_t] = k
             cache.v_cache[li, slot_t, :, pos_t] = v
-        cache.lengths[req] += counts
+        cache.advance(req, counts, req_l, counts_l)
 
     def crop(self, request_ids, lengths) -> None:
         """Roll the context cache of the given slots back to ``lengths`` positions."""
@@ -253,30 +282,30 @@ class DSparkDrafter(nn.Module):
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Backbone forward over one block per request (parallel stage).
 
-        request_ids int64 [R]; anchor_tokens int64 [R] (last committed token, position =
-        cached context length). Returns base logits U fp32 [R, g, V] and hidden
-        h [R, g, H] (= norm(last layer output), model dtype; U = lm_head(h)). The cache is
-        unchanged: block K/V are attended to but never stored (the "crop").
+        request_ids int64 [R] (host bookkeeping: a host tensor or list); anchor_tokens int64 [R]
+        (last committed token, position = cached context length; host or device). Returns base
+        logits U fp32 [R, g, V] and hidden h [R, g, H] (= norm(last layer output), model dtype;
+        U = lm_head(h)). The cache is unchanged: block K/V are attended to but never stored (the
+        "crop").
         """
         cache = self._need_cache()
-        req = _as_long_1d(request_ids, "request_ids", self.device)
-        anchor = _as_long_1d(anchor_tokens, "anchor_tokens", self.device)
-        if anchor.numel() != req.numel():
-            raise ValueError("anchor_tokens must have one token per request")
-        if req.numel() and (int(req.min()) < 0 or int(req.max()) >= cache.max_requests):
+        req_l = _host_long_1d(request_ids, "request_ids")
+        anchor = _anchor_tokens(anchor_tokens, len(req_l), self.config.vocab_size, self.device)
+        if req_l and (min(req_l) < 0 or max(req_l) >= cache.max_requests):
             raise ValueError(f"request_ids must be in [0, {cache.max_requests})")
-        if anchor.numel() and (int(anchor.min()) < 0 or int(anchor.max()) >= self.config.vocab_size):
-            raise ValueError(f"anchor_tokens out of range [0, {self.config.vocab_size})")
-        R, g = req.numel(), self.block_size
-        ctx_len = cache.lengths[req]
-        L = int(ctx_len.max()) if R else 0
+        R, g = len(req_l), self.block_size
+        base_l = cache.host_lengths()[req_l].tolist() if R else []
+        L = max(base_l) if R else 0
+        meta = upload(torch.tensor([req_l, base_l], dtype=torch.int64).reshape(2, R), self.device)
+        req, ctx_len = meta[0], meta[1]
         ids = self.block_input_ids(anchor)
         pos = ctx_len[:, None] + torch.arange(g, device=self.device)
         j = torch.arange(L + g, device=self.device)
         # Bidirectional block: each query sees the request's own context and the whole block.
         mask = ((j[None, :] < ctx_len[:, None]) | (j[None, :] >= L))[:, None, None, :]
         h = self.embed_tokens(ids)
-        cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, h.dtype)
+        cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, h.dtype,
+                                self.config.rope_scaling)
         for li, layer in enumerate(self.layers):
             x = layer.input_layernorm(h)
             q = layer.self_attn.q(x, cos, sin).transpose(1, 2)
@@ -307,9 +336,9 @@ class DSparkDrafter(nn.Module):
         ctx_pos = torch.arange(S, device=dev).expand(B, S)
         blk_pos = anchor_positions[:, :, None] + torch.arange(g, device=dev)
         blk_pos = blk_pos.reshape(B, A * g)
-        hd, th = self.config.head_dim, self.config.rope_theta
-        ccos, csin = rope_cos_sin(ctx_pos, hd, th, C.dtype)
-        bcos, bsin = rope_cos_sin(blk_pos, hd, th, C.dtype)
+        hd, th, sc = self.config.head_dim, self.config.rope_theta, self.config.rope_scaling
+        ccos, csin = rope_cos_sin(ctx_pos, hd, th, C.dtype, sc)
+        bcos, bsin = rope_cos_sin(blk_pos, hd, th, C.dtype, sc)
         a_of_row = torch.arange(A * g, device=dev) // g
         ctx_ok = torch.arange(S, device=dev)[None, None, :] < anchor_positions[:, a_of_row, None]
         blk_ok = (a_of_row[:, None] == a_of_row[None, :]).expand(B, A * g, A * g)

@@ -35,8 +35,13 @@ import torch.nn.functional as F
 
 WEIGHT_FORMATS = ("reference", "fused", "bf16", "native", "auto")
 
-# Above this many rows a forward (a long prefill) is compute-bound, where oneDNN's AMX GEMMs
-# beat the native kernel's vector FMAs; "native" then runs the "bf16" path for that call.
+# Above this many rows a forward (a long prefill) is compute-bound, where oneDNN's AMX GEMMs beat
+# the native kernel; "native" then runs the "bf16" path for that call, but only when the call
+# wants no logits (a prefill: logit_rows="none"). Any forward whose logits pick tokens stays
+# native whatever its size, because only the native kernel guarantees that a row's result does
+# not depend on the other rows (SDPA's per-row result can move at the 1e-7 level with the block
+# size, which bf16 rounding can turn into a different token at a near-tie), and that guarantee is
+# what keeps speculative output identical to plain output.
 NATIVE_MAX_ROWS = 64
 
 
@@ -50,7 +55,7 @@ def cpu_has_bf16_matmul() -> bool:
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         return False
     try:
-        with open("/proc/cpuinfo", "r", encoding="ascii", errors="replace") as f:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
                 if line.startswith("flags"):
                     flags = set(line.split(":", 1)[1].split())
@@ -141,6 +146,7 @@ class _PackedLayer:
     post_norm: torch.Tensor
     q_norm: Optional[torch.Tensor]
     k_norm: Optional[torch.Tensor]
+    qkv_bias: Optional[torch.Tensor] = None  # [(Hq + 2 Hkv) d] fp32 (Qwen2)
 
 
 @dataclass
@@ -158,7 +164,7 @@ class PackedTarget:
         """Bytes of matmul weights one forward streams (layers + LM head)."""
         if self.native is not None:
             return 2 * (self.native.lm_head.numel() + sum(
-                w.numel() for i, w in enumerate(self.native.layer_weights) if i % 8 < 4))
+                w.numel() for i, w in enumerate(self.native.layer_weights) if i % 9 < 4))
         return self.lm_head.nbytes + sum(
             p.nbytes for L in self.layers for p in (L.qkv, L.o, L.gate_up, L.down)
         )
@@ -168,7 +174,7 @@ class PackedTarget:
 class _NativeWeights:
     """Arguments of dspark_native.ops.target_forward that depend on the weights only."""
 
-    layer_weights: List[torch.Tensor]  # 8 per layer (see ops.target_forward)
+    layer_weights: List[torch.Tensor]  # 9 per layer (see ops.target_forward)
     lm_head: torch.Tensor
     inv_freq: torch.Tensor
 
@@ -190,11 +196,19 @@ def _pack_native(model) -> _NativeWeights:
             layer.post_attention_layernorm.weight.detach().float().contiguous(),
             empty if a.q_norm is None else a.q_norm.weight.detach().float().contiguous(),
             empty if a.k_norm is None else a.k_norm.weight.detach().float().contiguous(),
+            _qkv_bias(a, empty),
         ]
-    d = c.head_dim
-    # the reference's rope_cos_sin computes exactly these fp32 frequencies
-    inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-    return _NativeWeights(lw, pack_panels(model.lm_head.weight), inv_freq.contiguous())
+    from .layers import rope_inv_freq
+
+    inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)  # what the reference uses
+    return _NativeWeights(lw, pack_panels(model.lm_head.weight), inv_freq.float().contiguous())
+
+
+def _qkv_bias(attn, empty: torch.Tensor) -> torch.Tensor:
+    """The fused q/k/v bias [(Hq + 2 Hkv) d] fp32 (Qwen2), or ``empty`` when the model has none."""
+    if attn.q_proj.bias is None:
+        return empty
+    return torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]).detach().float().contiguous()
 
 
 @torch.no_grad()
@@ -217,6 +231,7 @@ def pack_target(model, weights: str) -> PackedTarget:
             post_norm=layer.post_attention_layernorm.weight.detach(),
             q_norm=None if a.q_norm is None else a.q_norm.weight.detach(),
             k_norm=None if a.k_norm is None else a.k_norm.weight.detach(),
+            qkv_bias=None if a.q_proj.bias is None else _qkv_bias(a, None),
         ))
     return PackedTarget(weights=weights, layers=layers,
                         lm_head=PackedLinear(model.lm_head.weight, kind),
@@ -224,12 +239,12 @@ def pack_target(model, weights: str) -> PackedTarget:
                         native=_pack_native(model) if weights == "native" else None)
 
 
-def rope_tables(positions: torch.Tensor, head_dim: int, theta: float):
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, scaling=None):
     """fp32 ``cos, sin_signed [T, 1, head_dim]`` such that rotate-half RoPE is
     ``x * cos + roll(x, head_dim / 2) * sin_signed`` (the sign of rotate_half folded into sin)."""
     from .layers import rope_cos_sin
 
-    cos, sin = rope_cos_sin(positions, head_dim, theta, torch.float32)
+    cos, sin = rope_cos_sin(positions, head_dim, theta, torch.float32, scaling)
     half = head_dim // 2
     sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
     return cos.unsqueeze(1), sin.unsqueeze(1)
@@ -241,25 +256,29 @@ def fused_forward(model, packed: PackedTarget, input_ids, plan, cache, ids, rows
     an index tensor, or "none")."""
     from .target import ragged_attention
 
-    if packed.native is not None and plan.chain and input_ids.numel() <= NATIVE_MAX_ROWS:
+    if packed.native is not None and plan.chain and (
+            input_ids.numel() <= NATIVE_MAX_ROWS or not isinstance(rows, str)):
         return _native_forward(model, packed, input_ids, plan, cache, ids, rows)
     c = model.config
     Hq, Hkv, d, H = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
-    I, eps = c.intermediate_size, c.rms_norm_eps
+    inter, eps = c.intermediate_size, c.rms_norm_eps
     dtype = model.dtype
     T = input_ids.numel()
     nq = (Hq + Hkv) * d
     half = d // 2
-    cos, sin = rope_tables(plan.positions, d, c.rope_theta)
+    cos, sin = rope_tables(plan.positions, d, c.rope_theta, c.rope_scaling)
     single = plan.R == 1
     if single:  # one request: its rows are a contiguous range of the cache, no index_put needed
-        slot, base = int(plan.slots[0]), int(plan.store_t[0])
+        slot = plan.slots_l[0]
+        base = int(cache.host_lengths()[slot])
     want = set(ids)
     feats = {}
     h = model.embed_tokens(input_ids)
     for li, L in enumerate(packed.layers):
         x = F.rms_norm(h, (H,), L.input_norm, eps)
         qkv = L.qkv(x)
+        if L.qkv_bias is not None:
+            qkv = qkv + L.qkv_bias
         qk = qkv[:, :nq].view(T, Hq + Hkv, d).float()
         if L.q_norm is not None:
             qk = torch.cat([F.rms_norm(qk[:, :Hq], (d,), L.q_norm.float(), eps),
@@ -278,10 +297,10 @@ def fused_forward(model, packed: PackedTarget, input_ids, plan, cache, ids, rows
         h = h + L.o(attn)
         x = F.rms_norm(h, (H,), L.post_norm, eps)
         gu = L.gate_up(x)
-        h = h + L.down(F.silu(gu[:, :I]) * gu[:, I:])
+        h = h + L.down(F.silu(gu[:, :inter]) * gu[:, inter:])
         if li in want:
             feats[li] = h
-    cache.lengths[plan.slots] += plan.counts
+    cache.advance(plan.slots, plan.counts, plan.slots_l, plan.counts_l)
     if isinstance(rows, str):  # "none": the caller needs the features only (prefill)
         logits = None
     else:
@@ -305,9 +324,9 @@ def _native_forward(model, packed: PackedTarget, input_ids, plan, cache, ids, ro
     else:
         lrows = torch.arange(T) if rows is None else rows.contiguous()
     logits, feats = target_forward(
-        h, plan.positions.contiguous(), cu, plan.slots.contiguous(), cache.lengths[plan.slots].contiguous(),
+        h, plan.positions.contiguous(), cu, plan.slots.contiguous(), cache.host_lengths()[plan.slots].contiguous(),
         cache.k_cache, cache.v_cache, nw.layer_weights, nw.lm_head, packed.final_norm, nw.inv_freq, lrows,
         list(ids), num_heads=c.num_attention_heads, intermediate_size=c.intermediate_size,
         vocab_size=c.vocab_size, eps=c.rms_norm_eps)
-    cache.lengths[plan.slots] += plan.counts
+    cache.advance(plan.slots, plan.counts, plan.slots_l, plan.counts_l)
     return (None if isinstance(rows, str) else logits), (feats if ids else None)

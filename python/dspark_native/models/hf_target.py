@@ -75,10 +75,9 @@ class HFKVCache(KVCache):
         )
 
     def clone(self) -> "HFKVCache":
+        base = super().clone()
         out = HFKVCache.__new__(HFKVCache)
-        out.k_cache = self.k_cache.clone()
-        out.v_cache = self.v_cache.clone()
-        out.lengths = self.lengths.clone()
+        out.__dict__.update(base.__dict__)
         out.key_positions = self.key_positions.clone()
         return out
 
@@ -314,6 +313,22 @@ class TransformersTarget(nn.Module):
                                      attn_implementation=attn_implementation, **kwargs), target_layer_ids)
 
     @property
+    def weights(self) -> str:
+        """The forward path: always the model's own modules (``TargetModel.weights`` analogue)."""
+        return "transformers"
+
+    def set_weights(self, weights: str = "auto") -> str:
+        """``TargetModel.set_weights`` analogue: the model's own modules are the only path, so
+        "auto" and "reference" keep it and the native fast paths ("fused", "bf16", "native") are
+        refused by name. Returns "transformers"."""
+        if weights not in ("auto", "reference"):
+            raise ValueError(
+                f"weights {weights!r}: a native-target forward path; a transformers target runs its "
+                "own modules (use weights 'auto' or 'reference', or the native backend)"
+            )
+        return "transformers"
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype
 
@@ -436,7 +451,7 @@ class TransformersTarget(nn.Module):
         finally:
             for h in handles:
                 h.remove()
-        cache.lengths[plan.slots] += plan.counts
+        cache.advance(plan.slots, plan.counts, plan.slots_l, plan.counts_l)
 
         def unpad(x):  # [R, n, ...] -> [T, ...]
             return x.reshape(R * n, *x.shape[2:]) if plan.uniform else x[plan.row_req, plan.row_off]

@@ -6,6 +6,7 @@ checkpoint keys (targets add the HF ``model.`` prefix in the loader).
 
 from __future__ import annotations
 
+import math
 from typing import Tuple
 
 import torch
@@ -33,17 +34,34 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(dtype)
 
 
+def rope_inv_freq(head_dim: int, theta: float, scaling=None, device=None) -> torch.Tensor:
+    """RoPE inverse frequencies fp32 [head_dim / 2]: theta^(-2i/d) (computed in fp32 as HF does),
+    then, with ``scaling`` (a :class:`~dspark_native.models.config.RopeScaling`, rope_type
+    "llama3"), Llama 3's frequency-dependent rescaling: with wavelength w = 2 pi / f and
+    L = original_max_position_embeddings, high frequencies (w < L / high_freq_factor) are kept,
+    low ones (w > L / low_freq_factor) divided by ``factor``, and the band in between blended
+    linearly in s = (L / w - low_freq_factor) / (high_freq_factor - low_freq_factor)."""
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim)
+    )
+    if scaling is None:
+        return inv_freq
+    L = float(scaling.original_max_position_embeddings)
+    wavelen = 2 * math.pi / inv_freq
+    s = (L / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    s = s.clamp(0.0, 1.0)  # 0 below the band (low frequencies), 1 above it (high frequencies)
+    return (1 - s) * inv_freq / scaling.factor + s * inv_freq
+
+
 def rope_cos_sin(
-    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype, scaling=None
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Rotate-half RoPE tables for int64 positions [...] -> cos, sin [..., head_dim] in dtype.
 
-    Angles are computed in fp32 (as HF does) and cast afterwards.
+    Frequencies from :func:`rope_inv_freq` (``scaling``: the config's ``rope_scaling``, None for
+    plain RoPE). Angles are computed in fp32 (as HF does) and cast afterwards.
     """
-    inv_freq = 1.0 / (
-        theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float()
-                  / head_dim)
-    )
+    inv_freq = rope_inv_freq(head_dim, theta, scaling, positions.device)
     freqs = positions.float().unsqueeze(-1) * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -63,16 +81,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 class Attention(nn.Module):
     """Projection weights of one attention block (the attention itself is done by the caller,
-    which knows the cache layout and mask). ``in_dim`` is 2H for EAGLE-3, H otherwise."""
+    which knows the cache layout and mask). ``in_dim`` is 2H for EAGLE-3, H otherwise. q/k/v
+    carry biases when ``cfg.qkv_bias`` (Qwen2); o_proj never does."""
 
     def __init__(self, cfg: ModelConfig, in_dim: int):
         super().__init__()
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
-        self.q_proj = nn.Linear(in_dim, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(in_dim, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(in_dim, self.num_kv_heads * self.head_dim, bias=False)
+        bias = bool(getattr(cfg, "qkv_bias", False))
+        self.q_proj = nn.Linear(in_dim, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(in_dim, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(in_dim, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)

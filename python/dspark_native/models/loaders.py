@@ -181,7 +181,7 @@ def load_target(
 ):
     """Load an HF-style target directory (config.json + safetensors, single or sharded).
 
-    backend: "native" (our TargetModel: the Llama / Qwen3 families), "transformers" (any causal
+    backend: "native" (our TargetModel: the Llama / Qwen2 / Qwen3 families), "transformers" (any causal
     LM through :class:`~dspark_native.models.hf_target.TransformersTarget`; needs the
     ``transformers`` extra) or "auto" (by architecture, see :func:`select_backend`). The
     returned model's ``backend`` attribute says which one runs it.

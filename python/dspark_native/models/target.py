@@ -8,7 +8,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .cache import ContextLengthError, KVCache
+from .cache import ContextLengthError, KVCache, host_ints, upload
 from .config import ModelConfig
 from .layers import DecoderLayer, RMSNorm, rope_cos_sin, sdpa
 
@@ -17,11 +17,12 @@ TreeMask = Union[None, torch.Tensor, Sequence[Optional[torch.Tensor]]]
 
 @dataclass
 class RaggedPlan:
-    """Host-side bookkeeping for one ragged forward (shared by every layer).
+    """Bookkeeping for one ragged forward (shared by every layer), planned on the host.
 
-    row_req [T] request index of each row, row_off [T] offset of the row in its block,
-    slot_t [T] cache slot, store_t [T] storage index in the cache, positions [T] RoPE positions,
-    mask [R, 1, n_max, L_max] bool, uniform: every block has n_max rows (no padding needed).
+    Device tensors: row_req [T] request index of each row, row_off [T] offset of the row in its
+    block, slot_t [T] cache slot, store_t [T] storage index in the cache, positions [T] RoPE
+    positions, mask [R, 1, n_max, L_max] bool, counts / slots [R]. Host: slots_l / counts_l (the
+    same values as lists, for ``cache.advance``), uniform: every block has n_max rows.
     """
 
     R: int
@@ -38,16 +39,29 @@ class RaggedPlan:
     mask: torch.Tensor
     uniform: bool
     chain: bool = True  # no tree mask: every block is causal
+    slots_l: Optional[List[int]] = None  # host copies of slots / counts (for cache.advance)
+    counts_l: Optional[List[int]] = None
 
 
-def _as_long_1d(x, name: str, device) -> torch.Tensor:
+def _check_long_1d(x, name: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         x = torch.as_tensor(x, dtype=torch.int64)
     if x.dim() != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(x.shape)}")
     if x.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{name} must be an integer tensor, got {x.dtype}")
-    return x.to(device=device, dtype=torch.int64)
+    return x
+
+
+def _as_long_1d(x, name: str, device) -> torch.Tensor:
+    """int64 [n] on ``device`` (host input uploaded without a device sync)."""
+    return upload(_check_long_1d(x, name).to(torch.int64), device)
+
+
+def _host_long_1d(x, name: str) -> List[int]:
+    """Values of a 1-D integer input on the host (free for host input; one read for a device
+    tensor)."""
+    return host_ints(_check_long_1d(x, name), name)
 
 
 def plan_ragged(
@@ -63,30 +77,31 @@ def plan_ragged(
     Query row i of request r (0-based inside its block) is stored at cache index
     lengths[slot] + i and sees every cached position < lengths[slot] plus the rows j of its own
     block allowed by the block mask (causal j <= i, or tree_mask[r][i, j]).
+
+    ``cu_seqlens`` and ``request_ids`` are host bookkeeping: pass them as host tensors (or lists)
+    and the plan reads nothing from the device (the cache lengths come from
+    ``cache.host_lengths()``); the per-request vectors are uploaded in one asynchronous copy.
     """
     device = cache.device
-    cu = _as_long_1d(cu_seqlens, "cu_seqlens", device)
-    req = _as_long_1d(request_ids, "request_ids", device)
-    R = req.numel()
-    if cu.numel() != R + 1:
+    cu_l = _host_long_1d(cu_seqlens, "cu_seqlens")
+    req_l = _host_long_1d(request_ids, "request_ids")
+    R = len(req_l)
+    if len(cu_l) != R + 1:
         raise ValueError(
-            f"cu_seqlens must have len(request_ids) + 1 = {R + 1} entries, got {cu.numel()}"
+            f"cu_seqlens must have len(request_ids) + 1 = {R + 1} entries, got {len(cu_l)}"
         )
-    cu_l = cu.tolist()
     if cu_l[0] != 0 or any(b < a for a, b in zip(cu_l, cu_l[1:], strict=False)):
         raise ValueError(f"cu_seqlens must start at 0 and be non-decreasing, got {cu_l}")
     if total_rows is not None and cu_l[-1] != total_rows:
         raise ValueError(
             f"cu_seqlens[-1] = {cu_l[-1]} does not match the number of rows {total_rows}"
         )
-    req_l = req.tolist()
     if any(s < 0 or s >= cache.max_requests for s in req_l):
         raise ValueError(f"request_ids must be in [0, {cache.max_requests}), got {req_l}")
     if len(set(req_l)) != R:
         raise ValueError(f"request_ids must be distinct, got {req_l}")
     counts_l = [b - a for a, b in zip(cu_l, cu_l[1:], strict=False)]
-    base = cache.lengths[req]
-    base_l = base.tolist()
+    base_l = cache.host_lengths()[req_l].tolist() if R else []
     for r in range(R):
         if base_l[r] + counts_l[r] > cache.max_seq:
             raise ContextLengthError(
@@ -96,9 +111,10 @@ def plan_ragged(
     T = cu_l[-1] if R else 0
     n_max = max(counts_l) if R else 0
     L_max = max(b + n for b, n in zip(base_l, counts_l, strict=True)) if R else 0
-    counts = torch.tensor(counts_l, dtype=torch.int64, device=device)
-    row_req = torch.repeat_interleave(torch.arange(R, device=device), counts)
-    row_off = torch.arange(T, device=device) - cu[:-1][row_req]
+    meta = upload(torch.tensor([req_l, base_l, counts_l, cu_l[:-1]], dtype=torch.int64).reshape(4, R), device)
+    req, base, counts, starts = meta[0], meta[1], meta[2], meta[3]
+    row_req = torch.repeat_interleave(torch.arange(R, device=device), counts, output_size=T)
+    row_off = torch.arange(T, device=device) - starts[row_req]
     slot_t = req[row_req]
     store_t = base[row_req] + row_off
 
@@ -131,13 +147,13 @@ def plan_ragged(
                 raise ValueError(
                     f"tree_mask[{r}] must be [{n}, {n}] for a block of {n} rows, got {tuple(tm.shape)}"
                 )
-            tm = tm.to(device)
             if n and not bool(tm.diagonal().all()):
                 raise ValueError(f"tree_mask[{r}]: every node must attend to itself (diagonal)")
             if bool(torch.triu(tm, diagonal=1).any()):
                 raise ValueError(
                     f"tree_mask[{r}]: nodes must be in topological order (no True above the diagonal)"
                 )
+            tm = upload(tm, device)
             blk[r, :n, :n] = tm
             depth_parts.append(tm.sum(-1) - 1)
         depth_t = torch.cat(depth_parts) if depth_parts else row_off
@@ -164,7 +180,8 @@ def plan_ragged(
     return RaggedPlan(
         R=R, n_max=n_max, L_max=L_max, counts=counts, slots=req, slot_slice=slot_slice,
         row_req=row_req, row_off=row_off, slot_t=slot_t, store_t=store_t, positions=positions,
-        mask=mask, uniform=all(n == n_max for n in counts_l), chain=tree_mask is None,
+        mask=mask, uniform=all(n == n_max for n in counts_l), chain=tree_mask is None, slots_l=req_l,
+        counts_l=counts_l,
     )
 
 
@@ -201,13 +218,23 @@ def _logit_row_index(logit_rows, plan: RaggedPlan, T: int, device):
             return None
         if logit_rows == "none":
             return "none"
-        if logit_rows == "last":
-            ends = torch.cumsum(plan.counts, 0) - 1
-            return ends[plan.counts > 0]
+        if logit_rows == "last":  # from the plan's host counts: no device read
+            ends, end = [], 0
+            for n in plan.counts_l:
+                end += n
+                if n:
+                    ends.append(end - 1)
+            return upload(torch.tensor(ends, dtype=torch.int64), device)
         raise ValueError(f"logit_rows must be 'all', 'last', 'none' or an index tensor, got {logit_rows!r}")
-    rows = _as_long_1d(logit_rows, "logit_rows", device)
-    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= T):
-        raise ValueError(f"logit_rows must index rows in [0, {T}), got {rows.tolist()}")
+    rows = _check_long_1d(logit_rows, "logit_rows").to(torch.int64)
+    msg = f"logit_rows must index rows in [0, {T})"
+    if rows.device.type == "cpu":
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= T):
+            raise ValueError(f"{msg}, got {rows.tolist()}")
+        return upload(rows, device)
+    rows = rows.to(device)
+    if rows.numel():
+        torch._assert_async(((rows >= 0) & (rows < T)).all(), msg)
     return rows
 
 
@@ -302,9 +329,10 @@ class TargetModel(nn.Module):
                 block, in request order), "none" (features only, e.g. a prefill: skips the LM
                 head) or an int64 index tensor into [0, T).
         Returns:
-            logits fp32 [T, V] (or [len(rows), V]; None for "none") and hidden features [T, len(target_layer_ids) * H] in the model
-            dtype (raw outputs of the layers target_layer_ids, before the final norm,
-            concatenated in that order), or None when return_hidden is False or no layer is set.
+            logits fp32 [T, V] (or [len(rows), V]; None for "none") and hidden features
+            [T, len(target_layer_ids) * H] in the model dtype (raw outputs of the layers
+            target_layer_ids, before the final norm, concatenated in that order), or None when
+            return_hidden is False or no layer is set.
         """
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 1:
             raise ValueError("input_ids must be a 1-D LongTensor [T]")
@@ -315,10 +343,16 @@ class TargetModel(nn.Module):
                 f"cache does not match the model (dtype {cache.dtype} vs {self.dtype}, "
                 f"layers {cache.num_layers} vs {len(self.layers)})"
             )
-        input_ids = input_ids.to(self.device, torch.int64)
         T = input_ids.numel()
-        if T and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
-            raise ValueError(f"input_ids out of range [0, {self.config.vocab_size})")
+        V = self.config.vocab_size
+        if input_ids.device.type == "cpu":  # host input: checked here, then uploaded asynchronously
+            if T and (int(input_ids.min()) < 0 or int(input_ids.max()) >= V):
+                raise ValueError(f"input_ids out of range [0, {V})")
+            input_ids = upload(input_ids.to(torch.int64), self.device)
+        else:  # device input: checked on the device, without a host sync
+            input_ids = input_ids.to(self.device, torch.int64)
+            if T:
+                torch._assert_async(((input_ids >= 0) & (input_ids < V)).all(), f"input_ids out of range [0, {V})")
         plan = plan_ragged(cu_seqlens, request_ids, cache, tree_mask, positions, total_rows=T)
         ids = self.config.target_layer_ids if return_hidden else []
         H = self.config.hidden_size
@@ -326,7 +360,7 @@ class TargetModel(nn.Module):
         if T == 0:
             logits = None if isinstance(rows, str) else torch.zeros(
                 0, self.config.vocab_size, device=self.device)
-            return logits, (torch.zeros(0, len(ids) * H, dtype=self.dtype) if ids else None)
+            return logits, (torch.zeros(0, len(ids) * H, dtype=self.dtype, device=self.device) if ids else None)
         if self._packed is not None:
             from .fused import fused_forward
 
@@ -335,7 +369,8 @@ class TargetModel(nn.Module):
 
     def _forward_planned(self, input_ids, plan: RaggedPlan, cache: KVCache, ids, rows=None):
         h = self.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(plan.positions, self.config.head_dim, self.config.rope_theta, h.dtype)
+        cos, sin = rope_cos_sin(plan.positions, self.config.head_dim, self.config.rope_theta, h.dtype,
+                                self.config.rope_scaling)
         feats = {}
         want = set(ids)
         for li, layer in enumerate(self.layers):
@@ -348,7 +383,7 @@ class TargetModel(nn.Module):
             h = layer.finish(h, attn)
             if li in want:
                 feats[li] = h
-        cache.lengths[plan.slots] += plan.counts
+        cache.advance(plan.slots, plan.counts, plan.slots_l, plan.counts_l)
         if isinstance(rows, str):
             logits = None
         else:

@@ -40,7 +40,7 @@ def pack_gate_up_panels(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if gate.shape != up.shape or gate.dim() != 2 or gate.shape[0] % PANEL:
         raise ValueError(f"gate and up must both be [I, H] with I a multiple of {PANEL}, got "
                          f"{tuple(gate.shape)} and {tuple(up.shape)}")
-    I, H = gate.shape
+    I, H = gate.shape  # noqa: E741 - I = intermediate size, as in the docstring's shapes
     both = torch.stack([gate.reshape(I // PANEL, PANEL, H), up.reshape(I // PANEL, PANEL, H)], 1)
     return pack_panels(both.reshape(2 * I, H))
 
@@ -74,10 +74,11 @@ def target_forward(
             cache slot and cached length (before this call) of each request.
         k_cache, v_cache: [L, max_requests, Hkv, max_seq, d] fp32; row t of request r is written
             at position base[r] + (t - cu[r]) and attends causally up to it.
-        layer_weights: 8 tensors per layer: qkv, o, gate_up, down panels (bf16, from
+        layer_weights: 9 tensors per layer: qkv, o, gate_up, down panels (bf16, from
             :func:`pack_panels` / :func:`pack_gate_up_panels`), input_norm, post_norm [H] fp32,
-            q_norm, k_norm [d] fp32 (empty tensors when the model has none).
-        lm_head: panels of [V, H]. final_norm: [H]. inv_freq: [d / 2] fp32.
+            q_norm, k_norm [d] fp32, qkv_bias [(Hq + 2 Hkv) d] fp32 (empty tensors when the model
+            has none).
+        lm_head: panels of [V, H]. final_norm: [H]. inv_freq: [d / 2] fp32 (scaling applied).
         logit_rows: [n] int64 rows that get logits. feature_layers: layers whose outputs are
             returned, in order.
     Returns:

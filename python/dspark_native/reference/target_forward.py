@@ -40,7 +40,7 @@ def target_forward_reference(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     T, H = h.shape
     L, _, Hkv, _, d = k_cache.shape
-    Hq, I, half = num_heads, intermediate_size, d // 2
+    Hq, I, half = num_heads, intermediate_size, d // 2  # noqa: E741 - I = intermediate size
     nq = (Hq + 2 * Hkv) * d
     cu = cu_seqlens.tolist()
     row_req = [r for r in range(len(cu) - 1) for _ in range(cu[r], cu[r + 1])]
@@ -49,7 +49,7 @@ def target_forward_reference(
     cos, sin = torch.cos(ang), torch.sin(ang)
     feats = {}
     for li in range(L):
-        w = layer_weights[8 * li: 8 * li + 8]
+        w = layer_weights[9 * li: 9 * li + 9]
         Wqkv = unpack_panels(w[0], nq, H).double()
         Wo = unpack_panels(w[1], H, Hq * d).double()
         gu = unpack_panels(w[2], 2 * I, H).double().reshape(I // PANEL, 2, PANEL, H)
@@ -57,6 +57,8 @@ def target_forward_reference(
         Wd = unpack_panels(w[3], H, I).double()
         x = _bf16(_rms(h, w[4], eps))
         qkv = (x @ Wqkv.T).float()
+        if w[8].numel():
+            qkv = qkv + w[8].float()
         heads = qkv[:, :(Hq + Hkv) * d].reshape(T, Hq + Hkv, d)
         if w[6].numel():
             heads = torch.cat([_rms(heads[:, :Hq], w[6], eps), _rms(heads[:, Hq:], w[7], eps)], 1)

@@ -211,7 +211,8 @@ def eagle3_forward(d: Eagle3Drafter, b: Batch) -> torch.Tensor:
     G0 = d.fc(b.features)
     nxt = torch.cat([b.tokens[:, 1:], torch.zeros(B, 1, dtype=torch.int64)], 1)
     x0 = torch.cat([layer.input_layernorm(d.embed_tokens(nxt)), layer.hidden_norm(G0)], -1)
-    cos, sin = rope_cos_sin(torch.arange(S).expand(B, S), cfgd.head_dim, cfgd.rope_theta, x0.dtype)
+    cos, sin = rope_cos_sin(torch.arange(S).expand(B, S), cfgd.head_dim, cfgd.rope_theta, x0.dtype,
+                           cfgd.rope_scaling)
     q0 = att.q(x0, cos, sin).transpose(1, 2)
     k0, v0 = att.kv(x0, cos, sin)
     k0, v0 = k0.transpose(1, 2), v0.transpose(1, 2)
@@ -226,7 +227,7 @@ def eagle3_forward(d: Eagle3Drafter, b: Batch) -> torch.Tensor:
     for j in range(1, g):
         tok = b.prev[:, :, j]  # token s + j (teacher forced = the accepted draft j-1)
         x = torch.cat([layer.input_layernorm(d.embed_tokens(tok)), layer.hidden_norm(c)], -1)
-        cs, sn = rope_cos_sin(t0 + j, cfgd.head_dim, cfgd.rope_theta, x.dtype)
+        cs, sn = rope_cos_sin(t0 + j, cfgd.head_dim, cfgd.rope_theta, x.dtype, cfgd.rope_scaling)
         q = att.q(x, cs, sn).transpose(1, 2)  # [B, Hq, A, hd]
         k, v = att.kv(x, cs, sn)
         ck.append(k)
