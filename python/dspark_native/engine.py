@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -358,6 +359,11 @@ class Engine:
         self.active: Dict[int, _Request] = {}  # slot -> request
         self.requests: Dict[int, _Request] = {}
         self._next_id = 0
+        # Thread-safe submission (submit / abort from other threads, drained by step()): the lock
+        # guards only the inbox and id allocation; everything else belongs to the stepping thread.
+        self._lock = threading.Lock()
+        self._inbox: Deque[tuple] = deque()
+        self._work = threading.Event()
         self.time = {p: 0.0 for p in PHASES}
         self.rounds = 0
         #: set to a list to record every round's (confidences [R, g] or None, lengths [R],
@@ -368,26 +374,40 @@ class Engine:
     # -- public API ------------------------------------------------------------------------------
     def add(self, prompt_ids: Sequence[int], params: Optional[SamplingParams] = None,
             on_tokens: Optional[Callable[[int, List[int]], None]] = None) -> int:
-        """Queue a request; returns its id. Bad input raises ValueError and changes nothing."""
-        params = params or SamplingParams()
-        V = self.target.config.vocab_size
-        prompt = [int(t) for t in prompt_ids]
-        if not prompt:
-            raise ValueError("prompt is empty: at least one token is needed")
-        if min(prompt) < 0 or max(prompt) >= V:
-            raise ValueError(f"prompt token ids must be in [0, {V})")
-        if len(prompt) > self.max_seq:
-            raise ContextLengthError(f"prompt of {len(prompt)} tokens is longer than the context "
-                                     f"(max_seq = {self.max_seq})")
-        params.validate(V)
-        rq = _Request(self._next_id, prompt, params, on_tokens)
-        self._next_id += 1
-        self.requests[rq.id] = rq
-        if params.max_new_tokens == 0:
-            rq.finished, rq.finish_reason = True, "length"
-        else:
-            self.waiting.append(rq)
+        """Queue a request; returns its id. Bad input raises ValueError and changes nothing.
+        Call from the thread that steps the engine (other threads: :meth:`submit`)."""
+        rq = self._new_request(prompt_ids, params, on_tokens)
+        self._enqueue(rq)
         return rq.id
+
+    def submit(self, prompt_ids: Sequence[int], params: Optional[SamplingParams] = None,
+               on_tokens: Optional[Callable[[int, List[int]], None]] = None) -> int:
+        """Thread-safe :meth:`add`, for a thread other than the one calling :meth:`step` (a server's
+        request handlers). Validates in the caller's thread (same errors as ``add``; nothing changes
+        on error) and returns the id at once; the request joins at the start of the next ``step()``,
+        which admits it into a free slot between rounds. ``on_tokens`` is called from the stepping
+        thread."""
+        rq = self._new_request(prompt_ids, params, on_tokens)
+        with self._lock:
+            self._inbox.append(("add", rq))
+            self._work.set()
+        return rq.id
+
+    def abort(self, request_id: int) -> None:
+        """Thread-safe :meth:`finish`: the request is aborted at the start of the next ``step()``
+        (its slot is freed before that step admits anyone) and that step returns its output with
+        finish_reason "aborted". Unknown, released or already finished ids are ignored."""
+        with self._lock:
+            self._inbox.append(("abort", int(request_id)))
+            self._work.set()
+
+    def wait_for_work(self, timeout: Optional[float] = None) -> bool:
+        """Block until there is something to step (queued, active or submitted requests) or
+        ``timeout`` seconds pass; True if there is. For the stepping thread's idle wait."""
+        if self.has_unfinished():
+            return True
+        self._work.wait(timeout)
+        return self.has_unfinished()
 
     def finish(self, request_id: int) -> RequestOutput:
         """Abort a request (frees its slot); returns what it produced so far."""
@@ -399,13 +419,17 @@ class Engine:
         return rq.result()
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.active)
+        """Requests queued, active, or submitted and not yet drained by ``step()``."""
+        return bool(self.waiting or self.active or self._inbox)
 
     def output(self, request_id: int) -> RequestOutput:
         return self.requests[request_id].result()
 
     def step(self) -> List[RequestOutput]:
-        """Admit waiting requests, run one round; returns the requests finished by this step."""
+        """Drain :meth:`submit` / :meth:`abort`, admit waiting requests, run one round; returns the
+        requests finished by this step (including those aborted or finished at once since the
+        last call)."""
+        self._drain_inbox()
         done = [rq for rq in self.requests.values() if rq.finished and not getattr(rq, "_reported", False)]
         self._admit()
         if self.active:
@@ -435,6 +459,42 @@ class Engine:
             del self.requests[rid]
 
     # -- internals -------------------------------------------------------------------------------
+    def _new_request(self, prompt_ids, params, on_tokens) -> _Request:
+        """Validate and build a request (no engine state touched but the id counter)."""
+        params = params or SamplingParams()
+        V = self.target.config.vocab_size
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("prompt is empty: at least one token is needed")
+        if min(prompt) < 0 or max(prompt) >= V:
+            raise ValueError(f"prompt token ids must be in [0, {V})")
+        if len(prompt) > self.max_seq:
+            raise ContextLengthError(f"prompt of {len(prompt)} tokens is longer than the context "
+                                     f"(max_seq = {self.max_seq})")
+        params.validate(V)
+        with self._lock:
+            rid = self._next_id
+            self._next_id += 1
+        return _Request(rid, prompt, params, on_tokens)
+
+    def _enqueue(self, rq: _Request) -> None:
+        self.requests[rq.id] = rq
+        if rq.params.max_new_tokens == 0:
+            rq.finished, rq.finish_reason = True, "length"
+        else:
+            self.waiting.append(rq)
+
+    def _drain_inbox(self) -> None:
+        with self._lock:
+            items = list(self._inbox)
+            self._inbox.clear()
+            self._work.clear()
+        for kind, x in items:
+            if kind == "add":
+                self._enqueue(x)
+            elif x in self.requests:
+                self.finish(x)
+
     def _close(self, rq: _Request, reason: str, error: Optional[str] = None) -> None:
         rq.finished, rq.finish_reason, rq.error = True, reason, error
         if rq.t_admit is not None:

@@ -1,7 +1,7 @@
 """The ``dspark-native`` command (also ``python -m dspark_native``).
 
 One module per command (``demo``, ``generate``, ``bench``, ``profile_sps``, ``calibrate``,
-``train``, ``eval``), each registering itself with :func:`common.command`; what they share
+``train``, ``eval``, ``serve``), each registering itself with :func:`common.command`; what they share
 (flags, prompt files, progress, the adapters to :mod:`dspark_native.runtime`) is in
 :mod:`.common`. Every command has ``--help``. User mistakes are reported as one line on stderr
 with exit status 2, not as a traceback.
@@ -19,7 +19,7 @@ from .common import COMMANDS, UserError, command, read_prompt_file, reset_stdin_
 __all__ = ["COMMANDS", "UserError", "build_parser", "command", "main", "read_prompt_file"]
 
 #: command modules, in the order `dspark-native --help` lists them
-_MODULES = ("demo", "generate", "bench", "profile_sps", "calibrate", "train", "eval")
+_MODULES = ("demo", "generate", "bench", "profile_sps", "calibrate", "train", "eval", "serve")
 for _m in _MODULES:
     importlib.import_module(f"{__name__}.{_m}")
 
