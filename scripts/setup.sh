@@ -16,11 +16,13 @@ echo "[setup] installing runtime and build requirements"
 pip_install numpy safetensors gguf tokenizers "scikit-build-core>=0.10" pytest
 # Optional extra [plots]: the reliability diagrams and training curves the commands write.
 pip_install matplotlib
+# Optional extra [transformers]: the transformers backend (any Hugging Face causal LM as the target,
+# DSpark in generate); the tests use it too (its own tests, and Llama 3 / Qwen2 logits compared with
+# Hugging Face's models). accelerate is what transformers' GGUF loader needs.
+"$PY" -c "import accelerate, transformers as t; assert int(t.__version__.split('.')[0]) >= 5" 2>/dev/null ||
+  pip_install "transformers>=5.0" accelerate
 # Lint (`python3 -m ruff check python tests benchmarks tools`, run by .ci/run).
 pip_install "ruff>=0.6"
-# transformers: only the tests use it (Llama 3 / Qwen2 logits compared with Hugging Face's models;
-# skipped when it is absent)
-pip_install "transformers>=4.45"
 echo "[setup] installing the serve extra (starlette, uvicorn) and the server tests' HTTP clients (httpx, openai)"
 pip_install "starlette>=0.40" "uvicorn>=0.30" "httpx>=0.27" "openai>=1.0"
 command -v cmake >/dev/null 2>&1 || pip_install "cmake>=3.24"

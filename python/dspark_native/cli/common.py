@@ -57,6 +57,9 @@ def add_model_args(parser: argparse.ArgumentParser, drafter: bool = True) -> Non
                        "default: the trained DSpark drafter shipped for the embedded SmolLM2, else the "
                        "package's untrained random-init DSpark drafter for the target")
         g.add_argument("--sts", metavar="JSON", help="STS temperatures from `dspark-native calibrate`")
+    g.add_argument("--backend", choices=("auto", "native", "transformers"), default="auto",
+                   help="--target implementation: native (Llama/Qwen2/Qwen3), transformers (any causal LM; needs the "
+                   "transformers extra) or auto (native where one exists; default)")
     g.add_argument("--dtype", choices=tuple(runtime.DTYPES), default="float32", help="model dtype (default float32)")
     g.add_argument("--weights", choices=runtime.WEIGHT_FORMATS, default="auto",
                    help="target forward path: auto (default: the native CPU kernel where the extension is built, "
@@ -239,7 +242,7 @@ def device(args):
 
 
 def load_target(args) -> runtime.ChatTarget:
-    """--target / --dtype / --device / --threads -> the target with its tokenizer."""
+    """--target / --backend / --dtype / --weights / --device / --threads -> the target with its tokenizer."""
     import torch
 
     if args.threads:
@@ -247,7 +250,8 @@ def load_target(args) -> runtime.ChatTarget:
     dev = device(args)
     try:
         return runtime.load_chat_target(args.target, dtype=runtime.DTYPES[args.dtype], device=dev,
-                                        weights=getattr(args, "weights", "auto"))
+                                        weights=getattr(args, "weights", "auto"),
+                                        backend=getattr(args, "backend", "auto"))
     except runtime.SetupError as exc:
         raise UserError(f"--target {args.target}: {exc}" if args.target else str(exc)) from None
 

@@ -14,6 +14,7 @@ from .drafter import ConfidenceHead, DSparkDrafter, MarkovHead
 from .eagle3 import Eagle3Drafter
 from .embedded import EmbeddedModel, convert_gguf_to_hf, find_smollm2_gguf, load_embedded_smollm2
 from .gguf_loader import load_gguf_target
+from .hf_target import HFKVCache, TransformersTarget  # transformers itself is imported on use
 from .loaders import (
     build_drafter,
     build_target,
@@ -22,6 +23,7 @@ from .loaders import (
     read_safetensors_dir,
     save_drafter,
     save_target,
+    select_backend,
 )
 from .target import TargetModel
 from .tokenizer import ChatTemplate
@@ -43,6 +45,8 @@ __all__ = [
     "MarkovHead",
     "ModelConfig",
     "TargetModel",
+    "TransformersTarget",
+    "HFKVCache",
     "build_drafter",
     "build_target",
     "default_target_layer_ids",
@@ -51,4 +55,5 @@ __all__ = [
     "read_safetensors_dir",
     "save_drafter",
     "save_target",
+    "select_backend",
 ]

@@ -139,16 +139,74 @@ def build_target(
     return model
 
 
+BACKENDS = ("auto", "native", "transformers")
+
+
+def select_backend(raw: Dict, backend: str = "auto") -> str:
+    """The backend that runs a target config.json dict: "native" or "transformers".
+
+    "auto" is table-driven: architectures listed in
+    :data:`~dspark_native.models.config.TARGET_ARCHITECTURES` (the table the native side
+    extends) run natively, every other causal LM through transformers. "native" and
+    "transformers" force one; errors then name what that backend cannot do.
+    """
+    from .config import TARGET_ARCHITECTURES
+    from .hf_target import TRANSFORMERS_PIP, transformers_available
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        archs = raw.get("architectures")
+        arch = archs[0] if isinstance(archs, list) and archs else None
+        if arch in TARGET_ARCHITECTURES:
+            return "native"
+        if not transformers_available():
+            raise CheckpointError(
+                f"config.json: architecture {arch!r} in field 'architectures' has no native "
+                f"implementation (native: {sorted(TARGET_ARCHITECTURES)}); the transformers backend "
+                f"runs any causal LM: {TRANSFORMERS_PIP}"
+            )
+        return "transformers"
+    if backend == "transformers" and not transformers_available():
+        raise CheckpointError(f"backend 'transformers' needs the transformers package: {TRANSFORMERS_PIP}")
+    return backend
+
+
 def load_target(
     directory: str,
     dtype: torch.dtype = torch.float32,
     device: Union[str, torch.device] = "cpu",
     target_layer_ids: Optional[Iterable[int]] = None,
-) -> TargetModel:
-    """Load an HF-style Llama / Qwen3 directory (config.json + safetensors, single or sharded)."""
+    backend: str = "auto",
+):
+    """Load an HF-style target directory (config.json + safetensors, single or sharded).
+
+    backend: "native" (our TargetModel: the Llama / Qwen2 / Qwen3 families), "transformers" (any causal
+    LM through :class:`~dspark_native.models.hf_target.TransformersTarget`; needs the
+    ``transformers`` extra) or "auto" (by architecture, see :func:`select_backend`). The
+    returned model's ``backend`` attribute says which one runs it.
+    """
     raw = read_config_json(directory)
-    cfg = ModelConfig.from_dict(raw, list(target_layer_ids) if target_layer_ids is not None else None)
-    return build_target(cfg, read_safetensors_dir(directory), dtype, device)
+    ids = list(target_layer_ids) if target_layer_ids is not None else None
+    chosen = select_backend(raw, backend)
+    if chosen == "transformers":
+        from .hf_target import TransformersTarget
+
+        return TransformersTarget.from_pretrained(directory, dtype=dtype, device=device, target_layer_ids=ids)
+    try:
+        cfg = ModelConfig.from_dict(raw, ids)
+    except CheckpointError as exc:
+        from .hf_target import transformers_available
+
+        if backend == "auto" and transformers_available() and "target_layer_ids" not in str(exc):
+            # A native architecture with a setting the native code does not run (or a broken
+            # config): say that the transformers backend exists rather than switch silently.
+            raise CheckpointError(f"{exc} [native backend; backend='transformers' runs any setting "
+                                  "transformers supports]") from exc
+        raise
+    model = build_target(cfg, read_safetensors_dir(directory), dtype, device)
+    model.backend = "native"
+    return model
 
 
 def save_target(model: TargetModel, directory: str, dtype: Optional[torch.dtype] = None) -> None:

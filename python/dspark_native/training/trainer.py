@@ -104,8 +104,10 @@ def new_drafter(target, cfg: TrainConfig, target_layer_ids: Optional[List[int]] 
             # Zero W2: training starts from the parallel drafter (bias 0) and W2 learns first.
             mh.markov_w2.weight.zero_()
             mh.markov_w1.weight.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(cfg.seed + 1))
-        # The frozen lm_head expects the target's final-norm scale: start from it.
-        d.norm.weight.copy_(target.norm.weight.detach().float())
+        # The frozen lm_head expects the target's final-norm scale: start from it (a transformers
+        # target reports its effective scale, e.g. Gemma's 1 + weight).
+        scale = target.final_norm_scale() if hasattr(target, "final_norm_scale") else target.norm.weight
+        d.norm.weight.copy_(scale.detach().float())
         ch = getattr(d, "confidence_head", None)
         if ch is not None:
             ch.proj.weight.zero_()
