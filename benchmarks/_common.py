@@ -8,7 +8,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable, Dict, List
+from collections.abc import Callable
 
 import torch
 
@@ -42,7 +42,7 @@ def copy_bandwidth(device: str, nbytes: int = 1 << 28, repeats: int = 7) -> floa
     return 2 * nbytes / t
 
 
-def machine_info(device: str) -> Dict[str, object]:
+def machine_info(device: str) -> dict[str, object]:
     info = {
         "device": device,
         "platform": platform.platform(),
@@ -56,7 +56,7 @@ def machine_info(device: str) -> Dict[str, object]:
     return info
 
 
-def print_table(rows: List[Dict[str, object]], columns: List[str]) -> None:
+def print_table(rows: list[dict[str, object]], columns: list[str]) -> None:
     def fmt(v):
         if isinstance(v, float):
             return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
@@ -69,7 +69,7 @@ def print_table(rows: List[Dict[str, object]], columns: List[str]) -> None:
         print("  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)))
 
 
-def write_json(path: str, payload: Dict[str, object]) -> None:
+def write_json(path: str, payload: dict[str, object]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)

@@ -63,8 +63,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quick", action="store_true", help="fewer configurations and repeats")
-    ap.add_argument("--reference-requests", type=int, default=4,
-                    help="time the (slow, per-request) reference loop on this many requests and scale by R / n")
+    ap.add_argument(
+        "--reference-requests",
+        type=int,
+        default=4,
+        help="time the (slow, per-request) reference loop on this many requests and scale by R / n",
+    )
     ap.add_argument("--out", default="bench-results/dspark_draft.json")
     args = ap.parse_args(argv)
     device = args.device
@@ -91,23 +95,78 @@ def main(argv=None):
         # the reference loops over requests independently: time n of them and scale by R / n
         n = max(1, min(R, args.reference_requests))
         cpu = [t.cpu() for t in (U[:n], anc[:n], w1, w2, h[:n], cw, cb)]
-        t_ref = median_time(lambda: dspark_draft_reference(cpu[0], cpu[1], cpu[2], cpu[3], hidden=cpu[4],
-                                                           conf_weight=cpu[5], conf_bias=cpu[6], temperature=1.0,
-                                                           seed=seed[:n].cpu(), offset=0), "cpu", 1, warmup=0) * R / n
+        t_ref = (
+            median_time(
+                lambda: dspark_draft_reference(
+                    cpu[0],
+                    cpu[1],
+                    cpu[2],
+                    cpu[3],
+                    hidden=cpu[4],
+                    conf_weight=cpu[5],
+                    conf_bias=cpu[6],
+                    temperature=1.0,
+                    seed=seed[:n].cpu(),
+                    offset=0,
+                ),
+                "cpu",
+                1,
+                warmup=0,
+            )
+            * R
+            / n
+        )
         nbytes = U.numel() * U.element_size() + G * w2.numel() * w2.element_size() + R * G * V * 4
         floor = nbytes / bw
-        rows.append(dict(R=R, g=G, r=RANK, V=V, native_ms=t_native * 1e3, reference_ms=t_ref * 1e3,
-                         torch_eager_ms=t_eager * 1e3, x_vs_reference=t_ref / t_native, x_vs_eager=t_eager / t_native,
-                         MB=nbytes / 1e6, floor_ms=floor * 1e3, x_floor=t_native / floor,
-                         gflops=2.0 * R * G * V * RANK / t_native / 1e9))
-        print(f"  R={R} V={V}: native {t_native * 1e3:.1f} ms, eager {t_eager * 1e3:.1f} ms, "
-              f"reference {t_ref * 1e3:.0f} ms, floor {floor * 1e3:.1f} ms", flush=True)
+        rows.append(
+            dict(
+                R=R,
+                g=G,
+                r=RANK,
+                V=V,
+                native_ms=t_native * 1e3,
+                reference_ms=t_ref * 1e3,
+                torch_eager_ms=t_eager * 1e3,
+                x_vs_reference=t_ref / t_native,
+                x_vs_eager=t_eager / t_native,
+                MB=nbytes / 1e6,
+                floor_ms=floor * 1e3,
+                x_floor=t_native / floor,
+                gflops=2.0 * R * G * V * RANK / t_native / 1e9,
+            )
+        )
+        print(
+            f"  R={R} V={V}: native {t_native * 1e3:.1f} ms, eager {t_eager * 1e3:.1f} ms, "
+            f"reference {t_ref * 1e3:.0f} ms, floor {floor * 1e3:.1f} ms",
+            flush=True,
+        )
     print()
-    print_table(rows, ["R", "V", "native_ms", "reference_ms", "torch_eager_ms", "x_vs_reference", "x_vs_eager", "MB",
-                       "floor_ms", "x_floor", "gflops"])
-    write_json(args.out, {"op": "dspark_draft", "machine": machine_info(device), "copy_bandwidth_Bps": bw,
-                          "config": {"g": G, "rank": RANK, "hidden": D, "dtype": "bfloat16", "head": "vanilla"},
-                          "rows": rows})
+    print_table(
+        rows,
+        [
+            "R",
+            "V",
+            "native_ms",
+            "reference_ms",
+            "torch_eager_ms",
+            "x_vs_reference",
+            "x_vs_eager",
+            "MB",
+            "floor_ms",
+            "x_floor",
+            "gflops",
+        ],
+    )
+    write_json(
+        args.out,
+        {
+            "op": "dspark_draft",
+            "machine": machine_info(device),
+            "copy_bandwidth_Bps": bw,
+            "config": {"g": G, "rank": RANK, "hidden": D, "dtype": "bfloat16", "head": "vanilla"},
+            "rows": rows,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -28,8 +28,11 @@ from dspark_native.models import load_embedded_smollm2  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_PROMPTS = os.path.join(HERE, "..", "..", "shared", "data", "prompts", "eval")
-FALLBACK = ["What is the capital of France?", "Write a Python function that reverses a string.",
-            "Explain why the sky is blue in two sentences."]
+FALLBACK = [
+    "What is the capital of France?",
+    "Write a Python function that reverses a string.",
+    "Explain why the sky is blue in two sentences.",
+]
 
 
 def load_prompts(directory: str, limit: int):
@@ -73,7 +76,7 @@ def run_hf(directory: str, dtype, prompts, max_new: int, eos):
         for ids in prompts:
             x = torch.tensor([ids])
             t0 = time.perf_counter()
-            y = model.generate(x, attention_mask=torch.ones_like(x), **kw)[0, len(ids):].tolist()
+            y = model.generate(x, attention_mask=torch.ones_like(x), **kw)[0, len(ids) :].tolist()
             total_t += time.perf_counter() - t0
             total_n += len(y)
             outs.append(y)
@@ -85,8 +88,9 @@ def main():
     ap.add_argument("--prompts", default=DEFAULT_PROMPTS, help="folder of *.jsonl prompt files")
     ap.add_argument("--limit", type=int, default=2, help="prompts per file")
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--weights", nargs="+", default=["reference", "auto"],
-                    choices=["reference", "fused", "bf16", "native", "auto"])
+    ap.add_argument(
+        "--weights", nargs="+", default=["reference", "auto"], choices=["reference", "fused", "bf16", "native", "auto"]
+    )
     ap.add_argument("--hf-dtypes", nargs="*", default=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None)
@@ -101,10 +105,19 @@ def main():
     for w in args.weights:
         fmt, outs, n, t = run_ours(em, w, prompts, args.max_new_tokens, max_seq)
         ref_outs = ref_outs if ref_outs is not None or w != "reference" else outs
-        rows.append(dict(backend="dspark-native Engine (plain)", weights=w if w == fmt else f"{w}={fmt}",
-                         tokens=n, seconds=t, tokens_per_s=n / t, outs=outs))
+        rows.append(
+            dict(
+                backend="dspark-native Engine (plain)",
+                weights=w if w == fmt else f"{w}={fmt}",
+                tokens=n,
+                seconds=t,
+                tokens_per_s=n / t,
+                outs=outs,
+            )
+        )
     try:
         import transformers  # noqa: F401
+
         have_hf = True
     except ImportError:
         have_hf = False
@@ -112,11 +125,21 @@ def main():
     if have_hf:
         for dt in args.hf_dtypes:
             outs, n, t = run_hf(em.directory, getattr(torch, dt), prompts, args.max_new_tokens, list(em.eos_token_ids))
-            rows.append(dict(backend=f"transformers {transformers.__version__} generate", weights=dt, tokens=n,
-                             seconds=t, tokens_per_s=n / t, outs=outs))
+            rows.append(
+                dict(
+                    backend=f"transformers {transformers.__version__} generate",
+                    weights=dt,
+                    tokens=n,
+                    seconds=t,
+                    tokens_per_s=n / t,
+                    outs=outs,
+                )
+            )
     hf32 = next((r for r in rows if r["backend"].startswith("transformers") and r["weights"] == "float32"), None)
-    print(f"SmolLM2-135M-Instruct, {len(prompts)} prompts, greedy, up to {args.max_new_tokens} new tokens, "
-          f"batch 1, threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.2f}")
+    print(
+        f"SmolLM2-135M-Instruct, {len(prompts)} prompts, greedy, up to {args.max_new_tokens} new tokens, "
+        f"batch 1, threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.2f}"
+    )
     print(f"{'backend':>40} {'weights':>14} {'tokens':>7} {'tok/s':>8} {'x HF fp32':>10} {'same as ref':>12}")
     for r in rows:
         same = float("nan")
@@ -125,14 +148,25 @@ def main():
         r["same_tokens_as_reference_fraction"] = same
         x = r["tokens_per_s"] / hf32["tokens_per_s"] if hf32 else float("nan")
         r["x_hf_fp32"] = x
-        print(f"{r['backend']:>40} {r['weights']:>14} {r['tokens']:>7} {r['tokens_per_s']:>8.1f} {x:>10.2f} "
-              f"{same:>12.2f}")
+        print(
+            f"{r['backend']:>40} {r['weights']:>14} {r['tokens']:>7} {r['tokens_per_s']:>8.1f} {x:>10.2f} {same:>12.2f}"
+        )
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(dict(machine=platform.machine(), cpu_count=os.cpu_count(), threads=torch.get_num_threads(),
-                           torch=torch.__version__, load_average_at_end=os.getloadavg(),
-                           max_new_tokens=args.max_new_tokens, prompts=len(prompts),
-                           rows=[{k: v for k, v in r.items() if k != "outs"} for r in rows]), f, indent=2)
+            json.dump(
+                dict(
+                    machine=platform.machine(),
+                    cpu_count=os.cpu_count(),
+                    threads=torch.get_num_threads(),
+                    torch=torch.__version__,
+                    load_average_at_end=os.getloadavg(),
+                    max_new_tokens=args.max_new_tokens,
+                    prompts=len(prompts),
+                    rows=[{k: v for k, v in r.items() if k != "outs"} for r in rows],
+                ),
+                f,
+                indent=2,
+            )
         print(f"wrote {args.out}")
 
 

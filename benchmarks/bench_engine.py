@@ -26,9 +26,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from dspark_native.engine import POLICIES, Engine, SamplingParams, default_drafter  # noqa: E402
 from dspark_native.models import load_embedded_smollm2  # noqa: E402
 
-PROMPTS = ["What is the capital of France?", "Write a Python function that reverses a string.",
-           "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
-           "How many clips did Natalia sell altogether?", "Give me three tips for sleeping better."]
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a Python function that reverses a string.",
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+    "How many clips did Natalia sell altogether?",
+    "Give me three tips for sleeping better.",
+]
 
 
 def main() -> int:
@@ -48,8 +52,13 @@ def main() -> int:
     prompts = [em.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
     params = SamplingParams(max_new_tokens=args.tokens)  # no stop tokens: fixed length
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else ""
-    res = {"tokens": args.tokens, "threads": torch.get_num_threads(), "device": f"{dev} {name}".strip(),
-           "dtype": args.dtype, "torch": torch.__version__}
+    res = {
+        "tokens": args.tokens,
+        "threads": torch.get_num_threads(),
+        "device": f"{dev} {name}".strip(),
+        "dtype": args.dtype,
+        "torch": torch.__version__,
+    }
     print(f"device {res['device']}, {args.dtype}")
     # every timed run ends with a host read of its last tokens, so wall time covers the device work
     em.model.generate_greedy(prompts[0], 2)  # warm-up (CUDA context, kernels)
@@ -62,10 +71,16 @@ def main() -> int:
     out = eng.generate([prompts[0]], params)[0]
     t_eng = time.perf_counter() - t0
     assert out.token_ids == bare, "engine plain decoding differs from the bare greedy loop"
-    res["plain"] = dict(bare_tok_s=args.tokens / t_bare, engine_tok_s=args.tokens / t_eng,
-                        overhead_pct=100 * (t_eng / t_bare - 1), engine_time=eng.time)
-    print(f"plain decoding, 1 request: bare loop {args.tokens / t_bare:.1f} tok/s, engine {args.tokens / t_eng:.1f} "
-          f"tok/s ({100 * (t_eng / t_bare - 1):+.1f}% time)")
+    res["plain"] = dict(
+        bare_tok_s=args.tokens / t_bare,
+        engine_tok_s=args.tokens / t_eng,
+        overhead_pct=100 * (t_eng / t_bare - 1),
+        engine_time=eng.time,
+    )
+    print(
+        f"plain decoding, 1 request: bare loop {args.tokens / t_bare:.1f} tok/s, engine {args.tokens / t_eng:.1f} "
+        f"tok/s ({100 * (t_eng / t_bare - 1):+.1f}% time)"
+    )
 
     drafter = default_drafter(em.model)
     rows = []
@@ -78,15 +93,22 @@ def main() -> int:
             n = sum(len(o.token_ids) for o in outs)
             rounds = eng.rounds
             tot = sum(eng.time[p] for p in ("draft", "schedule", "verify", "rollback"))
-            row = dict(batch=R, policy=policy, tok_s=n / wall, tau=n / sum(o.stats.rounds for o in outs),
-                       verified_per_round=sum(o.stats.budget for o in outs) / sum(o.stats.rounds for o in outs),
-                       ms_per_round=1e3 * tot / rounds,
-                       split={p: eng.time[p] / tot for p in ("draft", "schedule", "verify", "rollback")})
+            row = dict(
+                batch=R,
+                policy=policy,
+                tok_s=n / wall,
+                tau=n / sum(o.stats.rounds for o in outs),
+                verified_per_round=sum(o.stats.budget for o in outs) / sum(o.stats.rounds for o in outs),
+                ms_per_round=1e3 * tot / rounds,
+                split={p: eng.time[p] / tot for p in ("draft", "schedule", "verify", "rollback")},
+            )
             rows.append(row)
             sp = row["split"]
-            print(f"R={R} {policy:<9} {row['tok_s']:6.1f} tok/s tau {row['tau']:.2f} verified/round "
-                  f"{row['verified_per_round']:.2f} {row['ms_per_round']:7.1f} ms/round: draft {sp['draft']:.0%} "
-                  f"schedule {sp['schedule']:.0%} verify {sp['verify']:.0%} rollback {sp['rollback']:.0%}")
+            print(
+                f"R={R} {policy:<9} {row['tok_s']:6.1f} tok/s tau {row['tau']:.2f} verified/round "
+                f"{row['verified_per_round']:.2f} {row['ms_per_round']:7.1f} ms/round: draft {sp['draft']:.0%} "
+                f"schedule {sp['schedule']:.0%} verify {sp['verify']:.0%} rollback {sp['rollback']:.0%}"
+            )
     res["speculative"] = rows
     if args.out:
         with open(args.out, "w") as f:

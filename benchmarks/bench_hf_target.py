@@ -32,8 +32,12 @@ def main():
     ap.add_argument("--ctx", type=int, default=256, help="cached context per request")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--blocks", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--native-weights", nargs="+", default=["reference", "auto"],
-                    help="native forward paths (TargetModel.set_weights)")
+    ap.add_argument(
+        "--native-weights",
+        nargs="+",
+        default=["reference", "auto"],
+        help="native forward paths (TargetModel.set_weights)",
+    )
     ap.add_argument("--reps", type=int, default=11)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
@@ -71,8 +75,14 @@ def main():
                 m._packed = pack
             cache = m.new_cache(R, args.ctx + max(args.blocks))
             for r in range(R):
-                m(ctx_ids[r * args.ctx:(r + 1) * args.ctx], torch.tensor([0, args.ctx]), slots[r:r + 1], cache,
-                  return_hidden=False, logit_rows="none")
+                m(
+                    ctx_ids[r * args.ctx : (r + 1) * args.ctx],
+                    torch.tensor([0, args.ctx]),
+                    slots[r : r + 1],
+                    cache,
+                    return_hidden=False,
+                    logit_rows="none",
+                )
             caches[label] = cache
         for n in args.blocks:
             ids = torch.randint(0, V, (R * n,), generator=g)
@@ -92,9 +102,17 @@ def main():
                 rows.append(dict(path=label, R=R, n=n, median_s=med, p90_s=p90, ratio_to_first=med / base))
                 print(f"{label:>22} {R:>3} {n:>3} {med * 1e3:>10.2f} {p90 * 1e3:>8.2f} {med / base:>18.2f}")
     native._packed = None
-    result = dict(model="SmolLM2-135M-Instruct (converted Q4_1 GGUF, fp32)", ctx=args.ctx,
-                  threads=torch.get_num_threads(), cpu_count=os.cpu_count(), machine=platform.machine(),
-                  torch=torch.__version__, load_average_at_end=os.getloadavg(), reps=args.reps, rows=rows)
+    result = dict(
+        model="SmolLM2-135M-Instruct (converted Q4_1 GGUF, fp32)",
+        ctx=args.ctx,
+        threads=torch.get_num_threads(),
+        cpu_count=os.cpu_count(),
+        machine=platform.machine(),
+        torch=torch.__version__,
+        load_average_at_end=os.getloadavg(),
+        reps=args.reps,
+        rows=rows,
+    )
     try:
         import transformers
 

@@ -77,12 +77,24 @@ def main():
         # moved) data again, which costs the same, so timing repeated calls is fair
         t_op = median_time(lambda: ops.kv_compact(k, v, old, acc, slots=slots), dev, repeats)
         t_eager = median_time(lambda: torch_eager(k, v, old, acc, slots), dev, repeats)
-        row = dict(layers=L, kv_heads=H, head_dim=D, R=R, max_seq=S, nodes=n_nodes, path=path_len,
-                   MB_moved=nbytes / 1e6, op_ms=t_op * 1e3, eager_ms=t_eager * 1e3, floor_ms=nbytes / bw * 1e3,
-                   x_floor=t_op / (nbytes / bw))
+        row = dict(
+            layers=L,
+            kv_heads=H,
+            head_dim=D,
+            R=R,
+            max_seq=S,
+            nodes=n_nodes,
+            path=path_len,
+            MB_moved=nbytes / 1e6,
+            op_ms=t_op * 1e3,
+            eager_ms=t_eager * 1e3,
+            floor_ms=nbytes / bw * 1e3,
+            x_floor=t_op / (nbytes / bw),
+        )
         if dev == "cpu":
-            t_ref = median_time(lambda: kv_compact_reference(k, v, old, acc, slots=slots), dev, max(1, repeats // 5),
-                                warmup=0)
+            t_ref = median_time(
+                lambda: kv_compact_reference(k, v, old, acc, slots=slots), dev, max(1, repeats // 5), warmup=0
+            )
             row["ref_ms"] = t_ref * 1e3
             row["speedup_vs_ref"] = t_ref / t_op
         rows.append(row)
@@ -92,13 +104,36 @@ def main():
     na = torch.randint(0, 6, (64,), device=dev)
     t_chain = median_time(lambda: ops.kv_commit_chain(old, na), dev, repeats)
     print()
-    cols = ["layers", "kv_heads", "head_dim", "R", "max_seq", "nodes", "path", "MB_moved", "op_ms", "ref_ms",
-            "speedup_vs_ref", "eager_ms", "floor_ms", "x_floor"]
+    cols = [
+        "layers",
+        "kv_heads",
+        "head_dim",
+        "R",
+        "max_seq",
+        "nodes",
+        "path",
+        "MB_moved",
+        "op_ms",
+        "ref_ms",
+        "speedup_vs_ref",
+        "eager_ms",
+        "floor_ms",
+        "x_floor",
+    ]
     print_table(rows, cols)
     print(f"chain length-only path (kv_commit_chain, R=64): {t_chain * 1e6:.1f} us")
     if args.out:
-        write_json(args.out, dict(op="kv_compact", machine=machine_info(dev), bandwidth_bytes_per_s=bw,
-                                  repeats=repeats, rows=rows, chain_length_only_us=t_chain * 1e6))
+        write_json(
+            args.out,
+            dict(
+                op="kv_compact",
+                machine=machine_info(dev),
+                bandwidth_bytes_per_s=bw,
+                repeats=repeats,
+                rows=rows,
+                chain_length_only_us=t_chain * 1e6,
+            ),
+        )
 
 
 if __name__ == "__main__":

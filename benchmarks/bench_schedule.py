@@ -77,13 +77,40 @@ def main(argv=None):
             t_eager = median_time(lambda: eager_causal(c, sps), device, reps, warmup=2)
         nbytes = c.numel() * 4 + R * 8
         floor = nbytes / bw
-        rows.append(dict(R=R, g=g, mode=mode, native_us=t_native * 1e6, reference_us=t_ref * 1e6,
-                         torch_eager_us=t_eager * 1e6, x_vs_reference=t_ref / t_native, x_vs_eager=t_eager / t_native,
-                         bytes=nbytes, floor_us=floor * 1e6, x_floor=t_native / floor))
-    print_table(rows, ["R", "g", "mode", "native_us", "reference_us", "torch_eager_us", "x_vs_reference", "x_vs_eager",
-                       "bytes", "floor_us", "x_floor"])
-    write_json(args.out, {"op": "schedule_prefix", "machine": machine_info(device), "copy_bandwidth_Bps": bw,
-                          "rows": rows})
+        rows.append(
+            dict(
+                R=R,
+                g=g,
+                mode=mode,
+                native_us=t_native * 1e6,
+                reference_us=t_ref * 1e6,
+                torch_eager_us=t_eager * 1e6,
+                x_vs_reference=t_ref / t_native,
+                x_vs_eager=t_eager / t_native,
+                bytes=nbytes,
+                floor_us=floor * 1e6,
+                x_floor=t_native / floor,
+            )
+        )
+    print_table(
+        rows,
+        [
+            "R",
+            "g",
+            "mode",
+            "native_us",
+            "reference_us",
+            "torch_eager_us",
+            "x_vs_reference",
+            "x_vs_eager",
+            "bytes",
+            "floor_us",
+            "x_floor",
+        ],
+    )
+    write_json(
+        args.out, {"op": "schedule_prefix", "machine": machine_info(device), "copy_bandwidth_Bps": bw, "rows": rows}
+    )
 
 
 if __name__ == "__main__":

@@ -30,9 +30,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from dspark_native import runtime, server  # noqa: E402
 
 QUESTIONS = [
-    "What is the capital of France?", "Write a Python function that reverses a string.",
-    "How many legs do three spiders have?", "Give me three tips for sleeping better.",
-    "Explain what a prime number is.", "What is 17 times 23?", "Name the planets of the solar system.",
+    "What is the capital of France?",
+    "Write a Python function that reverses a string.",
+    "How many legs do three spiders have?",
+    "Give me three tips for sleeping better.",
+    "Explain what a prime number is.",
+    "What is 17 times 23?",
+    "Name the planets of the solar system.",
     "Translate 'good morning' into Spanish.",
 ]
 SYSTEM = "You are a helpful assistant. Answer briefly."
@@ -47,10 +51,14 @@ def pct(xs, q):
 
 
 async def one_request(ac, model, i, max_tokens):
-    body = dict(model=model, max_tokens=max_tokens, temperature=0, stream=True,
-                stream_options={"include_usage": True},
-                messages=[{"role": "system", "content": SYSTEM},
-                          {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}])
+    body = dict(
+        model=model,
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+    )
     t0 = time.perf_counter()
     first = last = None
     tokens = 0
@@ -98,8 +106,11 @@ def metric_diff(a, b):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--concurrency", default="1,4,16,64")
-    ap.add_argument("--policies", default="plain,static-1,static-3,static-7,causal",
-                    help="plain, static-L (L drafts per round), causal, async, threshold")
+    ap.add_argument(
+        "--policies",
+        default="plain,static-1,static-3,static-7,causal",
+        help="plain, static-L (L drafts per round), causal, async, threshold",
+    )
     ap.add_argument("--max-tokens", type=int, default=16, help="completion tokens per request (default 16)")
     ap.add_argument("--requests", type=int, default=4, help="requests per level at least (default 4; c per level)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: shared 2-core CI machines)")
@@ -129,20 +140,28 @@ def main() -> int:
             if args.sps:
                 table.save(args.sps)
     max_seq = 256
+
     def make_engine(pol):
         if pol == "plain":
             return runtime.build_plain_engine(target.model, max_batch=max_batch, max_seq=max_seq)
         if pol.startswith("static-"):
-            return runtime.build_engine(target.model, drafter.model, policy="static", num_drafts=int(pol[7:]),
-                                        max_batch=max_batch, max_seq=max_seq)
-        return runtime.build_engine(target.model, drafter.model, policy=pol, sps_table=table, max_batch=max_batch,
-                                    max_seq=max_seq)
+            return runtime.build_engine(
+                target.model,
+                drafter.model,
+                policy="static",
+                num_drafts=int(pol[7:]),
+                max_batch=max_batch,
+                max_seq=max_seq,
+            )
+        return runtime.build_engine(
+            target.model, drafter.model, policy=pol, sps_table=table, max_batch=max_batch, max_seq=max_seq
+        )
 
     rows = []
     # Concurrency outside, policies inside in alternating order (forward, backward, ...): the load of a
     # shared machine drifts over minutes, and every policy of a level is measured within the same minute.
     for li, c in enumerate(levels):
-        for pol in (policies if li % 2 == 0 else policies[::-1]):
+        for pol in policies if li % 2 == 0 else policies[::-1]:
             eng = make_engine(pol)  # a fresh engine (the drafter's cache is re-allocated; one engine at a time)
             app = server.create_app(target, eng, server.ServerConfig(model_name="smol", max_queue=4 * max_batch))
             st = app.state.dspark
@@ -159,36 +178,60 @@ def main() -> int:
             itl = [(r["last"] - r["first"]) / (r["tokens"] - 1) for r in res if r["tokens"] > 1]
             per_user = [r["tokens"] / (r["last"] - r["t0"]) for r in res if r["last"] is not None]
             rr = d["request_rounds"] or 1
-            row = dict(policy=pol, concurrency=c, requests=len(res), tokens=toks, wall_s=wall,
-                       throughput=toks / wall, per_user_tok_s=statistics.median(per_user),
-                       ttft_p50=pct(ttft, 50), ttft_p99=pct(ttft, 99), itl_p50=pct(itl, 50), itl_p99=pct(itl, 99),
-                       drafts_per_round=d["verified_drafts"] / max(1, d["rounds"]),
-                       drafts_per_request_round=d["verified_drafts"] / rr,
-                       tau=d["generation_tokens"] / rr, batch_per_round=d["request_rounds"] / max(1, d["rounds"]),
-                       ms_per_round={p: 1e3 * t / max(1, d["rounds"]) for p, t in d["engine_time"].items()},
-                       loadavg=os.getloadavg()[0])
+            row = dict(
+                policy=pol,
+                concurrency=c,
+                requests=len(res),
+                tokens=toks,
+                wall_s=wall,
+                throughput=toks / wall,
+                per_user_tok_s=statistics.median(per_user),
+                ttft_p50=pct(ttft, 50),
+                ttft_p99=pct(ttft, 99),
+                itl_p50=pct(itl, 50),
+                itl_p99=pct(itl, 99),
+                drafts_per_round=d["verified_drafts"] / max(1, d["rounds"]),
+                drafts_per_request_round=d["verified_drafts"] / rr,
+                tau=d["generation_tokens"] / rr,
+                batch_per_round=d["request_rounds"] / max(1, d["rounds"]),
+                ms_per_round={p: 1e3 * t / max(1, d["rounds"]) for p, t in d["engine_time"].items()},
+                loadavg=os.getloadavg()[0],
+            )
             rows.append(row)
-            print(f"{pol:>9} c={c:<3} {row['throughput']:7.1f} tok/s, per user {row['per_user_tok_s']:6.2f}, "
-                  f"TTFT p50 {row['ttft_p50']:.2f} s, ITL p50 {row['itl_p50'] * 1e3:.0f} ms, drafts/req/round "
-                  f"{row['drafts_per_request_round']:.2f}, tau {row['tau']:.2f}, ms/round "
-                  + " ".join(f"{p} {v:.0f}" for p, v in row["ms_per_round"].items())
-                  + f"  ({wall:.1f} s, load {row['loadavg']:.1f})", flush=True)
+            print(
+                f"{pol:>9} c={c:<3} {row['throughput']:7.1f} tok/s, per user {row['per_user_tok_s']:6.2f}, "
+                f"TTFT p50 {row['ttft_p50']:.2f} s, ITL p50 {row['itl_p50'] * 1e3:.0f} ms, drafts/req/round "
+                f"{row['drafts_per_request_round']:.2f}, tau {row['tau']:.2f}, ms/round "
+                + " ".join(f"{p} {v:.0f}" for p, v in row["ms_per_round"].items())
+                + f"  ({wall:.1f} s, load {row['loadavg']:.1f})",
+                flush=True,
+            )
     rows.sort(key=lambda r: (policies.index(r["policy"]), r["concurrency"]))
     load_after = os.getloadavg()
-    machine = dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
-                   cpu_count=os.cpu_count(), torch=torch.__version__, torch_threads=torch.get_num_threads(),
-                   loadavg_before=load_before, loadavg_after=load_after)
+    machine = dict(
+        platform=platform.platform(),
+        processor=platform.processor() or platform.machine(),
+        cpu_count=os.cpu_count(),
+        torch=torch.__version__,
+        torch_threads=torch.get_num_threads(),
+        loadavg_before=load_before,
+        loadavg_after=load_after,
+    )
     total = time.perf_counter() - t_start
     print(f"\nmachine: {machine}\ntotal {total:.0f} s\n")
-    print("| policy | c | tok/s | per-user tok/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | drafts verified / round "
-          "| per request | tau | draft / verify ms per round |")
+    print(
+        "| policy | c | tok/s | per-user tok/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | drafts verified / round "
+        "| per request | tau | draft / verify ms per round |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         t = r["ms_per_round"]
-        print(f"| {r['policy']} | {r['concurrency']} | {r['throughput']:.1f} | {r['per_user_tok_s']:.2f} | "
-              f"{r['ttft_p50']:.2f} / {r['ttft_p99']:.2f} | {r['itl_p50'] * 1e3:.0f} / {r['itl_p99'] * 1e3:.0f} | "
-              f"{r['drafts_per_round']:.1f} | {r['drafts_per_request_round']:.2f} | {r['tau']:.2f} | "
-              f"{t['draft']:.0f} / {t['verify']:.0f} |")
+        print(
+            f"| {r['policy']} | {r['concurrency']} | {r['throughput']:.1f} | {r['per_user_tok_s']:.2f} | "
+            f"{r['ttft_p50']:.2f} / {r['ttft_p99']:.2f} | {r['itl_p50'] * 1e3:.0f} / {r['itl_p99'] * 1e3:.0f} | "
+            f"{r['drafts_per_round']:.1f} | {r['drafts_per_request_round']:.2f} | {r['tau']:.2f} | "
+            f"{t['draft']:.0f} / {t['verify']:.0f} |"
+        )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(machine=machine, args=vars(args), total_s=total, rows=rows), f, indent=1)
@@ -210,16 +253,20 @@ def plot(rows, levels, policies, path, machine):
     ax = fig.add_subplot(1, 1, 1)
     for pol in policies:
         pts = sorted((r["concurrency"], r["throughput"]) for r in rows if r["policy"] == pol)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=pol,
-                linewidth=2.4 if pol == "causal" else 1.4)
+        ax.plot(
+            [p[0] for p in pts], [p[1] for p in pts], marker="o", label=pol, linewidth=2.4 if pol == "causal" else 1.4
+        )
     ax.set_xscale("log", base=2)
     ax.set_xticks(levels)
     ax.set_xticklabels([str(c) for c in levels])
     ax.set_xlabel("concurrent streaming clients")
     ax.set_ylabel("throughput (completion tokens / s)")
     la = machine["loadavg_before"]
-    ax.set_title(f"dspark-native serve, SmolLM2-135M, CPU {machine['cpu_count']} cores, "
-                 f"{machine['torch_threads']} thread, load {la[0]:.1f}", fontsize=9)
+    ax.set_title(
+        f"dspark-native serve, SmolLM2-135M, CPU {machine['cpu_count']} cores, "
+        f"{machine['torch_threads']} thread, load {la[0]:.1f}",
+        fontsize=9,
+    )
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

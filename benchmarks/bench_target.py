@@ -70,9 +70,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="HF-style directory (default: embedded SmolLM2)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--weights", nargs="+", default=["reference", "auto"],
-                    choices=["reference", "fused", "bf16", "native", "auto"],
-                    help="forward paths to time, each in the same run (TargetModel.set_weights)")
+    ap.add_argument(
+        "--weights",
+        nargs="+",
+        default=["reference", "auto"],
+        choices=["reference", "fused", "bf16", "native", "auto"],
+        help="forward paths to time, each in the same run (TargetModel.set_weights)",
+    )
     ap.add_argument("--ctx", type=int, default=256, help="cached context per request")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--blocks", type=int, nargs="+", default=[1, 2, 4, 8, 16])
@@ -105,19 +109,22 @@ def main():
         fmt = model.set_weights(w)
         label = w if w == fmt else f"{w}={fmt}"
         packs[label] = model._packed
-        fmt_bytes[label] = ref_bytes if model._packed is None else (
-            model._packed.weight_bytes + c.hidden_size * esize)
+        fmt_bytes[label] = ref_bytes if model._packed is None else (model._packed.weight_bytes + c.hidden_size * esize)
     model.set_weights("reference")
     rows = []
-    header = (f"{'weights':>10} {'R':>3} {'n':>3} {'T':>4} {'median ms':>10} {'min':>7} {'p90':>7} "
-              f"{'tok/s':>8} {'GFLOP/s':>8} {'MB read':>8} {'floor ms':>9} {'x floor':>8} "
-              f"{'x decode':>8}")
-    print(f"model: {name}, dtype {args.dtype}, threads {torch.get_num_threads()}, "
-          f"ctx {args.ctx}")
-    print("weights read per forward: " + ", ".join(
-        f"{k} {v / 1e6:.1f} MB" for k, v in fmt_bytes.items()) + f"; copy bandwidth "
-          f"{copy_bw / 1e9:.2f} GB/s (read+write bytes of a {args.copy_mb} MiB copy), read "
-          f"bandwidth {read_bw / 1e9:.2f} GB/s (sum); floor uses the larger")
+    header = (
+        f"{'weights':>10} {'R':>3} {'n':>3} {'T':>4} {'median ms':>10} {'min':>7} {'p90':>7} "
+        f"{'tok/s':>8} {'GFLOP/s':>8} {'MB read':>8} {'floor ms':>9} {'x floor':>8} "
+        f"{'x decode':>8}"
+    )
+    print(f"model: {name}, dtype {args.dtype}, threads {torch.get_num_threads()}, ctx {args.ctx}")
+    print(
+        "weights read per forward: "
+        + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in fmt_bytes.items())
+        + f"; copy bandwidth "
+        f"{copy_bw / 1e9:.2f} GB/s (read+write bytes of a {args.copy_mb} MiB copy), read "
+        f"bandwidth {read_bw / 1e9:.2f} GB/s (sum); floor uses the larger"
+    )
     print(header)
     for R in args.batch:
         cache = model.new_cache(R, args.ctx + max(args.blocks))
@@ -126,8 +133,14 @@ def main():
         slots = torch.arange(R)
         # Prefill one request at a time to keep peak memory small.
         for r in range(R):
-            model(ctx_ids[r * args.ctx:(r + 1) * args.ctx], torch.tensor([0, args.ctx]),
-                  slots[r:r + 1], cache, return_hidden=False, logit_rows="none")
+            model(
+                ctx_ids[r * args.ctx : (r + 1) * args.ctx],
+                torch.tensor([0, args.ctx]),
+                slots[r : r + 1],
+                cache,
+                return_hidden=False,
+                logit_rows="none",
+            )
         decode = {}
         for n in args.blocks:
             ids = torch.randint(0, c.vocab_size, (R * n,), generator=g)
@@ -148,27 +161,51 @@ def main():
                 kv_bytes = 2 * c.num_hidden_layers * R * c.num_key_value_heads * L * c.head_dim * esize
                 read = fmt_bytes[label] + kv_bytes
                 floor = read / bw  # bytes a forward must read / best measured streaming rate
-                row = dict(weights=label, R=R, n=n, T=T, median_s=med, min_s=tmin, p90_s=p90,
-                           tokens_per_s=T / med, flops=flops, gflops_per_s=flops / med / 1e9,
-                           weight_bytes=fmt_bytes[label], kv_bytes=kv_bytes, bytes_read=read,
-                           floor_s=floor, ratio_to_floor=med / floor,
-                           ratio_to_first_block=med / decode[label])
+                row = dict(
+                    weights=label,
+                    R=R,
+                    n=n,
+                    T=T,
+                    median_s=med,
+                    min_s=tmin,
+                    p90_s=p90,
+                    tokens_per_s=T / med,
+                    flops=flops,
+                    gflops_per_s=flops / med / 1e9,
+                    weight_bytes=fmt_bytes[label],
+                    kv_bytes=kv_bytes,
+                    bytes_read=read,
+                    floor_s=floor,
+                    ratio_to_floor=med / floor,
+                    ratio_to_first_block=med / decode[label],
+                )
                 rows.append(row)
-                print(f"{label:>10} {R:>3} {n:>3} {T:>4} {med * 1e3:>10.2f} {tmin * 1e3:>7.2f} "
-                      f"{p90 * 1e3:>7.2f} {T / med:>8.1f} {flops / med / 1e9:>8.1f} "
-                      f"{read / 1e6:>8.1f} {floor * 1e3:>9.2f} {med / floor:>8.2f} "
-                      f"{med / decode[label]:>8.2f}")
+                print(
+                    f"{label:>10} {R:>3} {n:>3} {T:>4} {med * 1e3:>10.2f} {tmin * 1e3:>7.2f} "
+                    f"{p90 * 1e3:>7.2f} {T / med:>8.1f} {flops / med / 1e9:>8.1f} "
+                    f"{read / 1e6:>8.1f} {floor * 1e3:>9.2f} {med / floor:>8.2f} "
+                    f"{med / decode[label]:>8.2f}"
+                )
         model._packed = None
     result = dict(
-        model=name, dtype=args.dtype, ctx=args.ctx, threads=torch.get_num_threads(),
-        cpu_count=os.cpu_count(), machine=platform.machine(), torch=torch.__version__,
-        copy_bandwidth_bytes_per_s=copy_bw, read_bandwidth_bytes_per_s=read_bw,
-        load_average_at_end=os.getloadavg(), weight_bytes=fmt_bytes, matmul_params=matmul_params,
-        reps=args.reps, rows=rows,
+        model=name,
+        dtype=args.dtype,
+        ctx=args.ctx,
+        threads=torch.get_num_threads(),
+        cpu_count=os.cpu_count(),
+        machine=platform.machine(),
+        torch=torch.__version__,
+        copy_bandwidth_bytes_per_s=copy_bw,
+        read_bandwidth_bytes_per_s=read_bw,
+        load_average_at_end=os.getloadavg(),
+        weight_bytes=fmt_bytes,
+        matmul_params=matmul_params,
+        reps=args.reps,
+        rows=rows,
         note="x decode = median / median of the first block size (1) at the same R and weights; "
-             "floor = (weights + KV bytes read) / max(copy bandwidth, read bandwidth); copy "
-             "bandwidth = (read + write bytes) / time of a large tensor copy; read bandwidth = "
-             "bytes / time of a large tensor sum. The CPU is shared: see load_average_at_end",
+        "floor = (weights + KV bytes read) / max(copy bandwidth, read bandwidth); copy "
+        "bandwidth = (read + write bytes) / time of a large tensor copy; read bandwidth = "
+        "bytes / time of a large tensor sum. The CPU is shared: see load_average_at_end",
     )
     if args.out:
         with open(args.out, "w") as f:

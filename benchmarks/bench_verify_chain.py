@@ -56,8 +56,11 @@ def torch_baseline(tl, cu, dt, dl, gamma, seed):
     flat = residual.view(-1, residual.shape[-1])
     flat = torch.where(flat.sum(-1, keepdim=True) > 0, flat, p.view(-1, p.shape[-1]))
     recovered = torch.multinomial(flat, 1, generator=gen).view(R, gamma + 1)
-    out = torch.where(torch.arange(gamma + 1, device=tl.device)[None] < n_acc[:, None],
-                      torch.cat([d, d[:, :1]], 1), torch.full_like(recovered, -1))
+    out = torch.where(
+        torch.arange(gamma + 1, device=tl.device)[None] < n_acc[:, None],
+        torch.cat([d, d[:, :1]], 1),
+        torch.full_like(recovered, -1),
+    )
     out.scatter_(1, n_acc[:, None], recovered.gather(1, n_acc[:, None]))
     return out, n_acc
 
@@ -91,36 +94,75 @@ def main(argv=None):
         off = torch.zeros(R, dtype=torch.long, device=device)
 
         def native():
-            return ops.verify_chain(tl, cu, dt, draft_logits=dl, temperature=1.0, seed=seed, offset=off,
-                                    max_drafts=gamma)
+            return ops.verify_chain(
+                tl, cu, dt, draft_logits=dl, temperature=1.0, seed=seed, offset=off, max_drafts=gamma
+            )
 
         reps = 5 if args.quick else 9
         t_native = median_time(native, device, reps)
         t_base = median_time(lambda: torch_baseline(tl, cu, dt, dl, gamma, 0), device, 3 if args.quick else 5)
         t_ref = float("nan")
         if R <= args.reference_max_r:
-            t_ref = median_time(lambda: verify_chain_reference(tl.cpu(), cu.cpu(), dt.cpu(), draft_logits=dl.cpu(),
-                                                               temperature=1.0, seed=seed.cpu(), offset=off.cpu(),
-                                                               max_drafts=gamma), "cpu", 1, warmup=0)
+            t_ref = median_time(
+                lambda: verify_chain_reference(
+                    tl.cpu(),
+                    cu.cpu(),
+                    dt.cpu(),
+                    draft_logits=dl.cpu(),
+                    temperature=1.0,
+                    seed=seed.cpu(),
+                    offset=off.cpu(),
+                    max_drafts=gamma,
+                ),
+                "cpu",
+                1,
+                warmup=0,
+            )
         out = native()
         es = tl.element_size()
         t_rows, d_rows = needed_rows(out.num_accepted, R, gamma)
         bytes_all = (tl.numel() + dl.numel()) * es
         bytes_needed = (t_rows + d_rows) * V * es
         floor = bytes_needed / bw
-        rows.append(dict(R=R, gamma=gamma, V=V, dtype=str(dtype).replace("torch.", ""),
-                         tau=float((out.num_accepted.float() + 1).mean()),
-                         native_ms=t_native * 1e3, reference_ms=t_ref * 1e3, torch_eager_ms=t_base * 1e3,
-                         x_vs_reference=t_ref / t_native, x_vs_eager=t_base / t_native,
-                         MB_all=bytes_all / 1e6, MB_needed=bytes_needed / 1e6, floor_ms=floor * 1e3,
-                         x_floor=t_native / floor))
+        rows.append(
+            dict(
+                R=R,
+                gamma=gamma,
+                V=V,
+                dtype=str(dtype).replace("torch.", ""),
+                tau=float((out.num_accepted.float() + 1).mean()),
+                native_ms=t_native * 1e3,
+                reference_ms=t_ref * 1e3,
+                torch_eager_ms=t_base * 1e3,
+                x_vs_reference=t_ref / t_native,
+                x_vs_eager=t_base / t_native,
+                MB_all=bytes_all / 1e6,
+                MB_needed=bytes_needed / 1e6,
+                floor_ms=floor * 1e3,
+                x_floor=t_native / floor,
+            )
+        )
         print(f"  R={R} gamma={gamma} V={V} {dtype}: native {t_native * 1e3:.2f} ms", flush=True)
     print()
-    cols = ["R", "gamma", "V", "dtype", "tau", "native_ms", "reference_ms", "torch_eager_ms", "x_vs_reference",
-            "x_vs_eager", "MB_needed", "floor_ms", "x_floor"]
+    cols = [
+        "R",
+        "gamma",
+        "V",
+        "dtype",
+        "tau",
+        "native_ms",
+        "reference_ms",
+        "torch_eager_ms",
+        "x_vs_reference",
+        "x_vs_eager",
+        "MB_needed",
+        "floor_ms",
+        "x_floor",
+    ]
     print_table(rows, cols)
-    write_json(args.out, {"op": "verify_chain", "machine": machine_info(device), "copy_bandwidth_Bps": bw,
-                          "rows": rows})
+    write_json(
+        args.out, {"op": "verify_chain", "machine": machine_info(device), "copy_bandwidth_Bps": bw, "rows": rows}
+    )
 
 
 if __name__ == "__main__":

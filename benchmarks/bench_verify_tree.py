@@ -40,8 +40,12 @@ def make_batch(R, M, V, dtype, device, seed=0):
                 tokens.append(int(torch.randint(0, V, (1,), generator=g)))
         parents += par
     cu = torch.arange(R + 1) * M
-    return (logits.to(dtype).to(device), cu.to(device), torch.tensor(parents, device=device),
-            torch.tensor(tokens, device=device))
+    return (
+        logits.to(dtype).to(device),
+        cu.to(device),
+        torch.tensor(parents, device=device),
+        torch.tensor(tokens, device=device),
+    )
 
 
 def main():
@@ -59,8 +63,11 @@ def main():
     configs = [(64, 64, 32000, torch.float32)]
     if not args.quick:
         configs += [(64, 64, 32000, torch.bfloat16), (16, 16, 128256, torch.bfloat16), (256, 16, 32000, torch.float32)]
-    modes = [("greedy", dict(temperature=0.0)), ("sample", dict(temperature=1.0)),
-             ("sample+top-k/p", dict(temperature=0.8, top_k=50, top_p=0.9))]
+    modes = [
+        ("greedy", dict(temperature=0.0)),
+        ("sample", dict(temperature=1.0)),
+        ("sample+top-k/p", dict(temperature=0.8, top_k=50, top_p=0.9)),
+    ]
     rows = []
     for R, M, V, dtype in configs:
         tl, cu, par, tok = make_batch(R, M, V, dtype, dev)
@@ -70,13 +77,25 @@ def main():
             visited = int((out.path >= 0).sum())
             nbytes = visited * V * tl.element_size() + tl.new_empty(0).element_size() * 0 + out.path.numel() * 8 * 3
             t_op = median_time(lambda: ops.verify_tree(tl, cu, par, tok, **kw), dev, repeats)
-            row = dict(R=R, M=M, V=V, dtype=str(dtype).replace("torch.", ""), mode=name,
-                       mean_path=visited / R, op_ms=t_op * 1e3, floor_ms=nbytes / bw * 1e3,
-                       x_floor=t_op / (nbytes / bw))
+            row = dict(
+                R=R,
+                M=M,
+                V=V,
+                dtype=str(dtype).replace("torch.", ""),
+                mode=name,
+                mean_path=visited / R,
+                op_ms=t_op * 1e3,
+                floor_ms=nbytes / bw * 1e3,
+                x_floor=t_op / (nbytes / bw),
+            )
             if not args.no_reference and R <= 64:  # the reference is a Python loop: skip the big batch
                 ref_kw = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
-                t_ref = median_time(lambda: verify_tree_reference(tl.cpu(), cu.cpu(), par.cpu(), tok.cpu(), **ref_kw),
-                                    "cpu", max(1, repeats // 3), warmup=0)
+                t_ref = median_time(
+                    lambda: verify_tree_reference(tl.cpu(), cu.cpu(), par.cpu(), tok.cpu(), **ref_kw),
+                    "cpu",
+                    max(1, repeats // 3),
+                    warmup=0,
+                )
                 row["ref_ms"] = t_ref * 1e3
                 row["speedup_vs_ref"] = t_ref / t_op
             rows.append(row)
@@ -85,8 +104,10 @@ def main():
     cols = ["R", "M", "V", "dtype", "mode", "mean_path", "op_ms", "ref_ms", "speedup_vs_ref", "floor_ms", "x_floor"]
     print_table(rows, cols)
     if args.out:
-        write_json(args.out, dict(op="verify_tree", machine=machine_info(dev), bandwidth_bytes_per_s=bw,
-                                  repeats=repeats, rows=rows))
+        write_json(
+            args.out,
+            dict(op="verify_tree", machine=machine_info(dev), bandwidth_bytes_per_s=bw, repeats=repeats, rows=rows),
+        )
 
 
 if __name__ == "__main__":

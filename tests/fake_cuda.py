@@ -53,8 +53,14 @@ class FakeCudaTensor(torch.Tensor):
     @staticmethod
     def __new__(cls, elem: torch.Tensor):
         r = torch.Tensor._make_wrapper_subclass(
-            cls, elem.shape, strides=elem.stride(), storage_offset=elem.storage_offset(), dtype=elem.dtype,
-            device="meta", requires_grad=elem.requires_grad)
+            cls,
+            elem.shape,
+            strides=elem.stride(),
+            storage_offset=elem.storage_offset(),
+            dtype=elem.dtype,
+            device="meta",
+            requires_grad=elem.requires_grad,
+        )
         r.elem = elem
         return r
 
@@ -107,8 +113,16 @@ class FakeCudaGenerator(_RealGenerator):
 
 _active = []
 _COPY_OPS = {"aten::_to_copy", "aten::copy_", "aten::lift_fresh", "aten::_copy_from", "aten::_copy_from_and_resize"}
-_SHAPE_SYNC_OPS = {"aten::nonzero", "aten::masked_select", "aten::_unique", "aten::_unique2", "aten::unique_dim",
-                   "aten::unique_consecutive", "aten::nonzero_numpy", "aten::argwhere"}
+_SHAPE_SYNC_OPS = {
+    "aten::nonzero",
+    "aten::masked_select",
+    "aten::_unique",
+    "aten::_unique2",
+    "aten::unique_dim",
+    "aten::unique_consecutive",
+    "aten::nonzero_numpy",
+    "aten::argwhere",
+}
 
 
 def _is_fake_device(dev) -> bool:
@@ -186,8 +200,11 @@ class FakeCuda(TorchDispatchMode):
                 idx = args[1] if len(args) > 1 else kwargs.get("indices")
                 if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (idx or [])):
                     self._sync(f"{name} with a boolean mask")
-            elif (name == "aten::repeat_interleave" and func._overloadname in ("Tensor", "self_Tensor")
-                  and kwargs.get("output_size") is None):
+            elif (
+                name == "aten::repeat_interleave"
+                and func._overloadname in ("Tensor", "self_Tensor")
+                and kwargs.get("output_size") is None
+            ):
                 self._sync("repeat_interleave without output_size")
 
         wrap = bool(fake_in)

@@ -20,19 +20,41 @@ FAMILIES = {
     "llama": dict(model_type="llama", architectures=["LlamaForCausalLM"]),
     "qwen2": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"]),
     "qwen3": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"]),
-    "gemma2": dict(model_type="gemma2", architectures=["Gemma2ForCausalLM"], sliding_window=6,
-                   layer_types=["sliding_attention", "full_attention"] * 2, query_pre_attn_scalar=8),
-    "gemma3": dict(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], sliding_window=6,
-                   layer_types=["sliding_attention", "full_attention"] * 2, query_pre_attn_scalar=8),
+    "gemma2": dict(
+        model_type="gemma2",
+        architectures=["Gemma2ForCausalLM"],
+        sliding_window=6,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        query_pre_attn_scalar=8,
+    ),
+    "gemma3": dict(
+        model_type="gemma3_text",
+        architectures=["Gemma3ForCausalLM"],
+        sliding_window=6,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        query_pre_attn_scalar=8,
+    ),
     "mistral": dict(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=6),
 }
 
 
 def hf_config_dict(family: str, V: int = 64, H: int = 32, layers: int = 4, **over) -> dict:
-    raw = dict(vocab_size=V, hidden_size=H, intermediate_size=48, num_hidden_layers=layers,
-               num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
-               rms_norm_eps=1e-6, tie_word_embeddings=False, initializer_range=0.2,
-               bos_token_id=0, eos_token_id=V - 1, pad_token_id=0)
+    raw = dict(
+        vocab_size=V,
+        hidden_size=H,
+        intermediate_size=48,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        initializer_range=0.2,
+        bos_token_id=0,
+        eos_token_id=V - 1,
+        pad_token_id=0,
+    )
     raw.update(FAMILIES[family])
     raw.update(over)
     return raw
@@ -72,8 +94,9 @@ def bigram_perm(directory: str):
 
 
 @torch.no_grad()
-def aligned_drafter(target, perm=None, block_size: int = 4, rank: int = 16, markov_scale: float = 40.0,
-                    layers: int = 1, seed: int = 1):
+def aligned_drafter(
+    target, perm=None, block_size: int = 4, rank: int = 16, markov_scale: float = 40.0, layers: int = 1, seed: int = 1
+):
     """The package's default DSpark drafter for ``target`` (shared embedding / head), with a Markov
     head that predicts f(prev) when ``perm`` (f) is given."""
     from dspark_native.engine import default_drafter
@@ -95,10 +118,16 @@ def aligned_drafter(target, perm=None, block_size: int = 4, rank: int = 16, mark
 def hf_greedy(model, prompt, max_new_tokens: int, eos=None):
     """transformers' own greedy generate of one prompt -> new token ids."""
     ids = torch.tensor([list(prompt)])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                         max_new_tokens=max_new_tokens, min_new_tokens=0,
-                         eos_token_id=eos, pad_token_id=0)
-    return out[0, ids.shape[1]:].tolist()
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=0,
+        eos_token_id=eos,
+        pad_token_id=0,
+    )
+    return out[0, ids.shape[1] :].tolist()
 
 
 @torch.no_grad()

@@ -13,10 +13,19 @@ import torch
 def target_raw_config(arch="Qwen3ForCausalLM", **over):
     model_type = {"Qwen3": "qwen3", "Qwen2": "qwen2"}.get(arch[:5], "llama")
     raw = dict(
-        architectures=[arch], model_type=model_type,
-        vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=12 if arch.startswith("Qwen3") else 8,
-        rms_norm_eps=1e-6, rope_theta=10000.0, hidden_act="silu", tie_word_embeddings=False,
+        architectures=[arch],
+        model_type=model_type,
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=12 if arch.startswith("Qwen3") else 8,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        hidden_act="silu",
+        tie_word_embeddings=False,
         max_position_embeddings=512,
     )
     raw.update(over)
@@ -51,8 +60,7 @@ def layer_shapes(prefix, c, qk_norm, attn_in=None, qkv_bias=False):
 def target_shapes(c):
     qk = c["architectures"][0].startswith("Qwen3")
     bias = c["architectures"][0].startswith("Qwen2")
-    s = {"model.embed_tokens.weight": (c["vocab_size"], c["hidden_size"]),
-         "model.norm.weight": (c["hidden_size"],)}
+    s = {"model.embed_tokens.weight": (c["vocab_size"], c["hidden_size"]), "model.norm.weight": (c["hidden_size"],)}
     for i in range(c["num_hidden_layers"]):
         s.update(layer_shapes(f"model.layers.{i}.", c, qk, qkv_bias=bias))
     if not c.get("tie_word_embeddings", False):
@@ -70,8 +78,9 @@ def random_tensors(shapes, seed, dtype=torch.float32, scale=0.3):
             t = 0.1 * torch.randn(shp, generator=g)
         else:
             fan_in = shp[-1] if len(shp) > 1 else 1
-            t = torch.randn(shp, generator=g) * (scale if k.endswith("embed_tokens.weight")
-                                                 else 1.0 / math.sqrt(fan_in))
+            t = torch.randn(shp, generator=g) * (
+                scale if k.endswith("embed_tokens.weight") else 1.0 / math.sqrt(fan_in)
+            )
         out[k] = t.to(dtype)
     return out
 
@@ -97,6 +106,7 @@ def write_checkpoint(directory, raw, tensors, shards=1):
 
 
 # ---------------------------------------------------------------- reference math (fp64 capable)
+
 
 def rms(x, w, eps):
     xf = x.double()
@@ -130,7 +140,7 @@ def rope(x, pos, theta, inv=None):
         inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
     ang = pos.double()[:, None] * inv[None, :]
     cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]
-    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
 
 
@@ -202,17 +212,28 @@ def ref_target_forward(W, c, ids, allowed=None, pos=None, rope_fn=None):
 
 # ---------------------------------------------------------------- DeepSpec drafters
 
+
 def drafter_raw_config(target_raw, arch="Qwen3DSparkModel", **over):
     """DeepSpec drafter config: a copy of the target's config plus the drafter fields."""
     raw = dict(target_raw)
-    raw.update(architectures=[arch], num_target_layers=target_raw["num_hidden_layers"],
-               target_layer_ids=[1, 2, 3, 4, 5], tie_word_embeddings=False)
+    raw.update(
+        architectures=[arch],
+        num_target_layers=target_raw["num_hidden_layers"],
+        target_layer_ids=[1, 2, 3, 4, 5],
+        tie_word_embeddings=False,
+    )
     if "Eagle3" in arch:
         raw.update(num_hidden_layers=1, ttt_length=7)
     else:
-        raw.update(num_hidden_layers=2, block_size=5, mask_token_id=target_raw["vocab_size"] - 1,
-                   markov_rank=8, markov_head_type="vanilla", enable_confidence_head=True,
-                   confidence_head_with_markov=True)
+        raw.update(
+            num_hidden_layers=2,
+            block_size=5,
+            mask_token_id=target_raw["vocab_size"] - 1,
+            markov_rank=8,
+            markov_head_type="vanilla",
+            enable_confidence_head=True,
+            confidence_head_with_markov=True,
+        )
     raw.update(over)
     return raw
 

@@ -54,5 +54,7 @@ def assert_matches_distribution(samples: torch.Tensor, probs: torch.Tensor, what
     counts = torch.bincount(samples.flatten().long(), minlength=probs.numel()).double()
     assert counts.numel() == probs.numel(), f"{what}: sample values outside 0..{probs.numel() - 1}"
     stat, crit, dof = chi2_gof(counts, probs)
-    assert stat <= crit, (f"{what}: chi2 = {stat:.2f} > {crit:.2f} (dof {dof}, alpha {ALPHA}); counts "
-                          f"{counts.tolist()} expected {(probs * counts.sum()).tolist()}")
+    assert stat <= crit, (
+        f"{what}: chi2 = {stat:.2f} > {crit:.2f} (dof {dof}, alpha {ALPHA}); counts "
+        f"{counts.tolist()} expected {(probs * counts.sum()).tolist()}"
+    )

@@ -23,8 +23,20 @@ def test_c_program_links_only_the_core(source, tmp_path):
     inc, lib = dspark_native.get_include(), dspark_native.get_library_dir()
     assert Path(inc, "dspark", "verify_chain.h").is_file()
     exe = tmp_path / Path(source).stem
-    cmd = [CC, "-std=c11", "-Wall", "-Werror", str(HERE / "c" / source), f"-I{inc}", f"-L{lib}", "-ldspark_core",
-           f"-Wl,-rpath,{lib}", "-lm", "-o", str(exe)]
+    cmd = [
+        CC,
+        "-std=c11",
+        "-Wall",
+        "-Werror",
+        str(HERE / "c" / source),
+        f"-I{inc}",
+        f"-L{lib}",
+        "-ldspark_core",
+        f"-Wl,-rpath,{lib}",
+        "-lm",
+        "-o",
+        str(exe),
+    ]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     libs = subprocess.run(["ldd", str(exe)], capture_output=True, text=True).stdout
     assert "libtorch" not in libs and "libpython" not in libs and "libc10" not in libs
@@ -43,11 +55,15 @@ def test_cmake_find_package_builds_a_consumer(tmp_path):
     (src / "CMakeLists.txt").write_text(
         "cmake_minimum_required(VERSION 3.18)\nproject(consumer C)\nfind_package(dspark 0.1 REQUIRED)\n"
         f"add_executable(consumer {HERE / 'c' / 'test_c_api.c'})\n"
-        "target_link_libraries(consumer PRIVATE dspark::core m)\n")
+        "target_link_libraries(consumer PRIVATE dspark::core m)\n"
+    )
     build = tmp_path / "build"
-    subprocess.run(["cmake", "-S", str(src), "-B", str(build),
-                    f"-DCMAKE_PREFIX_PATH={dspark_native.cmake_prefix_path()}"],
-                   check=True, capture_output=True, text=True)
+    subprocess.run(
+        ["cmake", "-S", str(src), "-B", str(build), f"-DCMAKE_PREFIX_PATH={dspark_native.cmake_prefix_path()}"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     subprocess.run(["cmake", "--build", str(build)], check=True, capture_output=True, text=True)
     run = subprocess.run([str(build / "consumer")], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and " 0 failed" in run.stdout, run.stdout + run.stderr

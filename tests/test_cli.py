@@ -82,8 +82,9 @@ def test_user_errors(dirs, capsys):
     _one_line_error(*_run(capsys, "generate", "w1", "--target", dirs["bad"]), "target")
     _one_line_error(*_run(capsys, "generate", "--prompts", "/nonexistent.jsonl", *T), "cannot read")
     _one_line_error(*_run(capsys, "bench", "/nonexistent", *T), "no such file")
-    _one_line_error(*_run(capsys, "generate", "w1", "--sps", dirs["bad"] + "/config.json", "--policy", "causal", *T),
-                    "--sps")
+    _one_line_error(
+        *_run(capsys, "generate", "w1", "--sps", dirs["bad"] + "/config.json", "--policy", "causal", *T), "--sps"
+    )
     short = dirs["root"] / "short_sps.json"
     short.write_text(json.dumps({"sps": [5.0, 4.0]}))
     _one_line_error(*_run(capsys, "generate", "w1", "--sps", str(short), "--policy", "causal", *T), "--max-tokens")
@@ -118,12 +119,27 @@ def test_bench_profile_calibrate(dirs, capsys):
     (pdir / "math.jsonl").write_text("".join(json.dumps({"turns": [f"w{i} w{i + 1}"]}) + "\n" for i in range(5)))
     (pdir / "chat.jsonl").write_text('{"turns": ["w9"]}\n{"turns": 3}\n')
     sps = str(dirs["root"] / "sps.json")
-    rc, out, err = _run(capsys, "profile-sps", "--target", dirs["target"], "--max-tokens", "12", "--context", "8",
-                        "--out", sps)
+    rc, out, err = _run(
+        capsys, "profile-sps", "--target", dirs["target"], "--max-tokens", "12", "--context", "8", "--out", sps
+    )
     assert rc == 0 and len(json.load(open(sps))["sps"]) == 12
     res = str(dirs["root"] / "bench.json")
-    rc, out, err = _run(capsys, "bench", str(pdir), *T, "--limit", "3", "--max-new-tokens", "10", "--policy", "causal",
-                        "--sps", sps, "--out", res)
+    rc, out, err = _run(
+        capsys,
+        "bench",
+        str(pdir),
+        *T,
+        "--limit",
+        "3",
+        "--max-new-tokens",
+        "10",
+        "--policy",
+        "causal",
+        "--sps",
+        sps,
+        "--out",
+        res,
+    )
     assert rc == 0, err
     assert "chat.jsonl:2:" in err
     data = json.load(open(res))
@@ -179,9 +195,33 @@ def test_train_then_eval(dirs, capsys):
     pf = root / "train.jsonl"
     pf.write_text("".join(json.dumps({"turns": [f"w{i} w{i + 3} w{i + 5}"]}) + "\n" for i in range(6)))
     run = root / "run"
-    args = ["train", "--target", dirs["target"], "--prompts", str(pf), "--data-dir", str(root / "data"),
-            "--out", str(run), "--steps", "4", "--layers", "1", "--markov-rank", "8", "--block-size", "4",
-            "--answer-tokens", "6", "--data-batch", "3", "--anchors", "2", "--batch-sequences", "2"]
+    args = [
+        "train",
+        "--target",
+        dirs["target"],
+        "--prompts",
+        str(pf),
+        "--data-dir",
+        str(root / "data"),
+        "--out",
+        str(run),
+        "--steps",
+        "4",
+        "--layers",
+        "1",
+        "--markov-rank",
+        "8",
+        "--block-size",
+        "4",
+        "--answer-tokens",
+        "6",
+        "--data-batch",
+        "3",
+        "--anchors",
+        "2",
+        "--batch-sequences",
+        "2",
+    ]
     rc, out, err = _run(capsys, *args)
     assert rc == 0, err
     assert "[data] shard 2/2" in err and "[train dspark] step 4/4" in err
@@ -192,8 +232,23 @@ def test_train_then_eval(dirs, capsys):
     rc, out, err = _run(capsys, "train", *args[1:-2], "--batch-sequences", "0")
     assert rc == 2 and "batch_sequences must be >= 1" in err
     res = str(root / "eval.json")
-    rc, out, err = _run(capsys, "eval", str(pf), "--target", dirs["target"], "--drafter", str(run / "final"),
-                        "--limit", "2", "--max-new-tokens", "6", "--out", res, "--png", str(root / "rel"))
+    rc, out, err = _run(
+        capsys,
+        "eval",
+        str(pf),
+        "--target",
+        dirs["target"],
+        "--drafter",
+        str(run / "final"),
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--out",
+        res,
+        "--png",
+        str(root / "rel"),
+    )
     assert rc == 0, err
     data = json.load(open(res))
     assert set(data["temperatures"]) == {"0", "1"}

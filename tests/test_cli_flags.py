@@ -18,8 +18,10 @@ from cli_helpers import make_cli_dirs, run_cli
 from dspark_native import runtime
 from dspark_native.models.tokenizer import ChatTemplate
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -52,8 +54,17 @@ def _err(rc, err, *needles):
 
 
 def _gen(capsys, d, *extra, prompt="w1 w2 w3", js=None, target=None):
-    args = ["generate", prompt, "--target", target or d["target"], "--drafter", d["drafter"],
-            "--max-new-tokens", "12", *extra]
+    args = [
+        "generate",
+        prompt,
+        "--target",
+        target or d["target"],
+        "--drafter",
+        d["drafter"],
+        "--max-new-tokens",
+        "12",
+        *extra,
+    ]
     if js is not None:
         args += ["--json", js]
     return run_cli(capsys, *args)
@@ -62,6 +73,7 @@ def _gen(capsys, d, *extra, prompt="w1 w2 w3", js=None, target=None):
 # ------------------------------------------------------------------------------------------------
 # --device, --dtype
 # ------------------------------------------------------------------------------------------------
+
 
 def test_generate_device_and_dtype_reach_the_model(d, capsys, tmp_path):
     js = tmp_path / "g.json"
@@ -81,20 +93,56 @@ def test_generate_device_and_dtype_reach_the_model(d, capsys, tmp_path):
 
 @pytest.mark.parametrize("cmd", ["bench", "eval", "calibrate", "profile-sps", "train"])
 def test_every_model_command_takes_device_and_float16(cmd, d, capsys, tmp_path):
-    pre = {"bench": [d["prompts"]], "eval": [d["prompts"]], "calibrate": [d["prompts"]], "profile-sps": [],
-           "train": ["--prompts", d["prompts"], "--out", tmp_path / "run", "--data-dir", tmp_path / "data"]}[cmd]
+    pre = {
+        "bench": [d["prompts"]],
+        "eval": [d["prompts"]],
+        "calibrate": [d["prompts"]],
+        "profile-sps": [],
+        "train": ["--prompts", d["prompts"], "--out", tmp_path / "run", "--data-dir", tmp_path / "data"],
+    }[cmd]
     rc, out, err = run_cli(capsys, cmd, *pre, "--target", d["target"], "--device", "gpu0")
     _err(rc, err, "--device")
     if cmd == "profile-sps":  # and it runs with them: the table records where it was measured
         sps = tmp_path / "sps.json"
-        rc, out, err = run_cli(capsys, cmd, "--target", d["target"], "--device", "cpu", "--dtype", "float16",
-                               "--max-tokens", "4", "--context", "4", "--repeats", "1", "--out", sps)
+        rc, out, err = run_cli(
+            capsys,
+            cmd,
+            "--target",
+            d["target"],
+            "--device",
+            "cpu",
+            "--dtype",
+            "float16",
+            "--max-tokens",
+            "4",
+            "--context",
+            "4",
+            "--repeats",
+            "1",
+            "--out",
+            sps,
+        )
         assert rc == 0, err
         assert len(json.load(open(sps))["sps"]) == 4
     if cmd == "bench":
         res = tmp_path / "b.json"
-        rc, out, err = run_cli(capsys, cmd, d["prompts"], "--target", d["target"], "--drafter", d["drafter"],
-                               "--dtype", "float16", "--limit", "1", "--max-new-tokens", "4", "--out", res)
+        rc, out, err = run_cli(
+            capsys,
+            cmd,
+            d["prompts"],
+            "--target",
+            d["target"],
+            "--drafter",
+            d["drafter"],
+            "--dtype",
+            "float16",
+            "--limit",
+            "1",
+            "--max-new-tokens",
+            "4",
+            "--out",
+            res,
+        )
         assert rc == 0, err
         r = json.load(open(res))
         assert r["dtype"] == "float16" and r["device"] == "cpu" and r["domains"][0]["identical_greedy"]
@@ -103,6 +151,7 @@ def test_every_model_command_takes_device_and_float16(cmd, d, capsys, tmp_path):
 # ------------------------------------------------------------------------------------------------
 # --target FILE.gguf
 # ------------------------------------------------------------------------------------------------
+
 
 def test_target_must_be_a_directory_or_a_gguf_file(d, capsys, tmp_path):
     f = tmp_path / "model.bin"
@@ -124,8 +173,19 @@ def test_target_gguf_file_gives_the_embedded_models_output(capsys, tmp_path):
     outs = []
     for target in ([], ["--target", gguf]):
         js = tmp_path / f"g{len(outs)}.json"
-        rc, out, err = run_cli(capsys, "generate", "What is 2 + 2?", *target, "--max-new-tokens", "8",
-                               "--no-baseline", "--threads", "1", "--json", js)
+        rc, out, err = run_cli(
+            capsys,
+            "generate",
+            "What is 2 + 2?",
+            *target,
+            "--max-new-tokens",
+            "8",
+            "--no-baseline",
+            "--threads",
+            "1",
+            "--json",
+            js,
+        )
         assert rc == 0, err
         outs.append(json.load(open(js))["outputs"][0])
     assert outs[1]["tokens"] == outs[0]["tokens"] and len(outs[0]["tokens"]) > 0
@@ -135,6 +195,7 @@ def test_target_gguf_file_gives_the_embedded_models_output(capsys, tmp_path):
 # ------------------------------------------------------------------------------------------------
 # --system, standard input, --stop
 # ------------------------------------------------------------------------------------------------
+
 
 def test_system_message_goes_through_the_chat_template(d, capsys, tmp_path):
     tok_dir = d["chat"]
@@ -160,14 +221,27 @@ def test_prompts_from_standard_input(d, capsys, tmp_path, monkeypatch):
     assert rc == 0, err
     assert json.load(open(js))["outputs"][0]["prompt"] == "w4 w5 w6\n"
     monkeypatch.setattr("sys.stdin", io.StringIO('{"turns": ["w1 w2"]}\n{"turns": ["w3"]}\n'))
-    rc, out, err = run_cli(capsys, "generate", "--prompts", "-", "--target", d["target"], "--drafter", d["drafter"],
-                           "--max-new-tokens", "4", "--json", js)
+    rc, out, err = run_cli(
+        capsys,
+        "generate",
+        "--prompts",
+        "-",
+        "--target",
+        d["target"],
+        "--drafter",
+        d["drafter"],
+        "--max-new-tokens",
+        "4",
+        "--json",
+        js,
+    )
     assert rc == 0, err
     assert [o["prompt"] for o in json.load(open(js))["outputs"]] == ["w1 w2", "w3"]
     monkeypatch.setattr("sys.stdin", io.StringIO('{"turns": ["w7 w8"]}\n'))
     res = tmp_path / "b.json"
-    rc, out, err = run_cli(capsys, "bench", "-", "--target", d["target"], "--drafter", d["drafter"],
-                           "--max-new-tokens", "4", "--out", res)
+    rc, out, err = run_cli(
+        capsys, "bench", "-", "--target", d["target"], "--drafter", d["drafter"], "--max-new-tokens", "4", "--out", res
+    )
     assert rc == 0, err
     assert [x["domain"] for x in json.load(open(res))["domains"]] == ["stdin"]
     monkeypatch.setattr("sys.stdin", io.StringIO('{"turns": ["w7 w8"]}\n'))
@@ -187,7 +261,7 @@ def test_stop_strings_end_the_answer_identically_in_both_engines(d, capsys, tmp_
     rc, out, err = _gen(capsys, d, "--stop", stop, "--stop", "never-seen", js=js)
     assert rc == 0, err
     o = json.load(open(js))["outputs"][0]
-    assert o["answer"] == full["answer"][:full["answer"].index(stop)]
+    assert o["answer"] == full["answer"][: full["answer"].index(stop)]
     assert o["tokens"] == full["tokens"][:keep] and o["finish_reason"] == "stop" and o["identical_to_plain"]
     assert out.splitlines()[0] == o["answer"]  # the streamed answer stops there too
     _err(*_gen(capsys, d, "--stop", "")[::2], "--stop")
@@ -217,13 +291,19 @@ def test_generate_refuses_flags_its_policy_does_not_read(d, capsys, tmp_path):
 # calibrate and eval: the flags they cannot honour are refused, the others work
 # ------------------------------------------------------------------------------------------------
 
+
 def test_calibrate_flags(d, capsys, tmp_path):
     T = [d["prompts"], "--target", d["target"], "--drafter", d["drafter"], "--max-new-tokens", "16"]
     sts = tmp_path / "sts.json"
     sts.write_text(json.dumps({"sts_temperature": [1.0] * 5}))
-    for flag, value, needle in (("--policy", "threshold", "static policy"), ("--policy", "causal", "censor"),
-                                ("--sps", str(sts), "SPS"), ("--threshold", "0.3", "threshold"),
-                                ("--sts", str(sts), "raw confidences"), ("--num-drafts", "3", "block is 5")):
+    for flag, value, needle in (
+        ("--policy", "threshold", "static policy"),
+        ("--policy", "causal", "censor"),
+        ("--sps", str(sts), "SPS"),
+        ("--threshold", "0.3", "threshold"),
+        ("--sts", str(sts), "raw confidences"),
+        ("--num-drafts", "3", "block is 5"),
+    ):
         _err(*run_cli(capsys, "calibrate", *T, flag, value, "--out", tmp_path / "x.json")[::2], flag, needle)
     assert not (tmp_path / "x.json").exists()
     res = {}
@@ -239,8 +319,12 @@ def test_calibrate_flags(d, capsys, tmp_path):
 
 def test_eval_flags(d, capsys, tmp_path):
     T = [d["prompts"], "--target", d["target"], "--drafter", d["drafter"], "--max-new-tokens", "8", "--limit", "2"]
-    for flag, value, needle in (("--policy", "async", "bench"), ("--sps", d["prompts"], "SPS"),
-                                ("--threshold", "0.3", "threshold"), ("--temperature", "1", "--temperatures")):
+    for flag, value, needle in (
+        ("--policy", "async", "bench"),
+        ("--sps", d["prompts"], "SPS"),
+        ("--threshold", "0.3", "threshold"),
+        ("--temperature", "1", "--temperatures"),
+    ):
         _err(*run_cli(capsys, "eval", *T, flag, value, "--out", tmp_path / "x.json")[::2], flag, needle)
     out_path = tmp_path / "e.json"
     rc, out, err = run_cli(capsys, "eval", *T, "--num-drafts", "3", "--temperatures", "0", "--out", out_path)
@@ -254,10 +338,33 @@ def test_eval_flags(d, capsys, tmp_path):
 # train: where the default prompts come from
 # ------------------------------------------------------------------------------------------------
 
+
 def test_train_default_prompts_come_from_the_working_directory(d, capsys, tmp_path, monkeypatch):
-    train = ["train", "--target", d["target"], "--steps", "1", "--layers", "1", "--markov-rank", "4",
-             "--block-size", "3", "--answer-tokens", "4", "--data-batch", "2", "--max-sequences", "2", "--anchors",
-             "1", "--batch-sequences", "1", "--save-every", "1"]
+    train = [
+        "train",
+        "--target",
+        d["target"],
+        "--steps",
+        "1",
+        "--layers",
+        "1",
+        "--markov-rank",
+        "4",
+        "--block-size",
+        "3",
+        "--answer-tokens",
+        "4",
+        "--data-batch",
+        "2",
+        "--max-sequences",
+        "2",
+        "--anchors",
+        "1",
+        "--batch-sequences",
+        "1",
+        "--save-every",
+        "1",
+    ]
     repo = tmp_path / "repo"
     repo.mkdir()
     monkeypatch.chdir(repo)
@@ -277,5 +384,8 @@ def test_train_default_prompts_come_from_the_working_directory(d, capsys, tmp_pa
     rc, out, err = run_cli(capsys, *train, "--out", tmp_path / "r2", "--data-dir", tmp_path / "d2")
     assert rc == 0, err
     assert "training data: 1 sequences" in err
-    _err(*run_cli(capsys, *train, "--prompts", "-", "--out", tmp_path / "r3", "--data-dir", tmp_path / "d3")[::2],
-         "--prompts -", "files")
+    _err(
+        *run_cli(capsys, *train, "--prompts", "-", "--out", tmp_path / "r3", "--data-dir", tmp_path / "d3")[::2],
+        "--prompts -",
+        "files",
+    )

@@ -54,16 +54,31 @@ def run_both(P, kw):
 # Agreement with the reference loop
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("head", ["vanilla", "gated", "rnn"])
-@pytest.mark.parametrize("wdtype,udtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
-                                           (torch.float16, torch.float32)])
+@pytest.mark.parametrize(
+    "wdtype,udtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)]
+)
 def test_matches_reference(head, wdtype, udtype):
     for trial in range(3):
         R, G, V = 2 + trial, 1 + 2 * trial, [7, 50, 333][trial]
-        P, kw = make_problem(R=R, G=G, V=V, D=8 + trial * 5, r=[4, 8, 13][trial], seed=trial * 7 + len(head),
-                             wdtype=wdtype, udtype=udtype, conf_markov=trial != 1)
+        P, kw = make_problem(
+            R=R,
+            G=G,
+            V=V,
+            D=8 + trial * 5,
+            r=[4, 8, 13][trial],
+            seed=trial * 7 + len(head),
+            wdtype=wdtype,
+            udtype=udtype,
+            conf_markov=trial != 1,
+        )
         temp = torch.tensor([0.0, 1.0, 0.6, 1.7][:R])
-        kw.update(head_type=head, temperature=temp, seed=torch.arange(R) * 1000 + 17, offset=trial,
-                  sts_temperature=[0.8 + 0.2 * k for k in range(G)] if trial else None)
+        kw.update(
+            head_type=head,
+            temperature=temp,
+            seed=torch.arange(R) * 1000 + 17,
+            offset=trial,
+            sts_temperature=[0.8 + 0.2 * k for k in range(G)] if trial else None,
+        )
         out, ref = run_both(P, kw)
         assert torch.equal(out.tokens, ref[0]), (head, trial, out.tokens, ref[0])
         torch.testing.assert_close(out.logits, ref[1], rtol=1e-5, atol=1e-4)
@@ -108,8 +123,12 @@ def test_draft_distribution(head, T):
     U = torch.randn(2, V, generator=g)
     h = torch.randn(2, D, generator=g)
     P, kw = make_problem(R=1, G=2, V=V, D=D, r=r, seed=9)
-    args = (U.expand(N, 2, V).contiguous(), torch.full((N,), 2, dtype=torch.long), P["markov_w1"] * 2,
-            P["markov_w2"] * 2)
+    args = (
+        U.expand(N, 2, V).contiguous(),
+        torch.full((N,), 2, dtype=torch.long),
+        P["markov_w1"] * 2,
+        P["markov_w2"] * 2,
+    )
     kw.update(hidden=h.expand(N, 2, D).contiguous(), head_type=head, temperature=T, seed=torch.arange(N) + 77, offset=5)
     out = ops.dspark_draft(*args, **kw)
     z0 = out.logits[0, 0]
@@ -143,13 +162,28 @@ def test_drafts_verified_with_returned_q_are_lossless():
     g = torch.Generator().manual_seed(8)
     U = torch.randn(1, 1, V, generator=g)
     P, _ = make_problem(R=1, G=1, V=V, r=3, seed=2)
-    out = ops.dspark_draft(U.expand(N, 1, V).contiguous(), torch.ones(N, dtype=torch.long), P["markov_w1"],
-                           P["markov_w2"], temperature=T, seed=torch.arange(N), offset=1)
+    out = ops.dspark_draft(
+        U.expand(N, 1, V).contiguous(),
+        torch.ones(N, dtype=torch.long),
+        P["markov_w1"],
+        P["markov_w2"],
+        temperature=T,
+        seed=torch.arange(N),
+        offset=1,
+    )
     target = torch.randn(2, V, generator=g)
     tl = target.expand(N, 2, V).reshape(2 * N, V).contiguous()
     cu = torch.arange(0, 2 * N + 1, 2)
-    vc = ops.verify_chain(tl, cu, out.tokens[:, 0], draft_logits=out.logits[:, 0], temperature=T,
-                          seed=torch.arange(N) + 99, offset=0, return_accept_prob=True)
+    vc = ops.verify_chain(
+        tl,
+        cu,
+        out.tokens[:, 0],
+        draft_logits=out.logits[:, 0],
+        temperature=T,
+        seed=torch.arange(N) + 99,
+        offset=0,
+        return_accept_prob=True,
+    )
     assert_matches_distribution(vc.tokens[:, 0], target_probs(target[0], T), "first emitted token")
     q = target_probs(out.logits[0, 0], T)
     p = target_probs(target[0], T)
@@ -164,8 +198,17 @@ def test_confidence_formula_and_sts(conf_markov):
     P, kw = make_problem(R=4, G=5, V=40, D=12, r=6, seed=13, conf_markov=conf_markov)
     sts = [0.5, 1.0, 2.0, 3.0, 0.7]
     base = dict(hidden=kw["hidden"], conf_weight=kw["conf_weight"], conf_bias=kw["conf_bias"])
-    out = ops.dspark_draft(P["base_logits"], P["anchor_tokens"], P["markov_w1"], P["markov_w2"], **base,
-                           temperature=0.8, seed=1, offset=0, sts_temperature=sts)
+    out = ops.dspark_draft(
+        P["base_logits"],
+        P["anchor_tokens"],
+        P["markov_w1"],
+        P["markov_w2"],
+        **base,
+        temperature=0.8,
+        seed=1,
+        offset=0,
+        sts_temperature=sts,
+    )
     prev = torch.cat([P["anchor_tokens"][:, None], out.tokens[:, :-1]], 1)
     x = kw["hidden"]
     if conf_markov:
@@ -175,8 +218,9 @@ def test_confidence_formula_and_sts(conf_markov):
     torch.testing.assert_close(out.confidence, expect, rtol=1e-5, atol=1e-6)
     # independent of the sampling temperature given the same drafts (greedy run, same prev)
     g0 = ops.dspark_draft(P["base_logits"], P["anchor_tokens"], P["markov_w1"], P["markov_w2"], **base, temperature=0.0)
-    g1 = ops.dspark_draft(P["base_logits"], P["anchor_tokens"], P["markov_w1"], P["markov_w2"], **base,
-                          temperature=torch.zeros(4))
+    g1 = ops.dspark_draft(
+        P["base_logits"], P["anchor_tokens"], P["markov_w1"], P["markov_w2"], **base, temperature=torch.zeros(4)
+    )
     assert torch.equal(g0.confidence, g1.confidence)
 
 
@@ -189,17 +233,35 @@ def test_nan_rows_stop_the_request():
     U[1, 1] = float("nan")
     U[2, 0, :] = -math.inf
     for T in (0.0, 1.0):
-        out = ops.dspark_draft(U, P["anchor_tokens"], P["markov_w1"], P["markov_w2"], hidden=kw["hidden"],
-                               conf_weight=kw["conf_weight"], conf_bias=kw["conf_bias"], temperature=T, seed=3,
-                               offset=0)
+        out = ops.dspark_draft(
+            U,
+            P["anchor_tokens"],
+            P["markov_w1"],
+            P["markov_w2"],
+            hidden=kw["hidden"],
+            conf_weight=kw["conf_weight"],
+            conf_bias=kw["conf_bias"],
+            temperature=T,
+            seed=3,
+            offset=0,
+        )
         assert bool((out.tokens[0] >= 0).all())
         assert out.tokens[1, 0] >= 0 and bool((out.tokens[1, 1:] == -1).all())
         assert bool((out.tokens[2] == -1).all())
         assert bool((out.confidence[1, 2:] == 0).all()) and bool((out.confidence[2, 1:] == 0).all())
         assert bool(torch.isneginf(out.logits[1, 2:]).all()) and bool(torch.isneginf(out.logits[2, 1:]).all())
-        ref = dspark_draft_reference(U, P["anchor_tokens"], P["markov_w1"], P["markov_w2"], hidden=kw["hidden"],
-                                     conf_weight=kw["conf_weight"], conf_bias=kw["conf_bias"], temperature=T,
-                                     seed=3, offset=0)
+        ref = dspark_draft_reference(
+            U,
+            P["anchor_tokens"],
+            P["markov_w1"],
+            P["markov_w2"],
+            hidden=kw["hidden"],
+            conf_weight=kw["conf_weight"],
+            conf_bias=kw["conf_bias"],
+            temperature=T,
+            seed=3,
+            offset=0,
+        )
         assert torch.equal(out.tokens, ref[0])
 
 
@@ -238,22 +300,31 @@ def _base_args():
         (lambda a, k: a.update(markov_w1=a["markov_w1"].double()), "markov_w"),
         (lambda a, k: a.update(base_logits=torch.randn(3, 11)), "base_logits"),
         (lambda a, k: a.update(head_type="gated", hidden=k["hidden"]), "gate_weight"),
-        (lambda a, k: a.update(head_type="rnn", hidden=k["hidden"], joint_weight=torch.randn(9, 9),
-                               joint_bias=k["joint_bias"]), "joint_weight"),
+        (
+            lambda a, k: a.update(
+                head_type="rnn", hidden=k["hidden"], joint_weight=torch.randn(9, 9), joint_bias=k["joint_bias"]
+            ),
+            "joint_weight",
+        ),
         (lambda a, k: a.update(head_type="lstm"), "head_type"),
-        (lambda a, k: a.update(conf_weight=torch.randn(1, 5), conf_bias=torch.zeros(1), hidden=k["hidden"]),
-         "conf_weight"),
+        (
+            lambda a, k: a.update(conf_weight=torch.randn(1, 5), conf_bias=torch.zeros(1), hidden=k["hidden"]),
+            "conf_weight",
+        ),
         (lambda a, k: a.update(conf_weight=k["conf_weight"], conf_bias=k["conf_bias"]), "hidden"),
-        (lambda a, k: a.update(hidden=torch.randn(3, 3, 4), conf_weight=torch.randn(1, 7), conf_bias=torch.zeros(1)),
-         "hidden"),
+        (
+            lambda a, k: a.update(hidden=torch.randn(3, 3, 4), conf_weight=torch.randn(1, 7), conf_bias=torch.zeros(1)),
+            "hidden",
+        ),
     ],
 )
 def test_bad_arguments_raise_naming_the_argument(mutate, match):
     args, kw = _base_args()
     mutate(args, kw)
     with pytest.raises((RuntimeError, ValueError, TypeError), match=match):
-        ops.dspark_draft(args.pop("base_logits"), args.pop("anchor_tokens"), args.pop("markov_w1"),
-                         args.pop("markov_w2"), **args)
+        ops.dspark_draft(
+            args.pop("base_logits"), args.pop("anchor_tokens"), args.pop("markov_w1"), args.pop("markov_w2"), **args
+        )
 
 
 def test_empty_batch():
@@ -287,10 +358,24 @@ def test_large_vocab_rank_and_batch():
 def _op_args(device="cpu", head=2):
     P, kw = make_problem(R=3, G=3, V=33, D=6, r=4, seed=0)
     t = lambda x: None if x is None else x.to(device)  # noqa: E731
-    return (t(P["base_logits"]), t(kw["hidden"]), t(P["anchor_tokens"]), t(P["markov_w1"]), t(P["markov_w2"]),
-            t(kw["gate_weight"]), t(kw["gate_bias"]), t(kw["joint_weight"]), t(kw["joint_bias"]),
-            t(kw["conf_weight"]), t(kw["conf_bias"]), t(torch.tensor([1.0, 1.5, 0.8])),
-            t(torch.tensor([0.0, 1.0, 0.7])), t(torch.tensor([1, 2, 3])), t(torch.zeros(3, dtype=torch.long)), head)
+    return (
+        t(P["base_logits"]),
+        t(kw["hidden"]),
+        t(P["anchor_tokens"]),
+        t(P["markov_w1"]),
+        t(P["markov_w2"]),
+        t(kw["gate_weight"]),
+        t(kw["gate_bias"]),
+        t(kw["joint_weight"]),
+        t(kw["joint_bias"]),
+        t(kw["conf_weight"]),
+        t(kw["conf_bias"]),
+        t(torch.tensor([1.0, 1.5, 0.8])),
+        t(torch.tensor([0.0, 1.0, 0.7])),
+        t(torch.tensor([1, 2, 3])),
+        t(torch.zeros(3, dtype=torch.long)),
+        head,
+    )
 
 
 def test_opcheck():

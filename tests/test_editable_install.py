@@ -75,8 +75,14 @@ def test_editable_install_finds_the_extension(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("DSPARK_NATIVE_LIB", "PYTHONPATH", "PYTHONHOME")}
     env.update(PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INDEX="1", PYTHONNOUSERSITE="1")
     # pip from the system site-packages installs into the venv (its sys.prefix), never globally.
-    r = subprocess.run([py, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", str(ROOT)],
-                       env=env, cwd=tmp_path, capture_output=True, text=True, timeout=1800)
+    r = subprocess.run(
+        [py, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", str(ROOT)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     r = subprocess.run([py, "-c", CHECK], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]

@@ -36,8 +36,7 @@ def target():
 
 def _prompts(n, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, V, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
+    return [torch.randint(0, V, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
 
 
 _REF = weakref.WeakKeyDictionary()  # target -> {(prompt, max_new): continuation}
@@ -158,7 +157,8 @@ def test_statistics_of_scripted_drafters(target, kind, right):
     free = _free(target, prompts, max_new + g + 2)
     drafter = scripted_drafter(target, kind, g, [p + f for p, f in zip(prompts, free, strict=True)], right)
     outs = Engine(target, drafter, policy="static", max_batch=3, max_seq=64).generate(
-        prompts, SamplingParams(max_new_tokens=max_new))
+        prompts, SamplingParams(max_new_tokens=max_new)
+    )
     model = _round_model(max_new, g, right)
     for o, f in zip(outs, free, strict=True):
         st = o.stats
@@ -187,7 +187,8 @@ def test_oracle_and_wrong_drafters_under_every_policy(target, policy):
     for right in (None, 0):
         drafter = scripted_drafter(target, "dspark", g, scripts, right)
         outs = Engine(target, drafter, policy=policy, max_batch=4, max_seq=64).generate(
-            prompts, SamplingParams(max_new_tokens=max_new))
+            prompts, SamplingParams(max_new_tokens=max_new)
+        )
         for o, f in zip(outs, free, strict=True):
             assert o.token_ids == f[:max_new]
             st = o.stats
@@ -228,8 +229,11 @@ def test_streaming_and_stats(target):
     drafter = tiny_drafter(target, "dspark", block_size=6, aligned=True)
     got = {}
     eng = Engine(target, drafter, policy="static", max_batch=2, max_seq=64)
-    outs = eng.generate([[4, 5], [6]], SamplingParams(max_new_tokens=17),
-                        on_tokens=lambda rid, toks: got.setdefault(rid, []).extend(toks))
+    outs = eng.generate(
+        [[4, 5], [6]],
+        SamplingParams(max_new_tokens=17),
+        on_tokens=lambda rid, toks: got.setdefault(rid, []).extend(toks),
+    )
     for o in outs:
         assert got[o.request_id] == o.token_ids
         s = o.stats
@@ -268,8 +272,14 @@ def test_hostile_input(target):
         eng.add(list(range(33)), SamplingParams())
     with pytest.raises(ValueError, match="prompt token ids"):
         eng.add([V + 3], SamplingParams())
-    for bad in (dict(max_new_tokens=-1), dict(temperature=-1.0), dict(temperature=float("nan")),
-                dict(top_p=0.0), dict(top_k=-2), dict(stop_token_ids=[V])):
+    for bad in (
+        dict(max_new_tokens=-1),
+        dict(temperature=-1.0),
+        dict(temperature=float("nan")),
+        dict(top_p=0.0),
+        dict(top_k=-2),
+        dict(stop_token_ids=[V]),
+    ):
         with pytest.raises(ValueError):
             eng.add([1], SamplingParams(**bad))
     zero = eng.add([1, 2], SamplingParams(max_new_tokens=0))
@@ -311,8 +321,10 @@ def test_smollm2_greedy_lossless_with_default_drafter():
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
     drafter = default_drafter(em.model)
-    prompts = [em.encode_chat([{"role": "user", "content": "What is 2+2?"}]),
-               em.encode_chat([{"role": "user", "content": "Name a colour."}])]
+    prompts = [
+        em.encode_chat([{"role": "user", "content": "What is 2+2?"}]),
+        em.encode_chat([{"role": "user", "content": "Name a colour."}]),
+    ]
     params = SamplingParams(max_new_tokens=8, stop_token_ids=em.eos_token_ids)
     want = [o.token_ids for o in Engine(em.model, None, max_batch=2, max_seq=256).generate(prompts, params)]
     for policy in POLICIES:
@@ -334,7 +346,7 @@ def test_nan_logits_fail_one_request_only(target):
         logits, hidden = orig(ids, cu, slots, cache, **kw)
         calls["n"] += 1
         if calls["n"] == 4 and slots.numel() == 2:  # third round (after the prefill)
-            logits[int(cu[1]):int(cu[2])] = float("nan")  # every row of the request in slot 1
+            logits[int(cu[1]) : int(cu[2])] = float("nan")  # every row of the request in slot 1
         return logits, hidden
 
     target.forward = poisoned
@@ -385,9 +397,10 @@ def test_sts_with_fewer_drafts_than_the_block(target):
 
 
 @pytest.mark.parametrize("weights", ["fused", "bf16", "native"])
-@pytest.mark.parametrize("kind,block,batch,policy", [("dspark", 7, 3, "static"), ("dspark", 4, 5, "causal"),
-                                                     ("eagle3", 4, 2, "static"),
-                                                     ("dspark", 16, 5, "static")])  # 85-row verify forwards
+@pytest.mark.parametrize(
+    "kind,block,batch,policy",
+    [("dspark", 7, 3, "static"), ("dspark", 4, 5, "causal"), ("eagle3", 4, 2, "static"), ("dspark", 16, 5, "static")],
+)  # 85-row verify forwards
 def test_greedy_lossless_on_fast_target_paths(weights, kind, block, batch, policy):
     """Speculative output equals plain output on each fast forward path (the paths differ from
     the reference by rounding, so the plain run uses the same path)."""

@@ -44,9 +44,11 @@ def _params(sampled: bool, stop=None):
     if not sampled:
         return [SamplingParams(max_new_tokens=12, stop_token_ids=stop or []) for _ in PROMPTS]
     # greedy, sampled with top-k, sampled with top-p: different temperatures in one batch
-    return [SamplingParams(max_new_tokens=12),
-            SamplingParams(max_new_tokens=10, temperature=0.8, top_k=5, seed=3),
-            SamplingParams(max_new_tokens=11, temperature=1.0, top_p=0.9, seed=4)]
+    return [
+        SamplingParams(max_new_tokens=12),
+        SamplingParams(max_new_tokens=10, temperature=0.8, top_k=5, seed=3),
+        SamplingParams(max_new_tokens=11, temperature=1.0, top_p=0.9, seed=4),
+    ]
 
 
 def _run_counting(eng: Engine, mode: FakeCuda, prompts, params):
@@ -60,6 +62,7 @@ def _run_counting(eng: Engine, mode: FakeCuda, prompts, params):
             u = len(mode.blocking_uploads)
             fn()
             log.append((mode.syncs[n:], mode.blocking_uploads[u:]))
+
         return wrapper
 
     eng._round = counted(orig_round, per_round)
@@ -77,7 +80,7 @@ CASES = [  # kind, policy, syncs a round may make
     ("dspark", "threshold", (1, 2)),
     ("dspark", "causal", (1, 2)),
     ("dspark", "async", (1, 2)),
-    ("dflash", "causal", (1,)),       # no confidences: every policy verifies the cap, known on the host
+    ("dflash", "causal", (1,)),  # no confidences: every policy verifies the cap, known on the host
     ("eagle3", "threshold", (1,)),
 ]
 
@@ -136,15 +139,22 @@ def test_fake_cuda_counts_host_reads():
         assert torch.multinomial(x.float(), 1, generator=torch.Generator(device="cuda:0")).device.type == "cuda"
         torch.repeat_interleave(x, x)
         torch.repeat_interleave(x, x, output_size=6)  # not a sync
-    assert mode.syncs == ["item", "tolist", "aten::index with a boolean mask", ".cpu()",
-                          "repeat_interleave without output_size"], mode.syncs
+    assert mode.syncs == [
+        "item",
+        "tolist",
+        "aten::index with a boolean mask",
+        ".cpu()",
+        "repeat_interleave without output_size",
+    ], mode.syncs
 
 
 # ----------------------------------------------------------------------------- a real GPU
 
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("kind,policy", [("dspark", "causal"), ("dspark", "async"), ("dflash", "static"),
-                                         ("eagle3", "threshold")])
+@pytest.mark.parametrize(
+    "kind,policy", [("dspark", "causal"), ("dspark", "async"), ("dflash", "static"), ("eagle3", "threshold")]
+)
 def test_engine_on_cuda(target, kind, policy):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device: the engine runs on the GPU here")

@@ -14,9 +14,21 @@ from dspark_native.models import DrafterConfig, DSparkDrafter, Eagle3Drafter, Mo
 
 
 def _raw(V, H=32, layers=4, arch="LlamaForCausalLM", **over):
-    raw = dict(architectures=[arch], vocab_size=V, hidden_size=H, intermediate_size=48, num_hidden_layers=layers,
-               num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-6, rope_theta=10000.0,
-               hidden_act="silu", tie_word_embeddings=False, max_position_embeddings=512)
+    raw = dict(
+        architectures=[arch],
+        vocab_size=V,
+        hidden_size=H,
+        intermediate_size=48,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        hidden_act="silu",
+        tie_word_embeddings=False,
+        max_position_embeddings=512,
+    )
     raw.update(over)
     return raw
 
@@ -42,8 +54,18 @@ def tiny_target(V=64, seed=0, bigram=4.0, layers=4) -> TargetModel:
 
 
 @torch.no_grad()
-def tiny_drafter(target: TargetModel, kind="dspark", block_size=7, seed=1, aligned=True, head_type="vanilla",
-                 rank=16, layers=2, confidence=True, markov_scale=40.0):
+def tiny_drafter(
+    target: TargetModel,
+    kind="dspark",
+    block_size=7,
+    seed=1,
+    aligned=True,
+    head_type="vanilla",
+    rank=16,
+    layers=2,
+    confidence=True,
+    markov_scale=40.0,
+):
     V = target.config.vocab_size
     tl = [1, target.config.num_hidden_layers - 1]
     torch.manual_seed(seed)
@@ -51,9 +73,17 @@ def tiny_drafter(target: TargetModel, kind="dspark", block_size=7, seed=1, align
         raw = _raw(V, layers=1, arch="LlamaEagle3Model", target_layer_ids=tl, ttt_length=block_size)
         d = Eagle3Drafter(DrafterConfig.from_dict(raw))
     else:
-        raw = _raw(V, layers=layers, arch="LlamaDSparkModel", target_layer_ids=tl, block_size=block_size,
-                   mask_token_id=V - 1, markov_rank=rank if kind == "dspark" else 0, markov_head_type=head_type,
-                   enable_confidence_head=confidence and kind == "dspark")
+        raw = _raw(
+            V,
+            layers=layers,
+            arch="LlamaDSparkModel",
+            target_layer_ids=tl,
+            block_size=block_size,
+            mask_token_id=V - 1,
+            markov_rank=rank if kind == "dspark" else 0,
+            markov_head_type=head_type,
+            enable_confidence_head=confidence and kind == "dspark",
+        )
         d = DSparkDrafter(DrafterConfig.from_dict(raw))
         if kind == "dspark" and aligned:
             f = target.bigram_perm
@@ -111,6 +141,7 @@ def seq_index(tokens, V):
 
 # ----------------------------------------------------------------------------- engine-free references
 
+
 @torch.no_grad()
 def greedy_reference(target: TargetModel, prompts, max_new: int):
     """Greedy continuations of ``max_new`` tokens for each prompt, computed without the engine, the
@@ -123,12 +154,17 @@ def greedy_reference(target: TargetModel, prompts, max_new: int):
         for s in seqs:
             cu.append(cu[-1] + len(s))
         cache = target.new_cache(len(seqs), max(len(s) for s in seqs))
-        logits, _ = target(torch.tensor([t for s in seqs for t in s], device=dev), torch.tensor(cu),
-                           torch.arange(len(seqs)), cache, return_hidden=False)
+        logits, _ = target(
+            torch.tensor([t for s in seqs for t in s], device=dev),
+            torch.tensor(cu),
+            torch.arange(len(seqs)),
+            cache,
+            return_hidden=False,
+        )
         last = logits[torch.tensor(cu[1:], device=dev) - 1].argmax(-1).tolist()
         for s, t in zip(seqs, last, strict=True):
             s.append(int(t))
-    return [s[len(p):] for s, p in zip(seqs, prompts, strict=True)]
+    return [s[len(p) :] for s, p in zip(seqs, prompts, strict=True)]
 
 
 def expected_output(free, params):
@@ -177,8 +213,13 @@ class ScriptedEagle3(Eagle3Drafter):
         V = self.config.vocab_size
         slots = [int(x) for x in torch.as_tensor(request_ids).tolist()]
         pos = self.cache.host_lengths()[slots].tolist()
-        toks = torch.tensor([[_scripted_token(self, slot, s + 2 + k, k, V) for k in range(steps)]
-                             for slot, s in zip(slots, pos, strict=True)], dtype=torch.int64)
+        toks = torch.tensor(
+            [
+                [_scripted_token(self, slot, s + 2 + k, k, V) for k in range(steps)]
+                for slot, s in zip(slots, pos, strict=True)
+            ],
+            dtype=torch.int64,
+        )
         logits = torch.full((len(slots), steps, V), -30.0)
         logits.scatter_(2, toks[:, :, None], 30.0)
         return toks.to(self.device), logits.to(self.device)

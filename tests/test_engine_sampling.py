@@ -43,15 +43,26 @@ def _probs(target, exact, **kw):
 
 
 def _sample(target, drafter, policy="static", n=N_SAMPLES, seed0=0, greedy_every=0, **kw):
-    eng = Engine(target, drafter, policy=policy, max_batch=1000, max_seq=len(PROMPT) + N_TOK + 1,
-                 policy_kwargs=dict(sps_table=default_sps_table(8192, 1.0, 2e-4))
-                 if policy in ("causal", "async") else None)
+    eng = Engine(
+        target,
+        drafter,
+        policy=policy,
+        max_batch=1000,
+        max_seq=len(PROMPT) + N_TOK + 1,
+        policy_kwargs=dict(sps_table=default_sps_table(8192, 1.0, 2e-4)) if policy in ("causal", "async") else None,
+    )
     params = []
     for i in range(n):
         greedy = greedy_every and i % greedy_every == 0
-        params.append(SamplingParams(max_new_tokens=N_TOK, seed=seed0 + i,
-                                     temperature=0.0 if greedy else kw.get("temperature", 1.0),
-                                     top_k=kw.get("top_k", 0), top_p=kw.get("top_p", 1.0)))
+        params.append(
+            SamplingParams(
+                max_new_tokens=N_TOK,
+                seed=seed0 + i,
+                temperature=0.0 if greedy else kw.get("temperature", 1.0),
+                top_k=kw.get("top_k", 0),
+                top_p=kw.get("top_p", 1.0),
+            )
+        )
     outs = eng.generate([PROMPT] * n, params)
     assert all(len(o.token_ids) == N_TOK for o in outs)
     return outs, params

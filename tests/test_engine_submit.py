@@ -35,8 +35,7 @@ def target():
 
 def _prompts(n, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, V, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
+    return [torch.randint(0, V, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
 
 
 def _solo(target, prompt, params):
@@ -98,6 +97,7 @@ def test_concurrent_submitters_match_solo_greedy(target, policy):
     ids = [None] * len(prompts)
     stepper = _Stepper(eng)
     try:
+
         def client(k):
             for i in range(k, len(prompts), 6):
                 ids[i] = eng.submit(prompts[i], params[i], on_tokens=on_tokens)
@@ -144,27 +144,32 @@ def test_abort_while_queued_and_unknown_ids(target):
     eng = Engine(target, None, max_batch=2, max_seq=96)
     p = _prompts(3, seed=7)
     ids = [eng.submit(x, SamplingParams(max_new_tokens=4)) for x in p]
-    eng.abort(ids[2])       # still in the inbox: never admitted
-    eng.abort(10 ** 6)      # unknown: ignored
+    eng.abort(ids[2])  # still in the inbox: never admitted
+    eng.abort(10**6)  # unknown: ignored
     outs = {o.request_id: o for o in eng.step()}
     assert outs[ids[2]].finish_reason == "aborted" and outs[ids[2]].token_ids == []
     assert outs[ids[2]].stats.rounds == 0
     while eng.has_unfinished():
         outs.update({o.request_id: o for o in eng.step()})
     assert [outs[i].finish_reason for i in ids] == ["length", "length", "aborted"]
-    eng.abort(ids[0])       # finished: ignored (reported once only)
+    eng.abort(ids[0])  # finished: ignored (reported once only)
     assert eng.step() == []
     eng.release()
-    eng.abort(ids[1])       # released: ignored
+    eng.abort(ids[1])  # released: ignored
     assert eng.step() == [] and not eng.requests
     _assert_idle(eng)
 
 
 def test_submit_validates_in_caller_and_changes_nothing(target):
     eng = Engine(target, None, max_batch=2, max_seq=16)
-    bad = [([], SamplingParams()), ([V], SamplingParams()), ([1] * 17, SamplingParams()),
-           ([1], SamplingParams(max_new_tokens=-1)), ([1], SamplingParams(temperature=float("nan"))),
-           ([1], SamplingParams(top_p=0.0))]
+    bad = [
+        ([], SamplingParams()),
+        ([V], SamplingParams()),
+        ([1] * 17, SamplingParams()),
+        ([1], SamplingParams(max_new_tokens=-1)),
+        ([1], SamplingParams(temperature=float("nan"))),
+        ([1], SamplingParams(top_p=0.0)),
+    ]
     for prompt, sp in bad:
         with pytest.raises(ValueError):
             eng.submit(prompt, sp)

@@ -44,18 +44,26 @@ def test_greedy_equals_plain_generate(setup):
     ids = torch.tensor([[0, 0, 0, 5, 6, 7], [1, 2, 3, 4, 9, 10], [0, 11, 12, 13, 14, 15]])
     am = (torch.arange(6)[None, :] >= torch.tensor([[3], [0], [1]])).long()
     plain = model.generate(ids, attention_mask=am, do_sample=False, max_new_tokens=24)
-    got = model.generate(ids, attention_mask=am, do_sample=False, max_new_tokens=24,
-                         custom_generate=dspark_generate, drafter=drafter)
+    got = model.generate(
+        ids, attention_mask=am, do_sample=False, max_new_tokens=24, custom_generate=dspark_generate, drafter=drafter
+    )
     assert torch.equal(got, plain), (got, plain)
     stats = [o.stats for o in model.dspark_last_outputs]
     assert sum(s.accepted_drafts for s in stats) > 0, "test premise: drafts get accepted"
     # EOS met inside a block: the sequence ends there and is padded like transformers pads it
     eos = int(plain[1, 6 + 9])
-    want = model.generate(ids, attention_mask=am, do_sample=False, max_new_tokens=24, eos_token_id=eos,
-                          pad_token_id=0)
-    got = model.generate(ids, attention_mask=am, do_sample=False, max_new_tokens=24, eos_token_id=eos,
-                         pad_token_id=0, custom_generate=dspark_generate, drafter=drafter,
-                         return_dict_in_generate=True)
+    want = model.generate(ids, attention_mask=am, do_sample=False, max_new_tokens=24, eos_token_id=eos, pad_token_id=0)
+    got = model.generate(
+        ids,
+        attention_mask=am,
+        do_sample=False,
+        max_new_tokens=24,
+        eos_token_id=eos,
+        pad_token_id=0,
+        custom_generate=dspark_generate,
+        drafter=drafter,
+        return_dict_in_generate=True,
+    )
     assert torch.equal(got.sequences, want)
 
 
@@ -72,8 +80,14 @@ def test_custom_stopping_criterion(setup):
             return input_ids[:, -1] == stop_tok
 
     want = model.generate(ids, do_sample=False, max_new_tokens=20, stopping_criteria=StoppingCriteriaList([StopAt()]))
-    got = model.generate(ids, do_sample=False, max_new_tokens=20, stopping_criteria=StoppingCriteriaList([StopAt()]),
-                         custom_generate=dspark_generate, drafter=drafter)
+    got = model.generate(
+        ids,
+        do_sample=False,
+        max_new_tokens=20,
+        stopping_criteria=StoppingCriteriaList([StopAt()]),
+        custom_generate=dspark_generate,
+        drafter=drafter,
+    )
     assert torch.equal(got, want) and got.shape[1] < plain.shape[1]
 
 
@@ -83,14 +97,20 @@ def test_refused_settings_are_named(setup):
     with pytest.raises(TypeError, match="drafter="):
         model.generate(ids, max_new_tokens=4, custom_generate=dspark_generate)
     with pytest.raises(NotImplementedError, match="RepetitionPenaltyLogitsProcessor"):
-        model.generate(ids, max_new_tokens=4, repetition_penalty=1.3, custom_generate=dspark_generate,
-                       drafter=drafter)
+        model.generate(ids, max_new_tokens=4, repetition_penalty=1.3, custom_generate=dspark_generate, drafter=drafter)
     with pytest.raises(NotImplementedError, match="MinPLogitsWarper"):
-        model.generate(ids, max_new_tokens=4, do_sample=True, min_p=0.1, custom_generate=dspark_generate,
-                       drafter=drafter)
+        model.generate(
+            ids, max_new_tokens=4, do_sample=True, min_p=0.1, custom_generate=dspark_generate, drafter=drafter
+        )
     with pytest.raises(NotImplementedError, match="output_scores"):
-        model.generate(ids, max_new_tokens=4, output_scores=True, return_dict_in_generate=True,
-                       custom_generate=dspark_generate, drafter=drafter)
+        model.generate(
+            ids,
+            max_new_tokens=4,
+            output_scores=True,
+            return_dict_in_generate=True,
+            custom_generate=dspark_generate,
+            drafter=drafter,
+        )
 
 
 V, N_TOK, N = 8, 2, 3000
@@ -118,9 +138,18 @@ def test_sampling_follows_transformers_processors(tmp_path):
         probs = (probs[:, None] * step).reshape(-1)
         prefixes = [p + [v] for p in prefixes for v in range(V)]
     assert int((probs == 0).sum()) > 0, "test premise: top-k / top-p remove tokens"
-    out = model.generate(torch.tensor([prompt] * N), do_sample=True, temperature=1.5, top_k=4, top_p=0.85,
-                         max_new_tokens=N_TOK, custom_generate=dspark_generate, drafter=drafter, dspark_seed=11)
-    new = out[:, len(prompt):]
+    out = model.generate(
+        torch.tensor([prompt] * N),
+        do_sample=True,
+        temperature=1.5,
+        top_k=4,
+        top_p=0.85,
+        max_new_tokens=N_TOK,
+        custom_generate=dspark_generate,
+        drafter=drafter,
+        dspark_seed=11,
+    )
+    new = out[:, len(prompt) :]
     assert new.shape == (N, N_TOK)
     assert_matches_distribution(new[:, 0] * V + new[:, 1], probs, "generate(do_sample) with DSpark")
     assert sum(o.stats.accepted_drafts for o in model.dspark_last_outputs) > N // 20, "test premise"

@@ -15,12 +15,14 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python")
 
 
 def test_core_does_not_import_transformers():
-    code = ("import sys\n"
-            "import dspark_native, dspark_native.models, dspark_native.engine, dspark_native.cli\n"
-            "import dspark_native.training.trainer, dspark_native.training.data, dspark_native.hf_generate\n"
-            "from dspark_native.models import TransformersTarget, load_target\n"
-            "bad = [m for m in ('transformers', 'accelerate') if m in sys.modules]\n"
-            "assert not bad, bad\n")
+    code = (
+        "import sys\n"
+        "import dspark_native, dspark_native.models, dspark_native.engine, dspark_native.cli\n"
+        "import dspark_native.training.trainer, dspark_native.training.data, dspark_native.hf_generate\n"
+        "from dspark_native.models import TransformersTarget, load_target\n"
+        "bad = [m for m in ('transformers', 'accelerate') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
 

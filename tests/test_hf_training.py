@@ -58,8 +58,16 @@ def _encode(text):
 @pytest.fixture(scope="module")
 def data(gemma, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gdata")
-    cfg = DataConfig(files=[_prompts(tmp / "p.jsonl")], limit_per_file=8, max_prompt_tokens=16, max_new_tokens=16,
-                     batch=4, sequences_per_shard=4, topk=8, target_layer_ids=LAYERS)
+    cfg = DataConfig(
+        files=[_prompts(tmp / "p.jsonl")],
+        limit_per_file=8,
+        max_prompt_tokens=16,
+        max_new_tokens=16,
+        batch=4,
+        sequences_per_shard=4,
+        topk=8,
+        target_layer_ids=LAYERS,
+    )
     build_training_data(gemma[1], _encode, [], cfg, str(tmp / "d"), progress=False)
     return load_training_data(str(tmp / "d"))
 
@@ -68,18 +76,30 @@ def test_data_rows_are_the_transformers_targets(gemma, data):
     target = gemma[1]
     assert isinstance(target, TransformersTarget)
     o, n = int(data.offsets[3]), int(data.offsets[4] - data.offsets[3])
-    seq = data.tokens[o:o + n]
+    seq = data.tokens[o : o + n]
     with torch.no_grad():
         out = target.hf(seq[None], output_hidden_states=True, use_cache=False)
-    torch.testing.assert_close(data.features[o:o + n, :32].float(), out.hidden_states[1][0].to(torch.bfloat16).float())
+    torch.testing.assert_close(
+        data.features[o : o + n, :32].float(), out.hidden_states[1][0].to(torch.bfloat16).float()
+    )
     a = int(data.answer_start[3])
-    assert seq[a:].tolist() == out.logits[0, a - 1:-1].argmax(-1).tolist()  # its own greedy answer
+    assert seq[a:].tolist() == out.logits[0, a - 1 : -1].argmax(-1).tolist()  # its own greedy answer
 
 
 def test_gemma_drafter_trains_and_loads_back(gemma, data, tmp_path):
     target = gemma[1]
-    cfg = TrainConfig(kind="dspark", num_layers=1, markov_rank=8, block_size=4, steps=30, batch_sequences=4,
-                      anchors_per_sequence=4, lr=3e-3, save_every=100, log_every=100)
+    cfg = TrainConfig(
+        kind="dspark",
+        num_layers=1,
+        markov_rank=8,
+        block_size=4,
+        steps=30,
+        batch_sequences=4,
+        anchors_per_sequence=4,
+        lr=3e-3,
+        save_every=100,
+        log_every=100,
+    )
     fixed = batch_for_step(data, cfg, 10_000)
     d0 = new_drafter(target, cfg, LAYERS)
     # Gemma's final norm scales by 1 + weight: the drafter starts from that effective scale
@@ -114,10 +134,35 @@ def test_cli_train_with_transformers_backend(gemma, tmp_path, capsys):
     with open(os.path.join(tdir, "tokenizer_config.json"), "w") as f:
         json.dump({}, f)
     run = tmp_path / "run"
-    args = ["train", "--target", tdir, "--backend", "transformers", "--prompts", _prompts(tmp_path / "p.jsonl", 4),
-            "--data-dir", str(tmp_path / "data"), "--out", str(run), "--steps", "3", "--layers", "1",
-            "--markov-rank", "8", "--block-size", "4", "--answer-tokens", "6", "--data-batch", "2", "--anchors", "2",
-            "--batch-sequences", "2"]
+    args = [
+        "train",
+        "--target",
+        tdir,
+        "--backend",
+        "transformers",
+        "--prompts",
+        _prompts(tmp_path / "p.jsonl", 4),
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--out",
+        str(run),
+        "--steps",
+        "3",
+        "--layers",
+        "1",
+        "--markov-rank",
+        "8",
+        "--block-size",
+        "4",
+        "--answer-tokens",
+        "6",
+        "--data-batch",
+        "2",
+        "--anchors",
+        "2",
+        "--batch-sequences",
+        "2",
+    ]
     assert cli.main(args) == 0, capsys.readouterr().err
     assert (run / "final" / "model.safetensors").exists()
     cfg = json.load(open(run / "final" / "config.json"))

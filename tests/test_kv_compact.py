@@ -205,8 +205,9 @@ def test_cuda_matches_cpu(paged):
     kc, vc = k.clone(), v.clone()
     out = ops.kv_compact(kc, vc, old, acc, num_verified=nv, **kw)
     kg, vg = k.cuda(), v.cuda()
-    outg = ops.kv_compact(kg, vg, old.cuda(), acc.cuda(), num_verified=nv.cuda(),
-                          **{a: b.cuda() for a, b in kw.items()})
+    outg = ops.kv_compact(
+        kg, vg, old.cuda(), acc.cuda(), num_verified=nv.cuda(), **{a: b.cuda() for a, b in kw.items()}
+    )
     for a, b in zip(out, outg, strict=True):
         assert torch.equal(a, b.cpu())
     assert torch.equal(kc, kg.cpu()) and torch.equal(vc, vg.cpu())
@@ -237,7 +238,22 @@ def test_c_api_program(tmp_path):
         pytest.skip("no C compiler")
     src = os.path.join(os.path.dirname(__file__), "c", "test_tree_kv_c_api.c")
     exe = tmp_path / "test_tree_kv_c_api"
-    subprocess.run([cc, "-std=c99", "-O1", "-I", get_include(), src, "-L", lib_dir, "-ldspark_core",
-                    f"-Wl,-rpath,{lib_dir}", "-o", str(exe)], check=True)
+    subprocess.run(
+        [
+            cc,
+            "-std=c99",
+            "-O1",
+            "-I",
+            get_include(),
+            src,
+            "-L",
+            lib_dir,
+            "-ldspark_core",
+            f"-Wl,-rpath,{lib_dir}",
+            "-o",
+            str(exe),
+        ],
+        check=True,
+    )
     res = subprocess.run([str(exe)], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr

@@ -1,6 +1,5 @@
 """DSpark / DFlash / EAGLE-3 drafters vs straightforward implementations written here."""
 
-
 import os as _os
 import sys as _sys
 
@@ -107,7 +106,7 @@ def _ref_markov(head_type, P, prev, h, state):
         return (gate * e) @ P["w2"].double().T, None
     r = e.shape[-1]
     z = torch.cat([state, e, hd], -1) @ P["jw"].double().T + P["jb"].double()
-    gg, cc, oo = z[:, :r], z[:, r:2 * r], z[:, 2 * r:]
+    gg, cc, oo = z[:, :r], z[:, r : 2 * r], z[:, 2 * r :]
     s = torch.sigmoid(gg) * state + (1 - torch.sigmoid(gg)) * torch.tanh(cc)
     return torch.tanh(oo) @ P["w2"].double().T, s
 
@@ -153,28 +152,28 @@ def test_markov_and_confidence_heads(head_type):
 
 
 def test_drafter_heads_teacher_forced(tmp_path):
-    traw, c, W, target, drafter = _setup(tmp_path, "Qwen3", "DSparkModel",
-                                         markov_head_type="gated")
+    traw, c, W, target, drafter = _setup(tmp_path, "Qwen3", "DSparkModel", markov_head_type="gated")
     drafter.allocate_cache(1, 16)
     drafter.ingest(_t([0]), torch.randn(4, 5 * c["hidden_size"]), _t([0, 4]))
     U, h = drafter.propose(_t([0]), _t([3]))
     prev = torch.cat([_t([3]), U[0, :-1].argmax(-1)])[None]
     z, conf = drafter.heads_teacher_forced(U, h, prev)
     e = W["markov_head.markov_w1.weight"].double()[prev[0]]
-    gate = torch.sigmoid(torch.cat([h[0].double(), e], -1)
-                         @ W["markov_head.gate_proj.weight"].double().T
-                         + W["markov_head.gate_proj.bias"].double())
+    gate = torch.sigmoid(
+        torch.cat([h[0].double(), e], -1) @ W["markov_head.gate_proj.weight"].double().T
+        + W["markov_head.gate_proj.bias"].double()
+    )
     ref_z = U[0].double() + (gate * e) @ W["markov_head.markov_w2.weight"].double().T
     torch.testing.assert_close(z[0].double(), ref_z, atol=1e-5, rtol=1e-5)
-    ref_c = torch.sigmoid(torch.cat([h[0].double(), e], -1)
-                          @ W["confidence_head.proj.weight"].double().T
-                          + W["confidence_head.proj.bias"].double()).squeeze(-1)
+    ref_c = torch.sigmoid(
+        torch.cat([h[0].double(), e], -1) @ W["confidence_head.proj.weight"].double().T
+        + W["confidence_head.proj.bias"].double()
+    ).squeeze(-1)
     torch.testing.assert_close(conf[0].double(), ref_c, atol=1e-6, rtol=1e-6)
 
 
 def test_dflash_is_rank0_without_heads(tmp_path):
-    traw, c, W, target, drafter = _setup(tmp_path, "Qwen3", "DSparkModel", markov_rank=0,
-                                         enable_confidence_head=False)
+    traw, c, W, target, drafter = _setup(tmp_path, "Qwen3", "DSparkModel", markov_rank=0, enable_confidence_head=False)
     assert drafter.markov_head is None and drafter.confidence_head is None
     assert not any(k.startswith(("markov_head", "confidence_head")) for k in W)
     drafter.allocate_cache(1, 16)
@@ -216,10 +215,8 @@ def test_eagle3_chain_matches_reference(tmp_path, prefix):
         pair_tok = torch.cat([pair_tok, _t([nxt])])
         g_seq = torch.cat([g_seq, out[-1:]])
     # sampling path draws valid tokens reproducibly
-    s1, _ = drafter.propose(_t([1]), _t([anchor]), 3, temperature=1.0,
-                            generator=torch.Generator().manual_seed(0))
-    s2, _ = drafter.propose(_t([1]), _t([anchor]), 3, temperature=1.0,
-                            generator=torch.Generator().manual_seed(0))
+    s1, _ = drafter.propose(_t([1]), _t([anchor]), 3, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    s2, _ = drafter.propose(_t([1]), _t([anchor]), 3, temperature=1.0, generator=torch.Generator().manual_seed(0))
     assert torch.equal(s1, s2)
     with pytest.raises(RuntimeError, match="ingest"):
         drafter.propose(_t([0]), _t([1]), 2)

@@ -35,8 +35,7 @@ def _run_mixed(model, raw, g):
     returns the logits of every forward and the hidden features of the ragged one."""
     seqs = [torch.randint(0, raw["vocab_size"], (n,), generator=g) for n in (9, 6, 7)]
     cache = model.new_cache(4, 16)
-    outs = [model(seqs[0][:5], _t([0, 5]), _t([2]), cache)[0],
-            model(seqs[1][:5], _t([0, 5]), _t([0]), cache)[0]]
+    outs = [model(seqs[0][:5], _t([0, 5]), _t([2]), cache)[0], model(seqs[1][:5], _t([0, 5]), _t([0]), cache)[0]]
     flat = torch.cat([seqs[0][5:], seqs[1][5:], seqs[2]])
     lg, hid = model(flat, _t([0, 4, 5, 12]), _t([2, 0, 3]), cache)
     outs.append(lg)
@@ -62,8 +61,9 @@ def test_fused_matches_reference_path(ckpt, weights):
     torch.testing.assert_close(cache.k_cache, ref_cache.k_cache, **tol)
     torch.testing.assert_close(cache.v_cache, ref_cache.v_cache, **tol)
     if weights == "fused":  # and against the independent whole-sequence reference
-        torch.testing.assert_close(outs[2][:4].double(), ref_target_forward(W, raw, seqs[0])[0][5:],
-                                   atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            outs[2][:4].double(), ref_target_forward(W, raw, seqs[0])[0][5:], atol=2e-4, rtol=1e-4
+        )
 
 
 @pytest.mark.parametrize("weights", ["fused", "bf16", "native"])
@@ -80,7 +80,7 @@ def test_fused_rows_do_not_depend_on_the_batch(ckpt, weights):
     model(s[:6], _t([0, 6]), _t([0]), cache)
     block, _ = model(s[6:], _t([0, 6]), _t([0]), cache)
     cache.truncate(0, 6)
-    steps = torch.cat([model(s[6 + i:7 + i], _t([0, 1]), _t([0]), cache)[0] for i in range(6)])
+    steps = torch.cat([model(s[6 + i : 7 + i], _t([0, 1]), _t([0]), cache)[0] for i in range(6)])
     torch.testing.assert_close(steps, block, atol=1e-5, rtol=1e-5)
 
 
@@ -116,8 +116,9 @@ def test_fused_tree_and_rollback(ckpt):
     c.truncate(1, 5)
     cont = torch.randint(0, raw["vocab_size"], (3,), generator=g)
     after, _ = model(cont, _t([0, 3]), _t([1]), c)
-    torch.testing.assert_close(after.double(), ref_target_forward(W, raw, torch.cat([ctx, cont]))[0][5:],
-                               atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        after.double(), ref_target_forward(W, raw, torch.cat([ctx, cont]))[0][5:], atol=2e-4, rtol=1e-4
+    )
 
 
 @pytest.mark.parametrize("weights", ["reference", "fused", "native"])
@@ -150,7 +151,8 @@ def test_weight_format_choice(ckpt):
         model.set_weights("int3")
     assert resolve_weight_format("auto", torch.device("cpu")) == "native"  # the extension is built
     assert resolve_weight_format("auto", torch.device("cpu"), torch.bfloat16) == (
-        "bf16" if cpu_has_bf16_matmul() else "fused")
+        "bf16" if cpu_has_bf16_matmul() else "fused"
+    )
     assert resolve_weight_format("auto", torch.device("cuda")) == "fused"
     with pytest.raises(ValueError, match="fp32 model"):
         resolve_weight_format("native", torch.device("cpu"), torch.bfloat16)

@@ -53,6 +53,7 @@ def _t(x):
 
 # ----------------------------------------------------------------------------- forward and cache
 
+
 @pytest.mark.parametrize("family", FAMS)
 def test_ragged_forward_rollback_and_features(model_dirs, family):
     """(c) verify, reject, continue = the logits of a fresh cache-free forward; a ragged batch of
@@ -65,7 +66,7 @@ def test_ragged_forward_rollback_and_features(model_dirs, family):
     g = torch.Generator().manual_seed(7)
     prompt = torch.randint(0, 64, (9,), generator=g).tolist()
     other = torch.randint(0, 64, (4,), generator=g).tolist()
-    block = torch.randint(0, 64, (5,), generator=g).tolist()   # anchor + 4 drafts
+    block = torch.randint(0, 64, (5,), generator=g).tolist()  # anchor + 4 drafts
     cont = torch.randint(0, 64, (3,), generator=g).tolist()
     cache = tgt.new_cache(3, 40)
     # prefill slot 2 with the prompt and slot 0 with another request, in one ragged batch
@@ -75,9 +76,9 @@ def test_ragged_forward_rollback_and_features(model_dirs, family):
     with torch.no_grad():
         ref = hf(_t([prompt]), output_hidden_states=True, use_cache=False).hidden_states
     H = 32
-    torch.testing.assert_close(hid[:9, :H], ref[1][0], atol=2e-5, rtol=1e-5)       # layer 0 = hidden_states[1]
-    torch.testing.assert_close(hid[:9, H:2 * H], ref[3][0], atol=2e-5, rtol=1e-5)  # layer 2 = hidden_states[3]
-    last = hid[:9, 2 * H:]  # raw output of the last layer: transformers' last entry is norm(it)
+    torch.testing.assert_close(hid[:9, :H], ref[1][0], atol=2e-5, rtol=1e-5)  # layer 0 = hidden_states[1]
+    torch.testing.assert_close(hid[:9, H : 2 * H], ref[3][0], atol=2e-5, rtol=1e-5)  # layer 2 = hidden_states[3]
+    last = hid[:9, 2 * H :]  # raw output of the last layer: transformers' last entry is norm(it)
     assert not torch.allclose(last, ref[4][0], atol=1e-3)
     torch.testing.assert_close(tgt.norm(last), ref[4][0], atol=2e-5, rtol=1e-5)
     # verify a block on slot 2 (slot 0 decodes one token alongside), then keep anchor + 1 draft
@@ -98,7 +99,7 @@ def test_tree_verification_matches_each_branch(model_dirs, family):
     """A token tree (two branches under the anchor) gives every node the logits of its own path."""
     tgt = load_target(model_dirs[family], backend="transformers")
     prompt = [3, 1, 4, 1, 5, 9, 2]
-    nodes = [6, 5, 3, 5, 8]          # 0 anchor; 1 -> 0; 2 -> 1; 3 -> 0; 4 -> 3
+    nodes = [6, 5, 3, 5, 8]  # 0 anchor; 1 -> 0; 2 -> 1; 3 -> 0; 4 -> 3
     parent = [-1, 0, 1, 0, 3]
     mask = torch.zeros(5, 5, dtype=torch.bool)
     for i in range(5):
@@ -115,6 +116,7 @@ def test_tree_verification_matches_each_branch(model_dirs, family):
 
 
 # ----------------------------------------------------------------------------- decoding
+
 
 @pytest.mark.parametrize("family", FAMS)
 def test_greedy_speculative_equals_transformers_generate(model_dirs, family):
@@ -160,8 +162,10 @@ def _exact_probs(hf, temperature=1.0):
 @pytest.fixture(scope="module")
 def small_vocab_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf_small")
-    return {f: write_hf_model(str(root / f), f, seed=10 + i, bigram=0.15, V=V_S, eos_token_id=None)
-            for i, f in enumerate(FAMS)}
+    return {
+        f: write_hf_model(str(root / f), f, seed=10 + i, bigram=0.15, V=V_S, eos_token_id=None)
+        for i, f in enumerate(FAMS)
+    }
 
 
 @pytest.mark.parametrize("family", FAMS)
@@ -184,6 +188,7 @@ def test_sampling_lossless(small_vocab_dirs, family):
 
 # ----------------------------------------------------------------------------- native vs transformers
 
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_auto_picks_native_and_both_backends_agree(model_dirs, family):
     d = model_dirs[family]
@@ -198,7 +203,7 @@ def test_auto_picks_native_and_both_backends_agree(model_dirs, family):
 
 
 def test_auto_choice_follows_the_native_table(model_dirs):
-    """"auto" is table-driven: native for the architectures in TARGET_ARCHITECTURES (the table
+    """ "auto" is table-driven: native for the architectures in TARGET_ARCHITECTURES (the table
     the native side extends), transformers for every other family."""
     from dspark_native.models.config import TARGET_ARCHITECTURES
 
@@ -227,6 +232,7 @@ def test_drafter_round_trip_on_a_transformers_target(model_dirs, tmp_path):
 
 # ----------------------------------------------------------------------------- bad input
 
+
 def _write_raw(directory, raw):
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "config.json"), "w") as f:
@@ -235,8 +241,7 @@ def _write_raw(directory, raw):
 
 
 def test_unsupported_architecture_and_missing_fields(model_dirs, tmp_path):
-    d = _write_raw(tmp_path / "foo", dict(hf_config_dict("llama"), architectures=["FooForCausalLM"],
-                                          model_type="foo"))
+    d = _write_raw(tmp_path / "foo", dict(hf_config_dict("llama"), architectures=["FooForCausalLM"], model_type="foo"))
     with pytest.raises(CheckpointError, match="foo"):
         load_target(d)
     d = _write_raw(tmp_path / "bert", dict(hf_config_dict("llama"), architectures=["BertModel"], model_type="bert"))
@@ -265,8 +270,11 @@ def test_unsupported_layers_attention_and_weights(model_dirs, tmp_path):
     from safetensors.torch import load_file, save_file
 
     with pytest.raises(CheckpointError, match="linear_attention"):
-        layer_windows(SimpleNamespace(num_hidden_layers=2, layer_types=["full_attention", "linear_attention"],
-                                      sliding_window=None))
+        layer_windows(
+            SimpleNamespace(
+                num_hidden_layers=2, layer_types=["full_attention", "linear_attention"], sliding_window=None
+            )
+        )
     assert layer_windows(SimpleNamespace(num_hidden_layers=2, sliding_window=5)) == [5, 5]
     tgt = load_target(model_dirs["llama"], backend="transformers")
     tgt.hf.config._attn_implementation = "flash_attention_2"
@@ -309,6 +317,7 @@ def test_drafter_size_mismatch_names_the_field(model_dirs, tmp_path):
 
 # ----------------------------------------------------------------------------- SmolLM2 via GGUF
 
+
 @pytest.mark.slow
 def test_smollm2_gguf_through_transformers_matches_native():
     """transformers' GGUF loader on the embedded SmolLM2 Q4_1 file vs our native target (both
@@ -327,8 +336,9 @@ def test_smollm2_gguf_through_transformers_matches_native():
         em = load_embedded_smollm2()
         native = em.model
         native.set_target_layer_ids([1, 8, 14, 20, 27, 29])
-        hf = TransformersTarget.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                target_layer_ids=[1, 8, 14, 20, 27, 29])
+        hf = TransformersTarget.from_pretrained(
+            os.path.dirname(path), gguf_file=os.path.basename(path), target_layer_ids=[1, 8, 14, 20, 27, 29]
+        )
         ids = _t(em.encode_chat([{"role": "user", "content": "What is the capital of France?"}]))
         T = ids.numel()
         a_l, a_h = native(ids, _t([0, T]), _t([0]), native.new_cache(1, T + 8))

@@ -28,14 +28,23 @@ from dspark_native.models.layers import rope_inv_freq
 
 # head_dim 16, theta 1e4: wavelengths 6.3, 19.9, 62.8, 199, ... With L = 64, low 1, high 4 the
 # bands are w < 16 (kept: 6.3), 16 <= w <= 64 (blended: 19.9, 62.8) and w > 64 (divided): all three.
-LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-              original_max_position_embeddings=64)
+LLAMA3 = dict(
+    rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64
+)
 HD = 16
 
 
 def _llama3_raw(**over):
-    return target_raw_config("LlamaForCausalLM", head_dim=HD, hidden_size=64, num_attention_heads=4,
-                             num_key_value_heads=2, rope_scaling=dict(LLAMA3), max_position_embeddings=1024, **over)
+    return target_raw_config(
+        "LlamaForCausalLM",
+        head_dim=HD,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_scaling=dict(LLAMA3),
+        max_position_embeddings=1024,
+        **over,
+    )
 
 
 def _llama3_rope(theta):
@@ -49,6 +58,7 @@ def _ids(n, V, seed):
 
 # ----------------------------------------------------------------------------- frequencies
 
+
 def test_llama3_inv_freq_matches_the_piecewise_definition():
     cfg = ModelConfig.from_dict(_llama3_raw())
     sc = cfg.rope_scaling
@@ -59,7 +69,7 @@ def test_llama3_inv_freq_matches_the_piecewise_definition():
     torch.testing.assert_close(got, want, rtol=2e-7, atol=0)
     plain = rope_inv_freq(HD, 10000.0).double()
     wl = 2 * math.pi / plain
-    assert bool((got[wl < 16] == plain[wl < 16]).all())                     # high frequencies kept
+    assert bool((got[wl < 16] == plain[wl < 16]).all())  # high frequencies kept
     torch.testing.assert_close(got[wl > 64], plain[wl > 64] / 8, rtol=1e-6, atol=0)  # low ones divided
     mid = (wl >= 16) & (wl <= 64)
     assert int(mid.sum()) == 2 and bool(((got[mid] < plain[mid]) & (got[mid] > plain[mid] / 8)).all())
@@ -91,6 +101,7 @@ def test_rope_config_spellings_and_errors():
 
 # ----------------------------------------------------------------------------- against the fp64 reference
 
+
 @pytest.fixture(scope="module")
 def llama3_ckpt(tmp_path_factory):
     raw = _llama3_raw()
@@ -111,7 +122,7 @@ def test_llama3_target_matches_reference(llama3_ckpt):
     first, _ = model(ids[:120], torch.tensor([0, 120]), torch.tensor([0]), cache, return_hidden=False)
     rows = [first]
     for i in range(120, n):
-        lg, _ = model(ids[i:i + 1], torch.tensor([0, 1]), torch.tensor([0]), cache, return_hidden=False)
+        lg, _ = model(ids[i : i + 1], torch.tensor([0, 1]), torch.tensor([0]), cache, return_hidden=False)
         rows.append(lg)
     got = torch.cat(rows)
     torch.testing.assert_close(got.double(), want, atol=2e-4, rtol=1e-4)
@@ -186,10 +197,11 @@ def test_qwen2_and_llama3_through_the_engine(llama3_ckpt, qwen2_ckpt):
         seq = list(prompt)
         for _ in range(6):
             seq.append(int(ref_target_forward(W, raw, torch.tensor(seq), rope_fn=rope_fn)[0][-1].argmax()))
-        assert out.token_ids == seq[len(prompt):]
+        assert out.token_ids == seq[len(prompt) :]
 
 
 # ----------------------------------------------------------------------------- against transformers
+
 
 def _hf_randomise(model, seed):
     g = torch.Generator().manual_seed(seed)
@@ -206,11 +218,21 @@ def _hf_randomise(model, seed):
 
 def _hf_case(kind):
     tr = pytest.importorskip("transformers", reason="transformers not installed: the HF comparison is skipped")
-    common = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=1024, attn_implementation="eager")
+    common = dict(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=1024,
+        attn_implementation="eager",
+    )
     if kind == "llama3":
-        cfg = tr.LlamaConfig(head_dim=HD, rope_theta=10000.0, rope_scaling=dict(LLAMA3), tie_word_embeddings=False,
-                             **common)
+        cfg = tr.LlamaConfig(
+            head_dim=HD, rope_theta=10000.0, rope_scaling=dict(LLAMA3), tie_word_embeddings=False, **common
+        )
         model = tr.LlamaForCausalLM(cfg)
     else:
         cfg = tr.Qwen2Config(rope_theta=1e6, tie_word_embeddings=True, **common)

@@ -134,8 +134,8 @@ def test_default_target_layer_ids(tmp_path, targets):
 
 # ------------------------------------------------------------------------ errors
 
-def _drafter_case(tmp_path, traw, arch="Qwen3DSparkModel", raw_over=None, drop=(), add=None,
-                  reshape=None, cfg_del=()):
+
+def _drafter_case(tmp_path, traw, arch="Qwen3DSparkModel", raw_over=None, drop=(), add=None, reshape=None, cfg_del=()):
     raw = drafter_raw_config(traw, arch, **(raw_over or {}))
     W = random_tensors(drafter_shapes(raw), seed=24, dtype=torch.bfloat16)
     for k in drop:
@@ -159,8 +159,10 @@ ERROR_CASES = [
     ("Qwen3FooModel", dict(arch="Qwen3FooModel")),
     ("layers.1.mlp.up_proj.weight", dict(drop=["layers.1.mlp.up_proj.weight"])),
     ("markov_head.markov_w2.weight", dict(drop=["markov_head.markov_w2.weight"])),
-    ("layers.0.self_attn.q_proj.bias",
-     dict(add={"layers.0.self_attn.q_proj.bias": torch.zeros(48, dtype=torch.bfloat16)})),
+    (
+        "layers.0.self_attn.q_proj.bias",
+        dict(add={"layers.0.self_attn.q_proj.bias": torch.zeros(48, dtype=torch.bfloat16)}),
+    ),
     ("fc.weight", dict(reshape=("fc.weight", (32, 128)))),
     ("confidence_head.proj.weight", dict(reshape=("confidence_head.proj.weight", (1, 32)))),
     ("block_size", dict(cfg_del=["block_size"])),
@@ -168,8 +170,7 @@ ERROR_CASES = [
     ("head_dim", dict(cfg_del=["head_dim"])),
     ("rms_norm_eps", dict(cfg_del=["rms_norm_eps"])),
     ("markov_head_type", dict(raw_over=dict(markov_head_type="lstm"))),
-    ("layers.0.hidden_norm.weight", dict(arch="Qwen3Eagle3Model",
-                                         drop=["layers.0.hidden_norm.weight"])),
+    ("layers.0.hidden_norm.weight", dict(arch="Qwen3Eagle3Model", drop=["layers.0.hidden_norm.weight"])),
 ]
 
 
@@ -184,8 +185,7 @@ def test_drafter_mismatch_errors_name_the_culprit(tmp_path, targets, name, case)
 
 def test_layer_ids_checked_against_target_when_config_lacks_num_target_layers(tmp_path, targets):
     tdir, traw, _ = targets["Qwen3"]
-    d = _drafter_case(tmp_path, traw, raw_over=dict(target_layer_ids=[1, 2, 3, 4, 9]),
-                      cfg_del=["num_target_layers"])
+    d = _drafter_case(tmp_path, traw, raw_over=dict(target_layer_ids=[1, 2, 3, 4, 9]), cfg_del=["num_target_layers"])
     with pytest.raises(CheckpointError, match="target_layer_ids.*9"):
         load_drafter(d, load_target(tdir))
 
@@ -226,10 +226,16 @@ def test_target_errors(tmp_path):
         ("GPT2LMHeadModel", dict(raw, architectures=["GPT2LMHeadModel"]), W),
         ("hidden_size", {k: v for k, v in raw.items() if k != "hidden_size"}, W),
         ("lm_head.weight", raw, {k: v for k, v in W.items() if k != "lm_head.weight"}),
-        ("model.layers.0.self_attn.q_norm.weight", raw,
-         dict(W, **{"model.layers.0.self_attn.q_norm.weight": torch.ones(5)})),
-        ("model.layers.9.mlp.up_proj.weight", raw,
-         dict(W, **{"model.layers.9.mlp.up_proj.weight": torch.ones(48, 32)})),
+        (
+            "model.layers.0.self_attn.q_norm.weight",
+            raw,
+            dict(W, **{"model.layers.0.self_attn.q_norm.weight": torch.ones(5)}),
+        ),
+        (
+            "model.layers.9.mlp.up_proj.weight",
+            raw,
+            dict(W, **{"model.layers.9.mlp.up_proj.weight": torch.ones(48, 32)}),
+        ),
         ("rope_scaling", dict(raw, rope_scaling={"rope_type": "yarn", "factor": 4.0}), W),
         ("num_key_value_heads", dict(raw, num_key_value_heads=3), W),
     ]
@@ -249,6 +255,7 @@ def test_target_errors(tmp_path):
 
 
 # ------------------------------------------------------------------------ GGUF layout
+
 
 def test_rope_permutation_round_trip():
     w = torch.randn(4 * 6, 5)
@@ -270,12 +277,17 @@ def test_tiny_gguf_matches_llama_cpp_rope_convention(tmp_path):
     def llama_cpp_permute(w, n):  # written from llama.cpp's convert_hf_to_gguf description
         return w.reshape(n, 2, w.shape[0] // n // 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
 
-    names = {"input_layernorm.weight": "attn_norm.weight",
-             "post_attention_layernorm.weight": "ffn_norm.weight",
-             "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
-             "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
-             "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-             "mlp.down_proj.weight": "ffn_down.weight"}
+    names = {
+        "input_layernorm.weight": "attn_norm.weight",
+        "post_attention_layernorm.weight": "ffn_norm.weight",
+        "self_attn.q_proj.weight": "attn_q.weight",
+        "self_attn.k_proj.weight": "attn_k.weight",
+        "self_attn.v_proj.weight": "attn_v.weight",
+        "self_attn.o_proj.weight": "attn_output.weight",
+        "mlp.gate_proj.weight": "ffn_gate.weight",
+        "mlp.up_proj.weight": "ffn_up.weight",
+        "mlp.down_proj.weight": "ffn_down.weight",
+    }
     gW = {}
     wr = gguf.GGUFWriter(str(tmp_path / "tiny.gguf"), "llama")
     wr.add_block_count(2)
@@ -293,7 +305,7 @@ def test_tiny_gguf_matches_llama_cpp_rope_convention(tmp_path):
         elif k == "model.norm.weight":
             gname = "output_norm.weight"
         else:
-            i, rest = k[len("model.layers."):].split(".", 1)
+            i, rest = k[len("model.layers.") :].split(".", 1)
             gname = f"blk.{i}.{names[rest]}"
         arr = v.numpy()
         if gname.endswith("attn_q.weight"):

@@ -29,12 +29,17 @@ def em(tmp_path_factory):
 
 
 def test_converted_directory_and_cache_reuse(em):
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "chat_template.jinja"):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         assert os.path.isfile(os.path.join(em.directory, name)), name
     c = em.model.config
-    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
-            c.vocab_size, c.tie_word_embeddings) == (30, 576, 9, 3, 49152, True)
+    assert (
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.vocab_size,
+        c.tie_word_embeddings,
+    ) == (30, 576, 9, 3, 49152, True)
     mtime = os.path.getmtime(os.path.join(em.directory, "model.safetensors"))
     again = emb_mod.load_embedded_smollm2(cache_dir=os.path.dirname(em.directory))
     assert os.path.getmtime(os.path.join(again.directory, "model.safetensors")) == mtime
@@ -73,8 +78,11 @@ def test_real_qk_weights_rope_layout(em):
     from gguf.quants import dequantize
 
     reader = gguf.GGUFReader(GGUF_PATH)
-    raw = {t.name: torch.from_numpy(dequantize(t.data, t.tensor_type).copy())
-           for t in reader.tensors if t.name in ("blk.3.attn_q.weight", "blk.3.attn_k.weight")}
+    raw = {
+        t.name: torch.from_numpy(dequantize(t.data, t.tensor_type).copy())
+        for t in reader.tensors
+        if t.name in ("blk.3.attn_q.weight", "blk.3.attn_k.weight")
+    }
     attn = em.model.layers[3].self_attn
     hd, theta = 64, em.model.config.rope_theta
     x = torch.randn(6, 576, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -88,7 +96,7 @@ def test_real_qk_weights_rope_layout(em):
         return torch.stack([a * c - b * s, b * c + a * s], -1).flatten(-2)
 
     def half(v):  # pairs (i, i + hd/2)
-        a, b = v[..., : hd // 2], v[..., hd // 2:]
+        a, b = v[..., : hd // 2], v[..., hd // 2 :]
         c, s = ang.cos()[:, None], ang.sin()[:, None]
         return torch.cat([a * c - b * s, b * c + a * s], -1)
 
@@ -117,8 +125,7 @@ def test_tokenizer_from_gguf(em):
 CHATS = [
     QUESTION,
     [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}],
-    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-     {"role": "user", "content": "c\nd"}],
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c\nd"}],
     [],
 ]
 
@@ -127,11 +134,12 @@ CHATS = [
 def test_builtin_chatml_matches_template(em, gen):
     tpl = em.chat_template
     assert tpl.is_chatml
-    assert tpl.default_system == ("You are a helpful AI assistant named SmolLM, trained by "
-                                  "Hugging Face")
-    expected0 = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by "
-                 "Hugging Face<|im_end|>\n<|im_start|>user\nWhat is the capital of France?"
-                 "<|im_end|>\n" + ("<|im_start|>assistant\n" if gen else ""))
+    assert tpl.default_system == ("You are a helpful AI assistant named SmolLM, trained by Hugging Face")
+    expected0 = (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by "
+        "Hugging Face<|im_end|>\n<|im_start|>user\nWhat is the capital of France?"
+        "<|im_end|>\n" + ("<|im_start|>assistant\n" if gen else "")
+    )
     assert tpl.render_builtin(CHATS[0], gen) == expected0
     if importlib.util.find_spec("jinja2") is None:
         pytest.skip("jinja2 not installed: builtin renderer checked against the literal only")
@@ -162,9 +170,13 @@ def test_shipped_drafter_loads_is_lossless_and_accepts(em):
     d = emb_mod.load_embedded_drafter(em.model)
     assert d.block_size == 7 and d.config.markov_rank > 0 and d.config.enable_confidence_head
     assert d.sts_temperature is not None and len(d.sts_temperature) == 7
-    prompts = [em.encode_chat([{"role": "user", "content": q}]) for q in (
-        "Tom has 3 apples and buys 5 more. How many apples does he have now?",
-        "Write a Python function that returns the square of a number.")]
+    prompts = [
+        em.encode_chat([{"role": "user", "content": q}])
+        for q in (
+            "Tom has 3 apples and buys 5 more. How many apples does he have now?",
+            "Write a Python function that returns the square of a number.",
+        )
+    ]
     params = SamplingParams(max_new_tokens=48, stop_token_ids=em.eos_token_ids)
     want = [o.token_ids for o in Engine(em.model, None, max_batch=2, max_seq=512).generate(prompts, params)]
     out = Engine(em.model, d, policy="static", max_batch=2, max_seq=512).generate(prompts, params)

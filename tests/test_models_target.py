@@ -48,8 +48,7 @@ def test_prefill_matches_reference_and_features(ckpt):
     assert hidden.shape == (11, 3 * H)
     for j, layer in enumerate([0, 2, 3]):
         # raw layer output, before the final norm (layer 3 is the last one)
-        torch.testing.assert_close(hidden[:, j * H:(j + 1) * H].double(), ref_outs[layer],
-                                   atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(hidden[:, j * H : (j + 1) * H].double(), ref_outs[layer], atol=2e-4, rtol=1e-4)
     assert cache.lengths.tolist() == [0, 11]
 
 
@@ -77,9 +76,8 @@ def test_decode_with_cache_and_ragged_batch_match_prefill(ckpt):
     nxt = _t([1, 2, 3])
     l1, _ = model(nxt, _t([0, 1, 2, 3]), _t([0, 2, 3]), cache)
     for r, (s, _slot) in enumerate(zip([seqs[1], seqs[0], seqs[2]], [0, 2, 3], strict=True)):
-        full = torch.cat([s, nxt[r:r + 1]])
-        torch.testing.assert_close(l1[r].double(), ref_target_forward(W, raw, full)[0][-1],
-                                   atol=2e-4, rtol=1e-4)
+        full = torch.cat([s, nxt[r : r + 1]])
+        torch.testing.assert_close(l1[r].double(), ref_target_forward(W, raw, full)[0][-1], atol=2e-4, rtol=1e-4)
 
 
 def test_truncate_rolls_back_chain_verification(ckpt):
@@ -92,8 +90,7 @@ def test_truncate_rolls_back_chain_verification(ckpt):
     model(torch.randint(0, raw["vocab_size"], (5,), generator=g), _t([0, 5]), _t([0]), cache)
     cache.truncate(0, 6)  # all drafts rejected
     logits, _ = model(s[6:], _t([0, 6]), _t([0]), cache)
-    torch.testing.assert_close(logits.double(), ref_target_forward(W, raw, s)[0][6:],
-                               atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(logits.double(), ref_target_forward(W, raw, s)[0][6:], atol=2e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="new_lengths"):
         cache.truncate(0, 13)
     cache.truncate(torch.tensor([True]), 3)
@@ -119,8 +116,7 @@ def test_tree_block_equals_chain_forwards(ckpt):
     base = cache.clone()
     # a chain request rides along in the same batch (slot 0, fresh)
     other = torch.randint(0, raw["vocab_size"], (3,), generator=g)
-    tree_logits, _ = model(torch.cat([nodes, other]), _t([0, n, n + 3]), _t([1, 0]), cache,
-                           tree_mask=[mask, None])
+    tree_logits, _ = model(torch.cat([nodes, other]), _t([0, n, n + 3]), _t([1, 0]), cache, tree_mask=[mask, None])
     for leaf in (3, 4, 6):
         path = [leaf]
         while parents[path[-1]] >= 0:
@@ -129,15 +125,13 @@ def test_tree_block_equals_chain_forwards(ckpt):
         c = base.clone()
         chain, _ = model(nodes[path], _t([0, len(path)]), _t([1]), c)
         torch.testing.assert_close(tree_logits[path], chain, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(tree_logits[n:].double(), ref_target_forward(W, raw, other)[0],
-                               atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(tree_logits[n:].double(), ref_target_forward(W, raw, other)[0], atol=2e-4, rtol=1e-4)
     # padded tensor form of the same masks gives the same result
     padded = torch.zeros(2, n, n, dtype=torch.bool)
     padded[0] = mask
     padded[1, :3, :3] = torch.ones(3, 3, dtype=torch.bool).tril()
     c = base.clone()
-    again, _ = model(torch.cat([nodes, other]), _t([0, n, n + 3]), _t([1, 0]), c,
-                     tree_mask=padded)
+    again, _ = model(torch.cat([nodes, other]), _t([0, n, n + 3]), _t([1, 0]), c, tree_mask=padded)
     torch.testing.assert_close(again, tree_logits, atol=0, rtol=0)
     bad = mask.clone()
     bad[1, 3] = True

@@ -55,8 +55,10 @@ def test_reliability_figure_draws_the_bins(tmp_path):
 def test_training_curves_from_a_resumed_log(tmp_path):
     pytest.importorskip("matplotlib")
     log = tmp_path / "log.jsonl"
-    recs = [dict(step=s, lr=1e-3 / s, loss=3.0 / s, ce=2.0 / s, l1=0.5, bce=0.1, acc=[0.1 * s, 0.05 * s, 0.0])
-            for s in (1, 2, 3)]
+    recs = [
+        dict(step=s, lr=1e-3 / s, loss=3.0 / s, ce=2.0 / s, l1=0.5, bce=0.1, acc=[0.1 * s, 0.05 * s, 0.0])
+        for s in (1, 2, 3)
+    ]
     # a resumed run appends: step 3 logged again with other values -> the last record wins
     again = dict(recs[2], loss=9.0)
     log.write_text("".join(json.dumps(r) + "\n" for r in recs + [again]))
@@ -95,16 +97,58 @@ def test_without_matplotlib_functions_say_what_to_install(no_matplotlib, tmp_pat
 def test_commands_without_matplotlib_write_json_and_say_so(no_matplotlib, tmp_path, capsys):
     d = make_cli_dirs(tmp_path, block_size=4)
     run = tmp_path / "run"
-    rc, out, err = run_cli(capsys, "train", "--target", d["target"], "--prompts", d["prompts"], "--data-dir",
-                           tmp_path / "data", "--out", run, "--steps", "2", "--layers", "1", "--markov-rank", "8",
-                           "--block-size", "4", "--answer-tokens", "6", "--data-batch", "5", "--anchors", "2",
-                           "--batch-sequences", "2", "--save-every", "2")
+    rc, out, err = run_cli(
+        capsys,
+        "train",
+        "--target",
+        d["target"],
+        "--prompts",
+        d["prompts"],
+        "--data-dir",
+        tmp_path / "data",
+        "--out",
+        run,
+        "--steps",
+        "2",
+        "--layers",
+        "1",
+        "--markov-rank",
+        "8",
+        "--block-size",
+        "4",
+        "--answer-tokens",
+        "6",
+        "--data-batch",
+        "5",
+        "--anchors",
+        "2",
+        "--batch-sequences",
+        "2",
+        "--save-every",
+        "2",
+    )
     assert rc == 0, err
     assert "pip install matplotlib" in err and not (run / "training_curves.png").exists()
     res = tmp_path / "eval.json"
-    rc, out, err = run_cli(capsys, "eval", d["prompts"], "--target", d["target"], "--drafter", d["drafter"],
-                           "--limit", "2", "--max-new-tokens", "6", "--temperatures", "0", "--out", res,
-                           "--png", tmp_path / "rel")
+    rc, out, err = run_cli(
+        capsys,
+        "eval",
+        d["prompts"],
+        "--target",
+        d["target"],
+        "--drafter",
+        d["drafter"],
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--temperatures",
+        "0",
+        "--out",
+        res,
+        "--png",
+        tmp_path / "rel",
+    )
     assert rc == 0, err
     assert "pip install matplotlib" in err
     assert json.load(open(res))["temperatures"]["0"]["overall"]["rounds"] > 0
@@ -115,15 +159,57 @@ def test_commands_write_plots(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     d = make_cli_dirs(tmp_path, block_size=4)
     run = tmp_path / "run"
-    rc, out, err = run_cli(capsys, "train", "--target", d["target"], "--prompts", d["prompts"], "--data-dir",
-                           tmp_path / "data", "--out", run, "--steps", "2", "--layers", "1", "--markov-rank", "8",
-                           "--block-size", "4", "--answer-tokens", "6", "--data-batch", "5", "--anchors", "2",
-                           "--batch-sequences", "2", "--save-every", "2")
+    rc, out, err = run_cli(
+        capsys,
+        "train",
+        "--target",
+        d["target"],
+        "--prompts",
+        d["prompts"],
+        "--data-dir",
+        tmp_path / "data",
+        "--out",
+        run,
+        "--steps",
+        "2",
+        "--layers",
+        "1",
+        "--markov-rank",
+        "8",
+        "--block-size",
+        "4",
+        "--answer-tokens",
+        "6",
+        "--data-batch",
+        "5",
+        "--anchors",
+        "2",
+        "--batch-sequences",
+        "2",
+        "--save-every",
+        "2",
+    )
     assert rc == 0, err
     assert f"wrote {run / 'training_curves.png'}" in out
     assert _png_size(run / "training_curves.png") == (640, 720)
-    rc, out, err = run_cli(capsys, "eval", d["prompts"], "--target", d["target"], "--drafter", d["drafter"],
-                           "--limit", "2", "--max-new-tokens", "6", "--temperatures", "0", "--out",
-                           tmp_path / "eval.json", "--png", tmp_path / "rel")
+    rc, out, err = run_cli(
+        capsys,
+        "eval",
+        d["prompts"],
+        "--target",
+        d["target"],
+        "--drafter",
+        d["drafter"],
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--temperatures",
+        "0",
+        "--out",
+        tmp_path / "eval.json",
+        "--png",
+        tmp_path / "rel",
+    )
     assert rc == 0, err
     assert _png_size(tmp_path / "rel_T0_raw.png") == (520, 600)

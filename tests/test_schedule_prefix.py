@@ -147,8 +147,12 @@ def test_causal_result_independent_of_confidences_after_the_stop():
                 c2[r, j0:] = new
             out = ops.schedule_prefix(c2, sps, mode="causal").lengths
             assert torch.equal(out, base), (trial, c, c2, base, out)
-            changed_global += int(not torch.equal(ops.schedule_prefix(c2, sps, mode="global").lengths,
-                                                  ops.schedule_prefix(c, sps, mode="global").lengths))
+            changed_global += int(
+                not torch.equal(
+                    ops.schedule_prefix(c2, sps, mode="global").lengths,
+                    ops.schedule_prefix(c, sps, mode="global").lengths,
+                )
+            )
     # the same perturbations do move the retrospective (global) search in some cases
     assert changed_global > 0
 
@@ -166,20 +170,38 @@ def _appendix_a(mode, N=3000):
     w1 = torch.eye(2)
     w2 = torch.zeros(2, 2)
     conf_w = torch.tensor([[1.0, 0.0, -40.0 - logit(0.9)]])  # [h ; W1[prev]] = [h, [prev==A], [prev==B]]
-    draft = ops.dspark_draft(torch.zeros(N, 2, 2), torch.full((N,), A), w1, w2, hidden=hidden, conf_weight=conf_w,
-                             conf_bias=torch.zeros(1), temperature=1.0, seed=torch.arange(N) + 1234, offset=0)
+    draft = ops.dspark_draft(
+        torch.zeros(N, 2, 2),
+        torch.full((N,), A),
+        w1,
+        w2,
+        hidden=hidden,
+        conf_weight=conf_w,
+        conf_bias=torch.zeros(1),
+        temperature=1.0,
+        seed=torch.arange(N) + 1234,
+        offset=0,
+    )
     assert draft.confidence[:, 0].sub(0.8).abs().max() < 1e-6
     after_a = draft.tokens[:, 0] == A
     assert draft.confidence[after_a, 1].sub(0.9).abs().max() < 1e-6
     assert draft.confidence[~after_a, 1].max() < 1e-15
     sps = torch.tensor([1.0, 0.5, 0.45])
-    lengths = torch.cat([ops.schedule_prefix(draft.confidence[i:i + 1], sps, mode=mode).lengths for i in range(N)])
+    lengths = torch.cat([ops.schedule_prefix(draft.confidence[i : i + 1], sps, mode=mode).lengths for i in range(N)])
     # verification: l_i drafts, l_i + 1 target rows of (0.7, 0.3)
     cu = torch.cat([torch.zeros(1, dtype=torch.long), (lengths + 1).cumsum(0)])
     target = torch.log(torch.tensor([0.7, 0.3])).expand(int(cu[-1]), 2).contiguous()
     keep = torch.arange(2)[None, :] < lengths[:, None]
-    out = ops.verify_chain(target, cu, draft.tokens[keep], draft_logits=draft.logits[keep], temperature=1.0,
-                           seed=torch.arange(N) + 777, offset=0, max_drafts=2)
+    out = ops.verify_chain(
+        target,
+        cu,
+        draft.tokens[keep],
+        draft_logits=draft.logits[keep],
+        temperature=1.0,
+        seed=torch.arange(N) + 777,
+        offset=0,
+        max_drafts=2,
+    )
     return draft, lengths, out.tokens[:, 0]
 
 
@@ -215,9 +237,12 @@ def test_appendix_a_causal_scheduler_is_lossless():
         (lambda a: a.update(sps_table=torch.tensor([1.0, -0.5, 0.4, 0.3, 0.2, 0.1])), "sps_table"),
         (lambda a: a.update(sps_table=torch.tensor([1.0, float("nan"), 0.4, 0.3, 0.2, 0.1])), "sps_table"),
         (lambda a: a.update(sps_table=torch.ones(6, 1)), "sps_table"),
-        (lambda a: a.update(min_len=torch.tensor([2, 0], dtype=torch.int32),
-                            max_len=torch.tensor([1, 2], dtype=torch.int32)),
-         "min_len"),
+        (
+            lambda a: a.update(
+                min_len=torch.tensor([2, 0], dtype=torch.int32), max_len=torch.tensor([1, 2], dtype=torch.int32)
+            ),
+            "min_len",
+        ),
         (lambda a: a.update(min_len=torch.tensor([2, 0, 1], dtype=torch.int32)), "min_len"),
         (lambda a: a.update(max_len=torch.tensor([2, 0])), "max_len"),
         (lambda a: a.update(token_budget=1), "token_budget"),
@@ -246,8 +271,14 @@ def _op_args(device="cpu"):
     gen = torch.Generator().manual_seed(0)
     c = torch.rand(5, 4, generator=gen).to(device)
     sps = decaying_sps(25, knee=6).to(device)
-    return (c, sps, torch.tensor([0, 1, 0, 0, 2], dtype=torch.int32, device=device),
-            torch.tensor([4, 4, 2, 3, 4], dtype=torch.int32, device=device), 20, 0)
+    return (
+        c,
+        sps,
+        torch.tensor([0, 1, 0, 0, 2], dtype=torch.int32, device=device),
+        torch.tensor([4, 4, 2, 3, 4], dtype=torch.int32, device=device),
+        20,
+        0,
+    )
 
 
 def test_opcheck():

@@ -36,8 +36,14 @@ def sps_curve(T, knee=8):
 def test_policies_share_one_interface():
     c = torch.tensor([[0.9, 0.8, 0.2, 0.9], [0.3, 0.9, 0.9, 0.9], [1.0, 1.0, 1.0, 0.0]])
     sps = sps_curve(3 * 5, knee=6)
-    policies = [StaticLength(2), StaticLength(9), ConfidenceThreshold(0.5), ConfidenceThreshold(0.5, cumulative=False),
-                HardwareAwareCausal(sps), HardwareAwareAsync(sps)]
+    policies = [
+        StaticLength(2),
+        StaticLength(9),
+        ConfidenceThreshold(0.5),
+        ConfidenceThreshold(0.5, cumulative=False),
+        HardwareAwareCausal(sps),
+        HardwareAwareAsync(sps),
+    ]
     for p in policies:
         out = p(c)
         assert out.dtype == torch.int64 and out.shape == (3,)
@@ -63,8 +69,10 @@ def test_async_policy_budget_from_two_rounds_ago_then_top_k():
         K = int(schedule_prefix_reference(rounds[t - 2], sps, mode="global")[0].sum())
         # top-K current survival products, ties r asc then j asc
         a = torch.cumprod(c, 1)
-        cand = sorted(((a[r, j].item(), r, j) for r in range(R) for j in range(G) if a[r, j] > 0),
-                      key=lambda x: (-x[0], x[1], x[2]))[:K]
+        cand = sorted(
+            ((a[r, j].item(), r, j) for r in range(R) for j in range(G) if a[r, j] > 0),
+            key=lambda x: (-x[0], x[1], x[2]),
+        )[:K]
         expect = torch.zeros(R, dtype=torch.int64)
         for _, r, j in cand:
             expect[r] = max(int(expect[r]), j + 1)

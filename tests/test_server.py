@@ -46,6 +46,7 @@ def _one_thread():
 # helpers
 # ------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tiny():
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -66,13 +67,19 @@ def long_prompts(tiny):
     raise AssertionError("no prompt runs 88 tokens without eos")
 
 
-def tiny_server(tiny, *, max_batch=8, max_seq=96, policy="causal", plain=False, step_delay_s=0.0, graceful_s=5.0,
-                **cfg):
+def tiny_server(
+    tiny, *, max_batch=8, max_seq=96, policy="causal", plain=False, step_delay_s=0.0, graceful_s=5.0, **cfg
+):
     if plain:
         eng = Engine(tiny.model, None, max_batch=max_batch, max_seq=max_seq)
     else:
-        eng = Engine(tiny.model, tiny_drafter(tiny.model, "dspark", block_size=5), policy=policy,
-                     max_batch=max_batch, max_seq=max_seq)
+        eng = Engine(
+            tiny.model,
+            tiny_drafter(tiny.model, "dspark", block_size=5),
+            policy=policy,
+            max_batch=max_batch,
+            max_seq=max_seq,
+        )
     if step_delay_s:  # a slower engine, so that a disconnect is seen long before the request could end
         step = eng.step
 
@@ -87,8 +94,13 @@ def tiny_server(tiny, *, max_batch=8, max_seq=96, policy="causal", plain=False, 
 
 def tiny_prompts(n, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [" ".join(WORDS[1 + int(t)] for t in torch.randint(0, V - 1, (int(torch.randint(2, 8, (1,), generator=g)),),
-                                                              generator=g)) for _ in range(n)]
+    return [
+        " ".join(
+            WORDS[1 + int(t)]
+            for t in torch.randint(0, V - 1, (int(torch.randint(2, 8, (1,), generator=g)),), generator=g)
+        )
+        for _ in range(n)
+    ]
 
 
 def solo_greedy(target, text, max_tokens, chat=False):
@@ -104,7 +116,7 @@ def sse_events(lines):
     out = []
     for ln in lines:
         if ln.startswith("data: "):
-            d = ln[len("data: "):]
+            d = ln[len("data: ") :]
             out.append(d if d == "[DONE]" else json.loads(d))
     return out
 
@@ -162,6 +174,7 @@ def assert_no_leak(srv):
 # tiny target: protocol, streaming, faults, load
 # ------------------------------------------------------------------------------------------------
 
+
 def test_completions_stream_equals_nonstream_and_solo_greedy(tiny):
     prompts = tiny_prompts(6, seed=1)
     with tiny_server(tiny) as srv, httpx.Client(base_url=srv.url, timeout=TIMEOUT) as c:
@@ -181,8 +194,11 @@ def test_completions_stream_equals_nonstream_and_solo_greedy(tiny):
             assert js["object"] == "text_completion" and js["model"] == "tiny"
             ch = js["choices"][0]
             assert ch["text"] == want and ch["finish_reason"] == want_reason
-            assert js["usage"] == dict(prompt_tokens=len(p.split()), completion_tokens=len(want_ids),
-                                       total_tokens=len(p.split()) + len(want_ids))
+            assert js["usage"] == dict(
+                prompt_tokens=len(p.split()),
+                completion_tokens=len(want_ids),
+                total_tokens=len(p.split()) + len(want_ids),
+            )
             ev = post_stream(c, "/v1/completions", dict(body, stream=True, stream_options={"include_usage": True}))
             assert ev[-2]["usage"] == js["usage"] and ev[-2]["choices"] == []
             text, reason = stream_text(ev[:-2] + ev[-1:], chat=False)
@@ -205,7 +221,7 @@ def test_stop_strings_and_seeded_sampling(tiny):
         words = full.split()
         assert len(words) >= 6
         stop = f"{words[3]} {words[4]}"  # spans two tokens
-        cut = full[:full.index(stop)]
+        cut = full[: full.index(stop)]
         for stream in (False, True):
             body = dict(prompt=p, max_tokens=30, temperature=0, stop=["zzz", stop])
             if stream:
@@ -313,6 +329,7 @@ def test_engine_fault_fails_only_its_requests(tiny):
 
 def test_internal_error_is_json_500_and_server_goes_on(tiny, monkeypatch):
     with tiny_server(tiny) as srv, httpx.Client(base_url=srv.url, timeout=TIMEOUT) as c:
+
         def broken(*a, **k):
             raise RuntimeError("injected parse bug")
 
@@ -332,9 +349,14 @@ def test_shutdown_with_an_open_stream_ends_everything(tiny, long_prompts):
 
     def client():
         try:
-            with httpx.Client(base_url=srv.url, timeout=TIMEOUT) as c, \
-                    c.stream("POST", "/v1/completions", json=dict(prompt=long_prompts[0], max_tokens=88,
-                                                                 temperature=0, stream=True)) as r:
+            with (
+                httpx.Client(base_url=srv.url, timeout=TIMEOUT) as c,
+                c.stream(
+                    "POST",
+                    "/v1/completions",
+                    json=dict(prompt=long_prompts[0], max_tokens=88, temperature=0, stream=True),
+                ) as r,
+            ):
                 got["lines"] = list(r.iter_lines())
         except httpx.HTTPError as exc:
             got["error"] = exc
@@ -359,10 +381,13 @@ def test_shutdown_with_an_open_stream_ends_everything(tiny, long_prompts):
 
 
 def test_full_queue_answers_503_and_disconnect_frees_the_slot(tiny, long_prompts):
-    with tiny_server(tiny, max_batch=1, max_queue=0, step_delay_s=0.05) as srv, \
-            httpx.Client(base_url=srv.url, timeout=TIMEOUT) as c:
-        with c.stream("POST", "/v1/completions", json=dict(prompt=long_prompts[0], max_tokens=88, temperature=0,
-                                                              stream=True)) as r:
+    with (
+        tiny_server(tiny, max_batch=1, max_queue=0, step_delay_s=0.05) as srv,
+        httpx.Client(base_url=srv.url, timeout=TIMEOUT) as c,
+    ):
+        with c.stream(
+            "POST", "/v1/completions", json=dict(prompt=long_prompts[0], max_tokens=88, temperature=0, stream=True)
+        ) as r:
             first = next(ln for ln in r.iter_lines() if ln.startswith("data: "))
             assert json.loads(first[6:])["choices"]
             busy = c.post("/v1/completions", json=dict(prompt="w2", max_tokens=2))
@@ -380,8 +405,11 @@ def test_full_queue_answers_503_and_disconnect_frees_the_slot(tiny, long_prompts
 def test_nonstreaming_disconnect_aborts(tiny, long_prompts):
     with tiny_server(tiny, max_batch=2, step_delay_s=0.05) as srv, httpx.Client(base_url=srv.url, timeout=TIMEOUT) as c:
         with pytest.raises(httpx.TimeoutException):
-            httpx.post(srv.url + "/v1/completions", json=dict(prompt=long_prompts[1], max_tokens=88, temperature=0),
-                       timeout=httpx.Timeout(0.5))
+            httpx.post(
+                srv.url + "/v1/completions",
+                json=dict(prompt=long_prompts[1], max_tokens=88, temperature=0),
+                timeout=httpx.Timeout(0.5),
+            )
         wait_idle(c)
         m = metrics(c)
         assert m["dspark_requests_finished_total"] == {'{reason="aborted"}': 1.0}
@@ -400,8 +428,14 @@ def test_32_concurrent_streams_with_disconnects(tiny, long_prompts, policy):
     want = {i: solo_greedy(tiny, prompts[i], max_tok[i]) for i in range(n) if i not in gone}
 
     async def client(ac, i):
-        body = dict(model="tiny", prompt=prompts[i], max_tokens=max_tok[i], temperature=0, stream=True,
-                    stream_options={"include_usage": True})
+        body = dict(
+            model="tiny",
+            prompt=prompts[i],
+            max_tokens=max_tok[i],
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         await asyncio.sleep(0.003 * (i % 8))  # staggered arrivals: requests join running batches
         async with ac.stream("POST", "/v1/completions", json=body) as r:
             assert r.status_code == 200
@@ -416,8 +450,10 @@ def test_32_concurrent_streams_with_disconnects(tiny, long_prompts, policy):
         async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT) as ac:
             return await asyncio.wait_for(asyncio.gather(*(client(ac, i) for i in range(n))), DEADLINE_S)
 
-    with tiny_server(tiny, max_batch=8, policy=policy, step_delay_s=0.02) as srv, \
-            httpx.Client(base_url=srv.url, timeout=TIMEOUT) as c:
+    with (
+        tiny_server(tiny, max_batch=8, policy=policy, step_delay_s=0.02) as srv,
+        httpx.Client(base_url=srv.url, timeout=TIMEOUT) as c,
+    ):
         results = asyncio.run(run_all(srv.url))
         wait_idle(c)
         assert_no_leak(srv)
@@ -459,6 +495,7 @@ def test_32_concurrent_streams_with_disconnects(tiny, long_prompts, policy):
 # TextStream (incremental detokenization, stop strings)
 # ------------------------------------------------------------------------------------------------
 
+
 def _utf8(ids):
     return bytes(ids).decode("utf-8", errors="replace")
 
@@ -467,12 +504,17 @@ def _utf8(ids):
 def test_text_stream_utf8_and_stops(chunk):
     s = "héllo wörld 🎉 ünïcode ≠ ascii; stop here: END of text"
     ids = list(s.encode())
-    for stops, want in [((), s), (("END",), s[:s.index("END")]), (("🎉", "wör"), s[:s.index("wör")]),
-                        (("xyz", "text"), s[:s.index("text")]), (("ENDX",), s)]:
+    for stops, want in [
+        ((), s),
+        (("END",), s[: s.index("END")]),
+        (("🎉", "wör"), s[: s.index("wör")]),
+        (("xyz", "text"), s[: s.index("text")]),
+        (("ENDX",), s),
+    ]:
         ts = server.TextStream(_utf8, stops)
         deltas = []
         for k in range(0, len(ids), chunk):
-            d = ts.add(ids[k:k + chunk])
+            d = ts.add(ids[k : k + chunk])
             assert "\ufffd" not in d
             deltas.append(d)
             if ts.stopped:
@@ -484,9 +526,9 @@ def test_text_stream_utf8_and_stops(chunk):
 
 def test_text_stream_holds_back_a_possible_stop_prefix():
     ts = server.TextStream(lambda ids: "".join(chr(i) for i in ids), ["abc"])
-    assert ts.add([ord("x"), ord("a")]) == "x"      # "a" might start "abc"
-    assert ts.add([ord("b")]) == ""                 # "ab" too
-    assert ts.add([ord("d")]) == "abd"              # not a stop after all
+    assert ts.add([ord("x"), ord("a")]) == "x"  # "a" might start "abc"
+    assert ts.add([ord("b")]) == ""  # "ab" too
+    assert ts.add([ord("d")]) == "abd"  # not a stop after all
     assert ts.add([ord("a"), ord("b"), ord("c"), ord("z")]) == "" and ts.stopped
     assert ts.text == "xabd" and ts.tokens_at_stop == 8
 
@@ -494,6 +536,7 @@ def test_text_stream_holds_back_a_possible_stop_prefix():
 # ------------------------------------------------------------------------------------------------
 # SmolLM2 (embedded target, shipped drafter, chat template): the real thing
 # ------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def smol():
@@ -522,8 +565,9 @@ def test_smollm2_chat_identical_to_generate_command(smol, tmp_path, capsys):
     assert rc == 0
     rec = json.load(open(js))["outputs"][0]
     with httpx.Client(base_url=srv.url, timeout=TIMEOUT) as c:
-        body = dict(model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": CHAT_Q}], max_tokens=12,
-                    temperature=0)
+        body = dict(
+            model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": CHAT_Q}], max_tokens=12, temperature=0
+        )
         js2 = c.post("/v1/chat/completions", json=body).json()
         ch = js2["choices"][0]
         assert js2["object"] == "chat.completion" and ch["message"]["role"] == "assistant"
@@ -535,11 +579,14 @@ def test_smollm2_chat_identical_to_generate_command(smol, tmp_path, capsys):
         assert ev[0]["object"] == "chat.completion.chunk" and ev[0]["choices"][0]["delta"]["role"] == "assistant"
         assert stream_text(ev, chat=True) == (rec["answer"], ch["finish_reason"])
         # list-of-parts content and a system message go through the chat template too
-        sysmsg = [{"role": "system", "content": "You are terse."},
-                  {"role": "user", "content": [{"type": "text", "text": CHAT_Q}]}]
+        sysmsg = [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": [{"type": "text", "text": CHAT_Q}]},
+        ]
         r = c.post("/v1/chat/completions", json=dict(body, messages=sysmsg))
-        ids = target.chat_template.encode(target.tokenizer, [{"role": "system", "content": "You are terse."},
-                                                             {"role": "user", "content": CHAT_Q}])
+        ids = target.chat_template.encode(
+            target.tokenizer, [{"role": "system", "content": "You are terse."}, {"role": "user", "content": CHAT_Q}]
+        )
         assert r.json()["usage"]["prompt_tokens"] == len(ids)
         wait_idle(c)
         assert_no_leak(srv)
@@ -555,14 +602,20 @@ def test_smollm2_completions_openai_client_and_concurrency(smol):
     want = [solo_greedy(target, t, 8) for t in texts]
     r = client.completions.create(model="SmolLM2-135M-Instruct", prompt=texts[0], max_tokens=8, temperature=0)
     assert r.choices[0].text == target.decode(want[0][0]) and r.usage.completion_tokens == len(want[0][0])
-    stream = client.chat.completions.create(model="SmolLM2-135M-Instruct", max_tokens=8, temperature=0, stream=True,
-                                            messages=[{"role": "user", "content": CHAT_Q}])
+    stream = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct",
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+        messages=[{"role": "user", "content": CHAT_Q}],
+    )
     got = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
     assert got == target.decode(solo_greedy(target, CHAT_Q, 8, chat=True)[0])
 
     async def one(ac, t):
-        async with ac.stream("POST", "/v1/completions", json=dict(prompt=t, max_tokens=8, temperature=0,
-                                                                   stream=True)) as r:
+        async with ac.stream(
+            "POST", "/v1/completions", json=dict(prompt=t, max_tokens=8, temperature=0, stream=True)
+        ) as r:
             return stream_text(sse_events([ln async for ln in r.aiter_lines()]), chat=False)
 
     async def all_at_once():
@@ -598,8 +651,26 @@ def test_serve_command_end_to_end(tiny, tmp_path):
     # the subprocess imports the same dspark_native as this process (the source tree or the install)
     pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(dspark_native.__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH")) if p))
-    cmd = [sys.executable, "-m", "dspark_native", "serve", "--target", tdir, "--drafter", ddir, "--port", "0",
-           "--threads", "1", "--max-batch", "2", "--max-seq", "64", "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dspark_native",
+        "serve",
+        "--target",
+        tdir,
+        "--drafter",
+        ddir,
+        "--port",
+        "0",
+        "--threads",
+        "1",
+        "--max-batch",
+        "2",
+        "--max-seq",
+        "64",
+        "--log-level",
+        "warning",
+    ]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
     try:
         url, lines, t_end = None, [], time.monotonic() + 120

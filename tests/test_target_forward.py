@@ -26,25 +26,36 @@ def _case(arch="Qwen3ForCausalLM", hidden=32, inter=48, seed=0, **over):
     """Random weights of a small target in the op's argument form, and a ragged batch."""
     raw = target_raw_config(arch, hidden_size=hidden, intermediate_size=inter, **over)
     W = random_tensors(target_shapes(raw), seed=seed)
-    c = dict(H=hidden, I=inter, Hq=raw["num_attention_heads"], Hkv=raw["num_key_value_heads"],
-             d=raw["head_dim"], V=raw["vocab_size"], L=raw["num_hidden_layers"])
+    c = dict(
+        H=hidden,
+        I=inter,
+        Hq=raw["num_attention_heads"],
+        Hkv=raw["num_key_value_heads"],
+        d=raw["head_dim"],
+        V=raw["vocab_size"],
+        L=raw["num_hidden_layers"],
+    )
     lw = []
     for li in range(c["L"]):
         p = f"model.layers.{li}."
         a = p + "self_attn."
-        lw += [pack_panels(torch.cat([W[a + "q_proj.weight"], W[a + "k_proj.weight"], W[a + "v_proj.weight"]])),
-               pack_panels(W[a + "o_proj.weight"]),
-               pack_gate_up_panels(W[p + "mlp.gate_proj.weight"], W[p + "mlp.up_proj.weight"]),
-               pack_panels(W[p + "mlp.down_proj.weight"]),
-               W[p + "input_layernorm.weight"], W[p + "post_attention_layernorm.weight"],
-               W.get(a + "q_norm.weight", torch.zeros(0)), W.get(a + "k_norm.weight", torch.zeros(0)),
-               torch.cat([W[a + "q_proj.bias"], W[a + "k_proj.bias"], W[a + "v_proj.bias"]])
-               if a + "q_proj.bias" in W else torch.zeros(0)]
+        lw += [
+            pack_panels(torch.cat([W[a + "q_proj.weight"], W[a + "k_proj.weight"], W[a + "v_proj.weight"]])),
+            pack_panels(W[a + "o_proj.weight"]),
+            pack_gate_up_panels(W[p + "mlp.gate_proj.weight"], W[p + "mlp.up_proj.weight"]),
+            pack_panels(W[p + "mlp.down_proj.weight"]),
+            W[p + "input_layernorm.weight"],
+            W[p + "post_attention_layernorm.weight"],
+            W.get(a + "q_norm.weight", torch.zeros(0)),
+            W.get(a + "k_norm.weight", torch.zeros(0)),
+            torch.cat([W[a + "q_proj.bias"], W[a + "k_proj.bias"], W[a + "v_proj.bias"]])
+            if a + "q_proj.bias" in W
+            else torch.zeros(0),
+        ]
     head = W.get("lm_head.weight", W["model.embed_tokens.weight"])
     d = c["d"]
     inv_freq = (1.0 / (10000.0 ** (torch.arange(0, d, 2).float() / d))).contiguous()
-    return c, dict(layer_weights=lw, lm_head=pack_panels(head), final_norm=W["model.norm.weight"],
-                   inv_freq=inv_freq), W
+    return c, dict(layer_weights=lw, lm_head=pack_panels(head), final_norm=W["model.norm.weight"], inv_freq=inv_freq), W
 
 
 def _batch(c, blocks, base, max_requests=4, max_seq=24, seed=1):
@@ -61,13 +72,30 @@ def _batch(c, blocks, base, max_requests=4, max_seq=24, seed=1):
 
 
 def _call(fn, c, args, h, pos, cu, slots, base, k, v, rows, feats):
-    return fn(h, pos, cu, slots, base, k, v, args["layer_weights"], args["lm_head"], args["final_norm"],
-              args["inv_freq"], rows, feats, num_heads=c["Hq"], intermediate_size=c["I"], vocab_size=c["V"],
-              eps=1e-6)
+    return fn(
+        h,
+        pos,
+        cu,
+        slots,
+        base,
+        k,
+        v,
+        args["layer_weights"],
+        args["lm_head"],
+        args["final_norm"],
+        args["inv_freq"],
+        rows,
+        feats,
+        num_heads=c["Hq"],
+        intermediate_size=c["I"],
+        vocab_size=c["V"],
+        eps=1e-6,
+    )
 
 
-@pytest.mark.parametrize("arch,hidden,inter", [("Qwen3ForCausalLM", 32, 48), ("LlamaForCausalLM", 64, 64),
-                                               ("Qwen2ForCausalLM", 32, 32)])
+@pytest.mark.parametrize(
+    "arch,hidden,inter", [("Qwen3ForCausalLM", 32, 48), ("LlamaForCausalLM", 64, 64), ("Qwen2ForCausalLM", 32, 32)]
+)
 @pytest.mark.parametrize("layers", [2, 4])
 def test_matches_reference(arch, hidden, inter, layers):
     c, args, _ = _case(arch, hidden, inter, num_hidden_layers=layers)
@@ -99,8 +127,20 @@ def test_rows_independent_of_batch():
     block, _ = _call(target_forward, c, args, h.clone(), pos, cu, slots, base, k, v, torch.arange(6), [])
     steps = []
     for i in range(6):
-        lg, _ = _call(target_forward, c, args, h[i:i + 1].clone(), pos[i:i + 1], torch.tensor([0, 1]), slots,
-                      base + i, k0, v0, torch.tensor([0]), [])
+        lg, _ = _call(
+            target_forward,
+            c,
+            args,
+            h[i : i + 1].clone(),
+            pos[i : i + 1],
+            torch.tensor([0, 1]),
+            slots,
+            base + i,
+            k0,
+            v0,
+            torch.tensor([0]),
+            [],
+        )
         steps.append(lg)
     assert torch.equal(torch.cat(steps), block)
     assert torch.equal(k0, k) and torch.equal(v0, v)
@@ -130,8 +170,13 @@ print(json.dumps(dict(isa=target_forward_isa(), logits=lg.tolist(), h=h.tolist()
     assert "generic" in out
     ref = out["generic"]
     for name, res in out.items():
-        torch.testing.assert_close(torch.tensor(res["logits"]), torch.tensor(ref["logits"]), atol=2e-3, rtol=2e-3,
-                                   msg=lambda m, name=name: f"{name} vs generic: {m}")
+        torch.testing.assert_close(
+            torch.tensor(res["logits"]),
+            torch.tensor(ref["logits"]),
+            atol=2e-3,
+            rtol=2e-3,
+            msg=lambda m, name=name: f"{name} vs generic: {m}",
+        )
         torch.testing.assert_close(torch.tensor(res["h"]), torch.tensor(ref["h"]), atol=2e-3, rtol=2e-3)
     assert target_forward_isa() in out
 
@@ -155,12 +200,33 @@ def test_hostile_input_named():
 
     def run(**kw):
         a = dict(args)
-        x = dict(h=h.clone(), pos=pos, cu=cu, slots=good["slots"], base=base, k=k.clone(), v=v.clone(),
-                 rows=good["rows"], feats=[])
+        x = dict(
+            h=h.clone(),
+            pos=pos,
+            cu=cu,
+            slots=good["slots"],
+            base=base,
+            k=k.clone(),
+            v=v.clone(),
+            rows=good["rows"],
+            feats=[],
+        )
         x.update({n: kw.pop(n) for n in list(kw) if n in x})
         a.update(kw)
-        return _call(target_forward, c, a, x["h"], x["pos"], x["cu"], x["slots"], x["base"], x["k"], x["v"],
-                     x["rows"], x["feats"])
+        return _call(
+            target_forward,
+            c,
+            a,
+            x["h"],
+            x["pos"],
+            x["cu"],
+            x["slots"],
+            x["base"],
+            x["k"],
+            x["v"],
+            x["rows"],
+            x["feats"],
+        )
 
     with pytest.raises(RuntimeError, match="slots must be distinct"):
         run(slots=torch.tensor([1, 1]))
@@ -180,18 +246,33 @@ def test_hostile_input_named():
         run(cu=torch.tensor([0, 3, 4]))
     k0 = k.clone()
     with pytest.raises(RuntimeError):
-        _call(target_forward, c, args, h.clone(), pos, cu, torch.tensor([1, 1]), base, k0, v.clone(),
-              good["rows"], [])
+        _call(target_forward, c, args, h.clone(), pos, cu, torch.tensor([1, 1]), base, k0, v.clone(), good["rows"], [])
     assert torch.equal(k0, k)  # nothing written on error
 
 
 def test_opcheck():
     c, args, _ = _case()
     h, pos, cu, base, k, v = _batch(c, [2, 1], [3, 0])
-    a = (h, pos, cu, torch.tensor([1, 0]), base, k, v, args["layer_weights"], args["lm_head"], args["final_norm"],
-         args["inv_freq"], torch.tensor([0, 2]), [1], c["Hq"], c["I"], c["V"], 1e-6)
-    torch.library.opcheck(torch.ops.dspark.target_forward.default, a,
-                          test_utils=("test_schema", "test_faketensor"))
+    a = (
+        h,
+        pos,
+        cu,
+        torch.tensor([1, 0]),
+        base,
+        k,
+        v,
+        args["layer_weights"],
+        args["lm_head"],
+        args["final_norm"],
+        args["inv_freq"],
+        torch.tensor([0, 2]),
+        [1],
+        c["Hq"],
+        c["I"],
+        c["V"],
+        1e-6,
+    )
+    torch.library.opcheck(torch.ops.dspark.target_forward.default, a, test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.fixture(scope="module", params=["Qwen3ForCausalLM", "LlamaForCausalLM"])

@@ -68,7 +68,7 @@ def test_stream_token_by_token_equals_the_decode(tok, text):
     naive = []
     for i in range(1, len(ids) + 1):
         cur = tok.decode(ids[:i])
-        naive.append(cur[len(shown):])
+        naive.append(cur[len(shown) :])
         shown = cur
     assert "".join(naive) != text
 
@@ -81,7 +81,7 @@ def test_stream_in_random_pieces_and_against_decode_stream(tok):
             ts, out, i = TextStream(tok), [], 0
             while i < len(ids):
                 n = int(torch.randint(1, 6, (1,), generator=g))
-                out.append(ts.push(ids[i:i + n]))
+                out.append(ts.push(ids[i : i + n]))
                 i += n
             out.append(ts.flush())
             assert "".join(out) == text
@@ -113,7 +113,7 @@ def test_stop_strings_cut_text_and_tokens(tok, stop):
     i = 0
     while i < len(ids):
         n = int(torch.randint(1, 4, (1,), generator=g))
-        shown.append(rt.push(ids[i:i + n]))
+        shown.append(rt.push(ids[i : i + n]))
         i += n
     shown.append(rt.finish())
     pos = text.find(stop)
@@ -196,8 +196,9 @@ def test_generate_streams_exactly_the_final_answer(chain_target, capsys, tmp_pat
     assert rec["finish_reason"] == "stop" and rec["identical_to_plain"]
     # a stop string made of split characters: the stream stops exactly before it
     cut = want.index("塔😀")
-    rc, out, err = run_cli(capsys, "generate", "hi", "--target", d, "--max-new-tokens", "80", "--stop", "塔😀",
-                           "--json", js)
+    rc, out, err = run_cli(
+        capsys, "generate", "hi", "--target", d, "--max-new-tokens", "80", "--stop", "塔😀", "--json", js
+    )
     assert rc == 0, err
     rec = json.load(open(js))["outputs"][0]
     assert out.split("\ntau = ")[0] == rec["answer"] == want[:cut]

@@ -67,11 +67,21 @@ def test_figure6_matches_the_stated_ranges():
 
 
 def test_results_tool_prints_the_paper_rows(tmp_path):
-    ev = {"temperatures": {"1": {"domains": {"gsm8k": {"tau": 1.5}}, "overall": {
-        "macro_tau": 1.5, "cond_accept": [0.3], "reached": [10]}}}}
+    ev = {
+        "temperatures": {
+            "1": {
+                "domains": {"gsm8k": {"tau": 1.5}},
+                "overall": {"macro_tau": 1.5, "cond_accept": [0.3], "reached": [10]},
+            }
+        }
+    }
     path = tmp_path / "e.json"
     path.write_text(json.dumps(ev))
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "drafter_results_table.py"), f"ours={path}", "--paper"],
-                       capture_output=True, text=True, check=True)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "drafter_results_table.py"), f"ours={path}", "--paper"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "| ours | 1.50 | **1.50** |" in r.stdout
     assert "| DSpark | 6.11 | 5.70" in r.stdout and "DSpark macro tau vs Eagle3 +30.9%, DFlash +16.3%" in r.stdout

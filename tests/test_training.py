@@ -46,10 +46,15 @@ def test_dspark_loss_matches_hand_computation():
     assert st["l1"] == pytest.approx(wm(l1), rel=1e-5)
     assert st["bce"] == pytest.approx(wm(bce), rel=1e-5)
     # an invalid row contributes nothing, whatever its values
-    loss2, _ = dspark_loss(torch.cat([z, torch.randn(1, 3) * 9]), torch.tensor([0, 2, 1]),
-                           torch.tensor([0, 2, 1]), torch.tensor([True, True, False]),
-                           torch.cat([ids, ids[:1]]), torch.cat([probs, probs[:1]]),
-                           torch.cat([conf, torch.tensor([5.0])]))
+    loss2, _ = dspark_loss(
+        torch.cat([z, torch.randn(1, 3) * 9]),
+        torch.tensor([0, 2, 1]),
+        torch.tensor([0, 2, 1]),
+        torch.tensor([True, True, False]),
+        torch.cat([ids, ids[:1]]),
+        torch.cat([probs, probs[:1]]),
+        torch.cat([conf, torch.tensor([5.0])]),
+    )
     assert loss2.item() == pytest.approx(want, rel=1e-5)
 
 
@@ -97,8 +102,16 @@ def _encode(text):
 
 
 def _data_cfg(files, **kw):
-    base = dict(files=files, limit_per_file=8, max_prompt_tokens=40, max_new_tokens=12, batch=4,
-                sequences_per_shard=4, topk=8, target_layer_ids=[1, 2, 3, 4, 5])
+    base = dict(
+        files=files,
+        limit_per_file=8,
+        max_prompt_tokens=40,
+        max_new_tokens=12,
+        batch=4,
+        sequences_per_shard=4,
+        topk=8,
+        target_layer_ids=[1, 2, 3, 4, 5],
+    )
     base.update(kw)
     return DataConfig(**base)
 
@@ -116,15 +129,15 @@ def test_data_rows_are_the_targets(tiny_target, tiny_data):
     assert d.num_sequences == 8
     i = 5
     o, n = int(d.offsets[i]), int(d.offsets[i + 1] - d.offsets[i])
-    seq = d.tokens[o:o + n]
+    seq = d.tokens[o : o + n]
     cache = tiny_target.new_cache(1, n)
     logits, hid = tiny_target(seq, torch.tensor([0, n]), torch.tensor([0]), cache)
-    torch.testing.assert_close(d.features[o:o + n], hid.to(torch.bfloat16))
+    torch.testing.assert_close(d.features[o : o + n], hid.to(torch.bfloat16))
     p = torch.softmax(logits, -1)
-    torch.testing.assert_close(d.topk_probs[o:o + n].float(), p.topk(8, -1).values, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(d.topk_probs[o : o + n].float(), p.topk(8, -1).values, atol=1e-3, rtol=1e-3)
     # the answer is the target's own greedy continuation of the prompt
     a = int(d.answer_start[i])
-    assert seq[a:].tolist() == logits[a - 1:-1].argmax(-1).tolist()
+    assert seq[a:].tolist() == logits[a - 1 : -1].argmax(-1).tolist()
 
 
 def test_data_build_resumes(tiny_target, tiny_data, tmp_path):
@@ -154,8 +167,18 @@ def test_select_prompts_interleaves_and_filters(tmp_path):
 
 @pytest.mark.parametrize("kind", ["dspark", "dflash", "eagle3"])
 def test_few_steps_reduce_the_loss(tiny_target, tiny_data, tmp_path, kind):
-    cfg = TrainConfig(kind=kind, num_layers=1, markov_rank=8, block_size=4, steps=40, batch_sequences=4,
-                      anchors_per_sequence=4, lr=3e-3, save_every=100, log_every=100)
+    cfg = TrainConfig(
+        kind=kind,
+        num_layers=1,
+        markov_rank=8,
+        block_size=4,
+        steps=40,
+        batch_sequences=4,
+        anchors_per_sequence=4,
+        lr=3e-3,
+        save_every=100,
+        log_every=100,
+    )
     fixed = batch_for_step(tiny_data, cfg, 10_000)
     d0 = new_drafter(tiny_target, cfg, [1, 2, 3, 4, 5])
     with torch.no_grad():
@@ -168,8 +191,17 @@ def test_few_steps_reduce_the_loss(tiny_target, tiny_data, tmp_path, kind):
 
 @pytest.mark.parametrize("kind", ["dspark", "eagle3"])
 def test_checkpoint_round_trips_through_loader(tiny_target, tiny_data, tmp_path, kind):
-    cfg = TrainConfig(kind=kind, num_layers=1, markov_rank=8, block_size=4, steps=3, batch_sequences=2,
-                      anchors_per_sequence=2, save_every=100, log_every=100)
+    cfg = TrainConfig(
+        kind=kind,
+        num_layers=1,
+        markov_rank=8,
+        block_size=4,
+        steps=3,
+        batch_sequences=2,
+        anchors_per_sequence=2,
+        save_every=100,
+        log_every=100,
+    )
     d = train(tiny_target, tiny_data, cfg, str(tmp_path), target_layer_ids=[1, 2, 3, 4, 5], progress=False)
     loaded = load_drafter(str(tmp_path / "final"), target=tiny_target, dtype=torch.float32)
     assert set(loaded.shared_keys) == {"embed_tokens.weight", "lm_head.weight"}
@@ -181,24 +213,38 @@ def test_checkpoint_round_trips_through_loader(tiny_target, tiny_data, tmp_path,
 
 
 def test_resume_continues_from_saved_step(tiny_target, tiny_data, tmp_path):
-    cfg = TrainConfig(kind="dspark", num_layers=1, markov_rank=8, block_size=4, steps=8, batch_sequences=2,
-                      anchors_per_sequence=3, save_every=3, log_every=1)
-    full = train(tiny_target, tiny_data, cfg, str(tmp_path / "a"), target_layer_ids=[1, 2, 3, 4, 5],
-                 progress=False)
+    cfg = TrainConfig(
+        kind="dspark",
+        num_layers=1,
+        markov_rank=8,
+        block_size=4,
+        steps=8,
+        batch_sequences=2,
+        anchors_per_sequence=3,
+        save_every=3,
+        log_every=1,
+    )
+    full = train(tiny_target, tiny_data, cfg, str(tmp_path / "a"), target_layer_ids=[1, 2, 3, 4, 5], progress=False)
     # interrupted after 5 steps: the state on disk is from step 3, so steps 4..5 are redone
-    train(tiny_target, tiny_data, cfg, str(tmp_path / "b"), target_layer_ids=[1, 2, 3, 4, 5], progress=False,
-          stop_after=5)
+    train(
+        tiny_target, tiny_data, cfg, str(tmp_path / "b"), target_layer_ids=[1, 2, 3, 4, 5], progress=False, stop_after=5
+    )
     assert torch.load(tmp_path / "b" / "train_state.pt", weights_only=False)["step"] == 3
     assert not (tmp_path / "b" / "final").exists()
-    resumed = train(tiny_target, tiny_data, cfg, str(tmp_path / "b"), target_layer_ids=[1, 2, 3, 4, 5],
-                    progress=False)
+    resumed = train(tiny_target, tiny_data, cfg, str(tmp_path / "b"), target_layer_ids=[1, 2, 3, 4, 5], progress=False)
     for k, v in full.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[k], v, atol=0, rtol=0, msg=k)
     steps = [json.loads(x)["step"] for x in open(tmp_path / "b" / "log.jsonl")]
     assert steps[-1] == 8
     with pytest.raises(ValueError, match="another configuration"):
-        train(tiny_target, tiny_data, TrainConfig(kind="dspark", steps=9, num_layers=1, markov_rank=8, block_size=4),
-              str(tmp_path / "b"), target_layer_ids=[1, 2, 3, 4, 5], progress=False)
+        train(
+            tiny_target,
+            tiny_data,
+            TrainConfig(kind="dspark", steps=9, num_layers=1, markov_rank=8, block_size=4),
+            str(tmp_path / "b"),
+            target_layer_ids=[1, 2, 3, 4, 5],
+            progress=False,
+        )
 
 
 def test_train_config_errors():

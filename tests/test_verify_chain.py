@@ -89,8 +89,9 @@ def test_greedy_exact(dtype):
     assert torch.equal(out.num_accepted, exp_acc)
     assert torch.equal(out.tokens, exp_tokens)
     # greedy accept_prob is the hard acceptance [d == argmax] for every draft row
-    is_am = torch.cat([dt[int(cu[r]) - r : int(cu[r + 1]) - r - 1] == am[int(cu[r]) : int(cu[r + 1]) - 1]
-                       for r in range(R)])
+    is_am = torch.cat(
+        [dt[int(cu[r]) - r : int(cu[r + 1]) - r - 1] == am[int(cu[r]) : int(cu[r + 1]) - 1] for r in range(R)]
+    )
     assert torch.equal(out.accept_prob, is_am.float())
 
 
@@ -136,8 +137,9 @@ def _run_pairs(kind, temperature, top_k, top_p, dtype, seed):
     tl = torch.stack([P0.expand(N, V), P1[d0], torch.zeros(N, V)], 1).reshape(3 * N, V).to(dtype)
     dt = torch.stack([d0, d1], 1).reshape(-1)
     cu = torch.arange(0, 3 * N + 1, 3)
-    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=torch.arange(N) + seed * N, offset=0,
-              max_drafts=2)
+    kw = dict(
+        temperature=temperature, top_k=top_k, top_p=top_p, seed=torch.arange(N) + seed * N, offset=0, max_drafts=2
+    )
     ql = torch.stack([Q0.expand(N, V), Q1[d0]], 1).reshape(2 * N, V)
     if kind == "logits":
         kw["draft_logits"] = ql.to(dtype)
@@ -148,13 +150,22 @@ def _run_pairs(kind, temperature, top_k, top_p, dtype, seed):
     need = second < 0  # rejected at position 0: the next round samples x2 from P1[x1]
     idx = need.nonzero().squeeze(1)
     if idx.numel():
-        nxt = ops.verify_chain(P1[first[idx]].to(dtype), torch.arange(idx.numel() + 1),
-                               torch.zeros(0, dtype=torch.long), temperature=temperature, top_k=top_k,
-                               top_p=top_p, seed=idx + seed * N, offset=1, max_drafts=0)
+        nxt = ops.verify_chain(
+            P1[first[idx]].to(dtype),
+            torch.arange(idx.numel() + 1),
+            torch.zeros(0, dtype=torch.long),
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=idx + seed * N,
+            offset=1,
+            max_drafts=0,
+        )
         second[idx] = nxt.tokens[:, 0]
     exp0 = target_probs(P0.to(dtype), temperature, top_k or 0, top_p or 1.0)
-    exp_pair = torch.stack([exp0[a] * target_probs(P1[a].to(dtype), temperature, top_k or 0, top_p or 1.0)
-                            for a in range(V)])
+    exp_pair = torch.stack(
+        [exp0[a] * target_probs(P1[a].to(dtype), temperature, top_k or 0, top_p or 1.0) for a in range(V)]
+    )
     return first, second, exp0, exp_pair
 
 
@@ -195,8 +206,15 @@ def test_bonus_token_distribution():
     B = torch.randn(V, generator=gen) * 2
     d = _draft_sample(P.expand(N, V), T, gen)
     tl = torch.stack([P.expand(N, V), B.expand(N, V)], 1).reshape(2 * N, V)
-    out = ops.verify_chain(tl, torch.arange(0, 2 * N + 1, 2), d, draft_logits=P.expand(N, V).contiguous(),
-                           temperature=T, seed=torch.arange(N), offset=3)
+    out = ops.verify_chain(
+        tl,
+        torch.arange(0, 2 * N + 1, 2),
+        d,
+        draft_logits=P.expand(N, V).contiguous(),
+        temperature=T,
+        seed=torch.arange(N),
+        offset=3,
+    )
     assert bool((out.num_accepted == 1).all()), "q == p: every draft is accepted"
     assert_matches_distribution(out.tokens[:, 1], target_probs(B, T), "bonus token")
 
@@ -225,24 +243,39 @@ def test_nan_and_inf_logits():
     row = torch.tensor([0.0, 1.0, float("nan"), 0.5, -float("inf"), 0.2])
     N = 4000
     tl = row.expand(N, V).contiguous()
-    out = ops.verify_chain(tl, torch.arange(N + 1), torch.zeros(0, dtype=torch.long), temperature=1.0,
-                           seed=torch.arange(N), offset=0)
+    out = ops.verify_chain(
+        tl, torch.arange(N + 1), torch.zeros(0, dtype=torch.long), temperature=1.0, seed=torch.arange(N), offset=0
+    )
     toks = out.tokens[:, 0]
     assert bool(((toks >= 0) & (toks < V)).all())
     assert not bool(((toks == 2) | (toks == 4)).any()), "NaN / -inf entries must carry no mass"
     assert ops.verify_chain(row[None], torch.tensor([0, 1]), torch.zeros(0, dtype=torch.long)).tokens.item() == 1
     # +inf entries take all the mass, uniformly
     inf_row = torch.tensor([0.0, float("inf"), 3.0, float("inf")])
-    out = ops.verify_chain(inf_row.expand(N, 4).contiguous(), torch.arange(N + 1), torch.zeros(0, dtype=torch.long),
-                           temperature=1.0, seed=torch.arange(N), offset=0)
+    out = ops.verify_chain(
+        inf_row.expand(N, 4).contiguous(),
+        torch.arange(N + 1),
+        torch.zeros(0, dtype=torch.long),
+        temperature=1.0,
+        seed=torch.arange(N),
+        offset=0,
+    )
     assert set(out.tokens[:, 0].tolist()) == {1, 3}
     # a row with no finite logit: verification stops there, slot -1, nothing counted
     bad = torch.full((3, V), float("nan"))
     bad[0] = torch.randn(V)
     d0 = int(bad[0].argmax())
     for temp in (0.0, 1.0):
-        out = ops.verify_chain(bad, torch.tensor([0, 3]), torch.tensor([d0, 1]), temperature=temp, seed=0, offset=0,
-                               top_k=1, return_accept_prob=True)
+        out = ops.verify_chain(
+            bad,
+            torch.tensor([0, 3]),
+            torch.tensor([d0, 1]),
+            temperature=temp,
+            seed=0,
+            offset=0,
+            top_k=1,
+            return_accept_prob=True,
+        )
         assert out.num_accepted.item() == 1
         assert out.tokens.tolist() == [[d0, -1, -1]]
         assert out.accept_prob[1].item() == 0.0
@@ -253,16 +286,18 @@ def test_top_k_one_is_greedy_sampling():
     N, V = 3000, 30
     tl = torch.randn(2 * N, V, generator=gen)
     d = torch.randint(0, V, (N,), generator=gen)
-    out = ops.verify_chain(tl, torch.arange(0, 2 * N + 1, 2), d, temperature=1.0, top_k=1, seed=torch.arange(N),
-                           offset=0)
+    out = ops.verify_chain(
+        tl, torch.arange(0, 2 * N + 1, 2), d, temperature=1.0, top_k=1, seed=torch.arange(N), offset=0
+    )
     am = tl.argmax(1).view(N, 2)
     acc = d == am[:, 0]
     assert torch.equal(out.num_accepted, acc.long())
     assert torch.equal(out.tokens[:, 0], am[:, 0])
     assert torch.equal(out.tokens[acc, 1], am[acc, 1])
     # top_p <= 0 also keeps only the maximum
-    out2 = ops.verify_chain(tl, torch.arange(0, 2 * N + 1, 2), d, temperature=1.0, top_p=0.0, seed=torch.arange(N),
-                            offset=0)
+    out2 = ops.verify_chain(
+        tl, torch.arange(0, 2 * N + 1, 2), d, temperature=1.0, top_p=0.0, seed=torch.arange(N), offset=0
+    )
     assert torch.equal(out2.tokens, out.tokens)
 
 
@@ -276,15 +311,23 @@ def test_zero_target_probability_never_accepted():
     probs_zero_at_d = torch.full((N, V), 1.0 / (V - 1))
     probs_zero_at_d[:, 7] = 0.0
     for kw in ({}, {"draft_probs": probs_zero_at_d}, {"draft_logits": torch.zeros(N, V)}):
-        out = ops.verify_chain(tl, torch.arange(0, 2 * N + 1, 2), d, temperature=1.0, seed=torch.arange(N), offset=0,
-                               **kw)
+        out = ops.verify_chain(
+            tl, torch.arange(0, 2 * N + 1, 2), d, temperature=1.0, seed=torch.arange(N), offset=0, **kw
+        )
         assert int(out.num_accepted.sum()) == 0
         assert not bool((out.tokens[:, 0] == 7).any())
     # top-k excluding the draft token
     row2 = torch.arange(V, dtype=torch.float32)
     tl2 = torch.stack([row2.expand(N, V), torch.zeros(N, V)], 1).reshape(2 * N, V)
-    out = ops.verify_chain(tl2, torch.arange(0, 2 * N + 1, 2), torch.zeros(N, dtype=torch.long), temperature=1.0,
-                           top_k=3, seed=torch.arange(N), offset=0)
+    out = ops.verify_chain(
+        tl2,
+        torch.arange(0, 2 * N + 1, 2),
+        torch.zeros(N, dtype=torch.long),
+        temperature=1.0,
+        top_k=3,
+        seed=torch.arange(N),
+        offset=0,
+    )
     assert int(out.num_accepted.sum()) == 0
     assert bool((out.tokens[:, 0] >= V - 3).all())
 
@@ -296,8 +339,15 @@ def test_zero_draft_probability_is_defined():
     tl = torch.randn(2 * N, V)
     probs = torch.full((N, V), 0.1)
     probs[:, 2] = 0.0
-    out = ops.verify_chain(tl, torch.arange(0, 2 * N + 1, 2), torch.full((N,), 2), draft_probs=probs, temperature=1.0,
-                           seed=torch.arange(N), offset=0)
+    out = ops.verify_chain(
+        tl,
+        torch.arange(0, 2 * N + 1, 2),
+        torch.full((N,), 2),
+        draft_probs=probs,
+        temperature=1.0,
+        seed=torch.arange(N),
+        offset=0,
+    )
     assert bool((out.num_accepted == 1).all())
     assert bool(((out.tokens >= 0) & (out.tokens < V)).all())
 
@@ -308,20 +358,39 @@ def test_out_of_range_draft_tokens_rejected():
     d = torch.where(torch.arange(N) % 2 == 0, torch.full((N,), -5), torch.full((N,), V + 3))
     for temp in (0.0, 1.0):
         for kw in ({}, {"draft_logits": torch.randn(N, V)}, {"draft_probs": torch.full((N, V), 1.0 / V)}):
-            out = ops.verify_chain(tl, torch.arange(0, 2 * N + 1, 2), d, temperature=temp, seed=torch.arange(N),
-                                   offset=0, return_accept_prob=True, **kw)
+            out = ops.verify_chain(
+                tl,
+                torch.arange(0, 2 * N + 1, 2),
+                d,
+                temperature=temp,
+                seed=torch.arange(N),
+                offset=0,
+                return_accept_prob=True,
+                **kw,
+            )
             assert int(out.num_accepted.sum()) == 0
             assert bool(((out.tokens[:, 0] >= 0) & (out.tokens[:, 0] < V)).all())
             assert bool((out.tokens[:, 1] == -1).all())
 
 
 def test_empty_batch_and_all_zero_drafts():
-    out = ops.verify_chain(torch.randn(0, 10), torch.zeros(1, dtype=torch.long), torch.zeros(0, dtype=torch.long),
-                           max_drafts=4, return_accept_prob=True)
+    out = ops.verify_chain(
+        torch.randn(0, 10),
+        torch.zeros(1, dtype=torch.long),
+        torch.zeros(0, dtype=torch.long),
+        max_drafts=4,
+        return_accept_prob=True,
+    )
     assert out.tokens.shape == (0, 5) and out.num_accepted.shape == (0,) and out.accept_prob.shape == (0,)
     tl = torch.randn(3, 10)
-    out = ops.verify_chain(tl, torch.arange(4), torch.zeros(0, dtype=torch.long), draft_logits=torch.zeros(0, 10),
-                           max_drafts=2, temperature=0.0)
+    out = ops.verify_chain(
+        tl,
+        torch.arange(4),
+        torch.zeros(0, dtype=torch.long),
+        draft_logits=torch.zeros(0, 10),
+        max_drafts=2,
+        temperature=0.0,
+    )
     assert out.tokens[:, 0].tolist() == tl.argmax(1).tolist()
     assert bool((out.tokens[:, 1:] == -1).all()) and bool((out.num_accepted == 0).all())
 
@@ -344,8 +413,13 @@ def test_empty_batch_and_all_zero_drafts():
     ],
 )
 def test_bad_arguments_raise_naming_the_argument(mutate, match):
-    args = dict(target_logits=torch.randn(5, 10), cu_target_rows=torch.tensor([0, 2, 5]),
-                draft_tokens=torch.zeros(3, dtype=torch.long), temperature=torch.zeros(2), max_drafts=2)
+    args = dict(
+        target_logits=torch.randn(5, 10),
+        cu_target_rows=torch.tensor([0, 2, 5]),
+        draft_tokens=torch.zeros(3, dtype=torch.long),
+        temperature=torch.zeros(2),
+        max_drafts=2,
+    )
     mutate(args)
     with pytest.raises((RuntimeError, ValueError, TypeError), match=match):
         ops.verify_chain(args.pop("target_logits"), args.pop("cu_target_rows"), args.pop("draft_tokens"), **args)
@@ -353,8 +427,13 @@ def test_bad_arguments_raise_naming_the_argument(mutate, match):
 
 def test_both_draft_forms_rejected():
     with pytest.raises(ValueError, match="draft_logits or draft_probs"):
-        ops.verify_chain(torch.randn(2, 4), torch.tensor([0, 2]), torch.zeros(1, dtype=torch.long),
-                         draft_logits=torch.randn(1, 4), draft_probs=torch.rand(1, 4))
+        ops.verify_chain(
+            torch.randn(2, 4),
+            torch.tensor([0, 2]),
+            torch.zeros(1, dtype=torch.long),
+            draft_logits=torch.randn(1, 4),
+            draft_probs=torch.rand(1, 4),
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,11 +489,15 @@ def test_cuda_matches_cpu(kind, dtype):
     dl = (tl[: N - R].float() + torch.randn(N - R, V, generator=g)).to(dtype)
     dt = torch.randint(0, V, (N - R,), generator=g)
     dt[::2] = tl[: N - R : 2].float().argmax(1)
-    kw = dict(temperature=torch.where(torch.arange(R) % 4 == 0, 0.0, 0.8),
-              top_k=torch.where(torch.arange(R) % 3 == 0, 50, 0).int(),
-              top_p=torch.where(torch.arange(R) % 5 == 0, 0.9, 1.0), seed=torch.arange(R) * 7,
-              offset=torch.full((R,), 3),
-              max_drafts=G, return_accept_prob=True)
+    kw = dict(
+        temperature=torch.where(torch.arange(R) % 4 == 0, 0.0, 0.8),
+        top_k=torch.where(torch.arange(R) % 3 == 0, 50, 0).int(),
+        top_p=torch.where(torch.arange(R) % 5 == 0, 0.9, 1.0),
+        seed=torch.arange(R) * 7,
+        offset=torch.full((R,), 3),
+        max_drafts=G,
+        return_accept_prob=True,
+    )
     if kind == "logits":
         kw["draft_logits"] = dl
     if kind == "probs":
@@ -489,7 +572,9 @@ def test_ops_reachable_from_the_package_root_without_importing_ops():
     import subprocess
     import sys
 
-    code = ("import dspark_native as dn; print(dn.verify_chain.__name__, dn.ops.__name__); "
-            "assert not hasattr(dn, 'no_such_op')")
+    code = (
+        "import dspark_native as dn; print(dn.verify_chain.__name__, dn.ops.__name__); "
+        "assert not hasattr(dn, 'no_such_op')"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["verify_chain", "dspark_native.ops"]

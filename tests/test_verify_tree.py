@@ -71,8 +71,12 @@ def batch(trees):
     cu = [0]
     for p, _, _ in trees:
         cu.append(cu[-1] + len(p))
-    return (torch.tensor(cu), torch.tensor([x for p, _, _ in trees for x in p]),
-            torch.tensor([x for _, t, _ in trees for x in t]), torch.cat([lg for _, _, lg in trees]))
+    return (
+        torch.tensor(cu),
+        torch.tensor([x for p, _, _ in trees for x in p]),
+        torch.tensor([x for _, t, _ in trees for x in t]),
+        torch.cat([lg for _, _, lg in trees]),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,8 +95,12 @@ def test_matches_reference(dtype):
             par = random_parents(n, g, ["random", "chain", "star", "binary"][r % 4])
             logits = torch.randn(n, V, generator=g) * 2
             # drafts: half the time the parent's argmax (so paths get accepted), else random
-            toks = [-1] + [int(logits[par[i]].argmax()) if torch.rand(1, generator=g) < 0.5 else
-                           int(torch.randint(0, V, (1,), generator=g)) for i in range(1, n)]
+            toks = [-1] + [
+                int(logits[par[i]].argmax())
+                if torch.rand(1, generator=g) < 0.5
+                else int(torch.randint(0, V, (1,), generator=g))
+                for i in range(1, n)
+            ]
             trees.append((par, toks, logits))
         cu, par, toks, tl = batch(trees)
         temp = torch.where(torch.rand(R, generator=g) < 0.3, torch.zeros(R), torch.rand(R, generator=g) * 1.5 + 0.2)
@@ -142,7 +150,7 @@ def test_greedy_equals_plain_decode(shape):
             emitted.append(nxt)
             path = path + (nxt,)
         assert out.tokens[r, : a + 1].tolist() == emitted
-        assert (out.tokens[r, a + 1:] == -1).all()
+        assert (out.tokens[r, a + 1 :] == -1).all()
         nodes = out.path[r, : a + 1].tolist()
         assert nodes[0] == 0 and [toks[x] for x in nodes[1:]] == emitted[:a]
         assert all(par[nodes[i + 1]] == nodes[i] for i in range(a))
@@ -168,9 +176,18 @@ def run_trials(model, par, toks, T, n_trials, top_k=None, top_p=None, offset=0):
     logits, _ = build_tree(model, par, toks)
     n = len(par)
     cu = torch.arange(n_trials + 1) * n
-    out = ops.verify_tree(logits.repeat(n_trials, 1), cu, torch.tensor(par).repeat(n_trials),
-                          torch.tensor(toks).repeat(n_trials), temperature=T, top_k=top_k, top_p=top_p,
-                          seed=torch.arange(n_trials), offset=offset, max_nodes=n)
+    out = ops.verify_tree(
+        logits.repeat(n_trials, 1),
+        cu,
+        torch.tensor(par).repeat(n_trials),
+        torch.tensor(toks).repeat(n_trials),
+        temperature=T,
+        top_k=top_k,
+        top_p=top_p,
+        seed=torch.arange(n_trials),
+        offset=offset,
+        max_nodes=n,
+    )
     return out
 
 
@@ -228,8 +245,15 @@ def test_out_of_range_and_zero_probability_drafts_never_accepted():
     logits = torch.tensor([[0.0, 0.0, -math.inf, 0.0]] + [[0.0] * V] * 3)
     par, toks = torch.tensor([-1, 0, 0, 0]), torch.tensor([-1, 7, 2, -3])
     n = 3000
-    out = ops.verify_tree(logits.repeat(n, 1), torch.arange(n + 1) * 4, par.repeat(n), toks.repeat(n),
-                          temperature=1.0, seed=torch.arange(n), offset=0)
+    out = ops.verify_tree(
+        logits.repeat(n, 1),
+        torch.arange(n + 1) * 4,
+        par.repeat(n),
+        toks.repeat(n),
+        temperature=1.0,
+        seed=torch.arange(n),
+        offset=0,
+    )
     assert (out.num_accepted == 0).all()
     assert_matches_distribution(out.tokens[:, 0], torch.tensor([1 / 3, 1 / 3, 0.0, 1 / 3]), "zero-mass drafts")
 
@@ -264,11 +288,23 @@ def test_chain_tree_matches_verify_chain(T):
         toks.append(t)
         paths.append(paths[-1] + (t,))
     logits, _ = build_tree(model, list(range(-1, L)), toks)
-    tree = ops.verify_tree(logits.repeat(n, 1), torch.arange(n + 1) * (L + 1),
-                           torch.tensor(list(range(-1, L))).repeat(n),
-                           torch.tensor(toks).repeat(n), temperature=T, seed=torch.arange(n), offset=0)
-    chain = ops.verify_chain(logits.repeat(n, 1), torch.arange(n + 1) * (L + 1), torch.tensor(toks[1:]).repeat(n),
-                             temperature=T, seed=torch.arange(n) + 10**6, offset=0)
+    tree = ops.verify_tree(
+        logits.repeat(n, 1),
+        torch.arange(n + 1) * (L + 1),
+        torch.tensor(list(range(-1, L))).repeat(n),
+        torch.tensor(toks).repeat(n),
+        temperature=T,
+        seed=torch.arange(n),
+        offset=0,
+    )
+    chain = ops.verify_chain(
+        logits.repeat(n, 1),
+        torch.arange(n + 1) * (L + 1),
+        torch.tensor(toks[1:]).repeat(n),
+        temperature=T,
+        seed=torch.arange(n) + 10**6,
+        offset=0,
+    )
 
     def code(tokens, acc):
         t0 = tokens[:, 0]
@@ -296,8 +332,12 @@ def test_bad_parents_raise_naming_parents(parents):
     with pytest.raises(RuntimeError, match="parents"):
         call(parents)
     with pytest.raises(ValueError, match="parents"):
-        verify_tree_reference(torch.randn(len(parents), 6), torch.tensor([0, len(parents)]), torch.tensor(parents),
-                              torch.zeros(len(parents), dtype=torch.int64))
+        verify_tree_reference(
+            torch.randn(len(parents), 6),
+            torch.tensor([0, len(parents)]),
+            torch.tensor(parents),
+            torch.zeros(len(parents), dtype=torch.int64),
+        )
 
 
 def test_too_many_nodes_and_too_deep():
@@ -339,11 +379,13 @@ def test_nonfinite_rows_and_empty_batch():
     # +inf row: mass uniform on the +inf entries
     tl = torch.zeros(1, V)
     tl[0, 3] = math.inf
-    out = ops.verify_tree(tl, torch.tensor([0, 1]), torch.tensor([-1]), torch.tensor([0]), temperature=1.0, seed=1,
-                          offset=0)
+    out = ops.verify_tree(
+        tl, torch.tensor([0, 1]), torch.tensor([-1]), torch.tensor([0]), temperature=1.0, seed=1, offset=0
+    )
     assert out.tokens.tolist() == [[3]]
-    out = ops.verify_tree(torch.randn(0, V), torch.tensor([0]), torch.zeros(0, dtype=torch.int64),
-                          torch.zeros(0, dtype=torch.int64))
+    out = ops.verify_tree(
+        torch.randn(0, V), torch.tensor([0]), torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+    )
     assert out.path.shape == (0, 1)
 
 
@@ -390,8 +432,19 @@ def test_tree_helpers():
 def test_opcheck():
     g = torch.Generator().manual_seed(0)
     tl = torch.randn(7, 11, generator=g)
-    args = (tl, torch.tensor([0, 4, 7]), torch.tensor([-1, 0, 0, 1, -1, 0, 1]), torch.randint(0, 11, (7,), generator=g),
-            torch.tensor([0.0, 0.8]), None, None, torch.tensor([1, 2]), torch.tensor([0, 0]), 4, 3)
+    args = (
+        tl,
+        torch.tensor([0, 4, 7]),
+        torch.tensor([-1, 0, 0, 1, -1, 0, 1]),
+        torch.randint(0, 11, (7,), generator=g),
+        torch.tensor([0.0, 0.8]),
+        None,
+        None,
+        torch.tensor([1, 2]),
+        torch.tensor([0, 0]),
+        4,
+        3,
+    )
     torch.library.opcheck(torch.ops.dspark.verify_tree.default, args)
 
 
@@ -404,12 +457,19 @@ def test_cuda_matches_cpu():
         n = int(torch.randint(1, 20, (1,), generator=g))
         par = random_parents(n, g, ["random", "chain", "star", "binary"][r % 4])
         logits = torch.randn(n, V, generator=g) * 3
-        toks = [-1] + [int(logits[par[i]].argmax()) if torch.rand(1, generator=g) < 0.6 else
-                       int(torch.randint(0, V, (1,), generator=g)) for i in range(1, n)]
+        toks = [-1] + [
+            int(logits[par[i]].argmax())
+            if torch.rand(1, generator=g) < 0.6
+            else int(torch.randint(0, V, (1,), generator=g))
+            for i in range(1, n)
+        ]
         trees.append((par, toks, logits))
     cu, par, toks, tl = batch(trees)
-    for kw in (dict(temperature=0.0), dict(temperature=torch.rand(R, generator=g) + 0.3),
-               dict(temperature=1.0, top_k=50, top_p=0.8)):
+    for kw in (
+        dict(temperature=0.0),
+        dict(temperature=torch.rand(R, generator=g) + 0.3),
+        dict(temperature=1.0, top_k=50, top_p=0.8),
+    ):
         kw.update(seed=torch.arange(R), offset=5, max_nodes=19)
         cpu = ops.verify_tree(tl, cu, par, toks, **kw)
         kwc = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}

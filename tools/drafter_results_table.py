@@ -11,8 +11,9 @@ import json
 import os
 import sys
 
-PAPER_TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "third_party", "dspark_paper",
-                           "table1_tau.json")
+PAPER_TABLE = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "third_party", "dspark_paper", "table1_tau.json"
+)
 
 
 def paper_rows(target="Qwen3-4B", path=PAPER_TABLE):
@@ -24,20 +25,30 @@ def paper_rows(target="Qwen3-4B", path=PAPER_TABLE):
         sys.exit(f"--paper: no target {target!r} in {path} (have {', '.join(t['tau'])})")
     bench, rows = t["benchmarks"], t["tau"][target]
     doms = list(t["domains"])
-    out = [f"paper, Table 1 ({target}, T = 1, block 7, static verification; tau bonus included)", "",
-           "| drafter | " + " | ".join(bench) + " | " + " | ".join(f"{d} mean" for d in doms) + " | macro |",
-           "|---" * (2 + len(bench) + len(doms)) + "|"]
+    out = [
+        f"paper, Table 1 ({target}, T = 1, block 7, static verification; tau bonus included)",
+        "",
+        "| drafter | " + " | ".join(bench) + " | " + " | ".join(f"{d} mean" for d in doms) + " | macro |",
+        "|---" * (2 + len(bench) + len(doms)) + "|",
+    ]
     macro = {}
     for name, vals in rows.items():
         by = dict(zip(bench, vals, strict=True))
         dm = [sum(by[b] for b in t["domains"][d]) / len(t["domains"][d]) for d in doms]
         macro[name] = sum(vals) / len(vals)
-        out.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in vals) + " | "
-                   + " | ".join(f"{v:.2f}" for v in dm) + f" | **{macro[name]:.2f}** |")
+        out.append(
+            f"| {name} | "
+            + " | ".join(f"{v:.2f}" for v in vals)
+            + " | "
+            + " | ".join(f"{v:.2f}" for v in dm)
+            + f" | **{macro[name]:.2f}** |"
+        )
     if "DSpark" in macro:
         out.append("")
-        out.append("paper: DSpark macro tau vs " + ", ".join(
-            f"{n} {100 * (macro['DSpark'] / m - 1):+.1f}%" for n, m in macro.items() if n != "DSpark"))
+        out.append(
+            "paper: DSpark macro tau vs "
+            + ", ".join(f"{n} {100 * (macro['DSpark'] / m - 1):+.1f}%" for n, m in macro.items() if n != "DSpark")
+        )
     return out
 
 
@@ -51,7 +62,7 @@ def main(argv):
         i = argv.index("--paper")
         nxt = argv[i + 1] if i + 1 < len(argv) and "=" not in argv[i + 1] else None
         paper = nxt or "Qwen3-4B"
-        argv = argv[:i] + argv[i + (2 if nxt else 1):]
+        argv = argv[:i] + argv[i + (2 if nxt else 1) :]
     runs = []
     for a in argv:
         name, _, path = a.partition("=")
@@ -85,8 +96,10 @@ def main(argv):
             ratios.append(f"T={t}: {100 * (a / b - 1):+.1f}%" if a and b else f"T={t}: -")
         print(f"\n{base} macro tau vs {name}: " + ", ".join(ratios))
 
-    print("\nconditional acceptance by draft position k (accepted | drafts < k accepted), all domains; "
-          "(n) = rounds that reached k\n")
+    print(
+        "\nconditional acceptance by draft position k (accepted | drafts < k accepted), all domains; "
+        "(n) = rounds that reached k\n"
+    )
     g = max(len(t["overall"]["cond_accept"]) for _, r in runs for t in r["temperatures"].values())
     print("| drafter | T | " + " | ".join(f"k={k}" for k in range(g)) + " |")
     print("|---" * (2 + g) + "|")

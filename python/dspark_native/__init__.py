@@ -12,8 +12,15 @@ from ._native import cmake_prefix_path, get_include, get_library_dir, has_cuda, 
 
 __version__ = "0.1.0"
 
-__all__ = ["get_include", "get_library_dir", "cmake_prefix_path", "has_cuda", "has_native", "load_library",
-           "__version__"]
+__all__ = [
+    "get_include",
+    "get_library_dir",
+    "cmake_prefix_path",
+    "has_cuda",
+    "has_native",
+    "load_library",
+    "__version__",
+]
 
 
 def __getattr__(name):

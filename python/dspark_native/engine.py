@@ -26,8 +26,8 @@ import math
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Deque, Dict, List, Optional, Sequence, Union
 
 import torch
 
@@ -38,14 +38,24 @@ from .models.hf_target import TransformersTarget
 from .models.target import TargetModel
 
 __all__ = [
-    "SamplingParams", "RequestStats", "RequestOutput", "Engine", "make_policy", "POLICIES",
-    "default_sps_table", "target_forward_fn", "drafter_kind", "default_drafter", "sequential_stage",
+    "SamplingParams",
+    "RequestStats",
+    "RequestOutput",
+    "Engine",
+    "make_policy",
+    "POLICIES",
+    "default_sps_table",
+    "target_forward_fn",
+    "drafter_kind",
+    "default_drafter",
+    "sequential_stage",
 ]
 
 PHASES = ("prefill", "draft", "schedule", "verify", "rollback")
 
 
 # ----------------------------------------------------------------------------- requests
+
 
 @dataclass
 class SamplingParams:
@@ -87,9 +97,9 @@ class RequestStats:
     drafted: int = 0
     budget: int = 0
     accepted_drafts: int = 0
-    reached: List[int] = field(default_factory=list)
-    accepted: List[int] = field(default_factory=list)
-    time: Dict[str, float] = field(default_factory=lambda: {p: 0.0 for p in PHASES})
+    reached: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
+    time: dict[str, float] = field(default_factory=lambda: {p: 0.0 for p in PHASES})
     wall: float = 0.0  #: seconds from admission (prefill start) to finish
 
     @property
@@ -101,7 +111,7 @@ class RequestStats:
         return self.emitted / self.rounds if self.rounds else 0.0
 
     @property
-    def acceptance(self) -> List[float]:
+    def acceptance(self) -> list[float]:
         return [a / n if n else float("nan") for a, n in zip(self.accepted, self.reached, strict=True)]
 
     def _grow(self, k: int) -> None:
@@ -110,21 +120,31 @@ class RequestStats:
             self.accepted.append(0)
 
     def to_dict(self) -> dict:
-        return dict(rounds=self.rounds, emitted=self.emitted, tau=self.tau, drafted=self.drafted,
-                    budget=self.budget, accepted_drafts=self.accepted_drafts, reached=list(self.reached),
-                    accepted=list(self.accepted), acceptance=self.acceptance, time=dict(self.time),
-                    wall=self.wall, tokens_per_s=self.tokens_per_s)
+        return dict(
+            rounds=self.rounds,
+            emitted=self.emitted,
+            tau=self.tau,
+            drafted=self.drafted,
+            budget=self.budget,
+            accepted_drafts=self.accepted_drafts,
+            reached=list(self.reached),
+            accepted=list(self.accepted),
+            acceptance=self.acceptance,
+            time=dict(self.time),
+            wall=self.wall,
+            tokens_per_s=self.tokens_per_s,
+        )
 
 
 @dataclass
 class RequestOutput:
     request_id: int
-    prompt_ids: List[int]
-    token_ids: List[int]
+    prompt_ids: list[int]
+    token_ids: list[int]
     finished: bool
-    finish_reason: Optional[str]  #: "stop" | "length" | "context" | "aborted" | "error"
+    finish_reason: str | None  #: "stop" | "length" | "context" | "aborted" | "error"
     stats: RequestStats
-    error: Optional[str] = None
+    error: str | None = None
 
 
 class _Request:
@@ -134,19 +154,20 @@ class _Request:
         self.params = params
         self.on_tokens = on_tokens
         self.stop = set(int(s) for s in params.stop_token_ids)
-        self.output: List[int] = []
-        self.slot: Optional[int] = None
+        self.output: list[int] = []
+        self.slot: int | None = None
         self.anchor = int(prompt[-1]) if prompt else 0
         self.offset = 0
         self.finished = False
-        self.finish_reason: Optional[str] = None
-        self.error: Optional[str] = None
+        self.finish_reason: str | None = None
+        self.error: str | None = None
         self.stats = RequestStats()
-        self.t_admit: Optional[float] = None
+        self.t_admit: float | None = None
 
     def result(self) -> RequestOutput:
-        return RequestOutput(self.id, list(self.prompt), list(self.output), self.finished, self.finish_reason,
-                             self.stats, self.error)
+        return RequestOutput(
+            self.id, list(self.prompt), list(self.output), self.finished, self.finish_reason, self.stats, self.error
+        )
 
 
 # ----------------------------------------------------------------------------- length policies
@@ -175,8 +196,16 @@ def default_sps_table(max_tokens: int, fixed_s: float = 1.0, per_token_s: float 
     return 1.0 / (fixed_s + per_token_s * b)
 
 
-def make_policy(name: str = "static", *, length: Optional[int] = None, threshold: float = 0.5,
-                sps_table=None, max_tokens: int = 4096, token_budget: Optional[int] = None, lag: int = 2):
+def make_policy(
+    name: str = "static",
+    *,
+    length: int | None = None,
+    threshold: float = 0.5,
+    sps_table=None,
+    max_tokens: int = 4096,
+    token_budget: int | None = None,
+    lag: int = 2,
+):
     """A verification-length policy of :mod:`dspark_native.scheduler` by name.
 
     static: ``length`` drafts (default: all); threshold: survival product >= ``threshold``;
@@ -184,7 +213,7 @@ def make_policy(name: str = "static", *, length: Optional[int] = None, threshold
     :func:`default_sps_table` over ``max_tokens``), async with budget ``lag`` rounds old."""
     S = _scheduler()
     if name == "static":
-        return S.StaticLength(10 ** 9 if length is None else int(length))
+        return S.StaticLength(10**9 if length is None else int(length))
     if name == "threshold":
         return S.ConfidenceThreshold(float(threshold))
     if name in ("causal", "async"):
@@ -195,7 +224,7 @@ def make_policy(name: str = "static", *, length: Optional[int] = None, threshold
     raise ValueError(f"unknown policy {name!r} (one of {', '.join(POLICIES)})")
 
 
-def _apply_policy(policy, conf: Optional[torch.Tensor], caps: List[int], device) -> Union[List[int], torch.Tensor]:
+def _apply_policy(policy, conf: torch.Tensor | None, caps: list[int], device) -> list[int] | torch.Tensor:
     """l = policy(conf) capped per request by ``caps`` (host ints). Returns host ints when the
     lengths follow from counts alone (the static policy; no confidences: DFlash, EAGLE-3, DSpark
     without a confidence head, where the confidence policies verify the whole cap), else the
@@ -214,8 +243,11 @@ def _apply_policy(policy, conf: Optional[torch.Tensor], caps: List[int], device)
         return torch.minimum(policy(None, caps_t).to(torch.int64), caps_t)
     if type(policy) is HardwareAwareCausal:  # let Algorithm 1 know the caps (better choices)
         saved = policy.max_len
-        policy.max_len = caps_t.to(torch.int32) if saved is None else torch.minimum(
-            caps_t, torch.as_tensor(saved, device=device).expand(R)).to(torch.int32)
+        policy.max_len = (
+            caps_t.to(torch.int32)
+            if saved is None
+            else torch.minimum(caps_t, torch.as_tensor(saved, device=device).expand(R)).to(torch.int32)
+        )
         try:
             out = policy.schedule(conf)
         finally:
@@ -228,6 +260,7 @@ def _apply_policy(policy, conf: Optional[torch.Tensor], caps: List[int], device)
 
 
 # ----------------------------------------------------------------------------- the sequential stage
+
 
 def drafter_kind(drafter) -> str:
     if drafter is None:
@@ -281,21 +314,34 @@ def sequential_stage(drafter: DSparkDrafter, U, h, anchors, temperature, seed, o
     wdt = w2.dtype
     kw = {k: v.detach().to(wdt).contiguous() for k, v in kw.items()}
     if ch is not None:
-        kw.update(conf_weight=ch.proj.weight.detach().to(wdt).contiguous(),
-                  conf_bias=ch.proj.bias.detach().to(wdt).contiguous())
+        kw.update(
+            conf_weight=ch.proj.weight.detach().to(wdt).contiguous(),
+            conf_bias=ch.proj.bias.detach().to(wdt).contiguous(),
+        )
     # STS temperatures are per block position; a round drafting g < block_size positions (e.g.
     # num_drafts < block size) uses the first g of them.
     sts = getattr(drafter, "sts_temperature", None)
     if sts is not None:
         sts = _sts_tensor(drafter, sts, U.shape[1], U.device)
-    out = dspark_draft(U.contiguous(), anchors, w1.detach().contiguous(), w2.detach().contiguous(),
-                       hidden=h.contiguous(), head_type=head_type, temperature=temperature, seed=seed,
-                       offset=offset, sts_temperature=sts, **kw)
+    out = dspark_draft(
+        U.contiguous(),
+        anchors,
+        w1.detach().contiguous(),
+        w2.detach().contiguous(),
+        hidden=h.contiguous(),
+        head_type=head_type,
+        temperature=temperature,
+        seed=seed,
+        offset=offset,
+        sts_temperature=sts,
+        **kw,
+    )
     conf = out.confidence if ch is not None else None
     return out.tokens, out.logits, conf
 
 
 # ----------------------------------------------------------------------------- the engine
+
 
 class Engine:
     """Batched generation over a target model, optionally with a drafter.
@@ -316,9 +362,18 @@ class Engine:
         max_batch: concurrent requests (cache slots). max_seq: context length per request.
     """
 
-    def __init__(self, target: TargetModel, drafter=None, *, plain: bool = False,
-                 policy: Union[str, Callable, None] = "static", policy_kwargs: Optional[dict] = None,
-                 num_drafts: Optional[int] = None, max_batch: int = 8, max_seq: int = 1024):
+    def __init__(
+        self,
+        target: TargetModel,
+        drafter=None,
+        *,
+        plain: bool = False,
+        policy: str | Callable | None = "static",
+        policy_kwargs: dict | None = None,
+        num_drafts: int | None = None,
+        max_batch: int = 8,
+        max_seq: int = 1024,
+    ):
         if not isinstance(target, (TargetModel, TransformersTarget)):
             raise TypeError(f"target must be a TargetModel or a TransformersTarget, got {type(target).__name__}")
         if max_batch < 1 or max_seq < 2:
@@ -335,8 +390,10 @@ class Engine:
             if dh != th:
                 raise ValueError(f"drafter hidden_size ({dh}) differs from the target's ({th})")
             if self.drafter.device != target.device:
-                raise ValueError(f"drafter is on {self.drafter.device} but the target on {target.device}: "
-                                 "load or move both to one device")
+                raise ValueError(
+                    f"drafter is on {self.drafter.device} but the target on {target.device}: "
+                    "load or move both to one device"
+                )
             ids = list(self.drafter.config.target_layer_ids)
             if list(target.target_layer_ids) != ids:
                 target.set_target_layer_ids(ids)
@@ -355,33 +412,41 @@ class Engine:
         self.max_batch, self.max_seq = max_batch, max_seq
         self.cache: KVCache = target.new_cache(max_batch, max_seq)
         self.free_slots = list(range(max_batch))
-        self.waiting: Deque[_Request] = deque()
-        self.active: Dict[int, _Request] = {}  # slot -> request
-        self.requests: Dict[int, _Request] = {}
+        self.waiting: deque[_Request] = deque()
+        self.active: dict[int, _Request] = {}  # slot -> request
+        self.requests: dict[int, _Request] = {}
         self._next_id = 0
         # Thread-safe submission (submit / abort from other threads, drained by step()): the lock
         # guards only the inbox and id allocation; everything else belongs to the stepping thread.
         self._lock = threading.Lock()
-        self._inbox: Deque[tuple] = deque()
+        self._inbox: deque[tuple] = deque()
         self._work = threading.Event()
         self.time = {p: 0.0 for p in PHASES}
         self.rounds = 0
         #: set to a list to record every round's (confidences [R, g] or None, lengths [R],
         #: num_accepted [R]) -- the data STS calibration needs
-        self.round_log: Optional[list] = None
-        self._generator: Optional[torch.Generator] = None  # EAGLE-3 sampling, on the target's device
+        self.round_log: list | None = None
+        self._generator: torch.Generator | None = None  # EAGLE-3 sampling, on the target's device
 
     # -- public API ------------------------------------------------------------------------------
-    def add(self, prompt_ids: Sequence[int], params: Optional[SamplingParams] = None,
-            on_tokens: Optional[Callable[[int, List[int]], None]] = None) -> int:
+    def add(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams | None = None,
+        on_tokens: Callable[[int, list[int]], None] | None = None,
+    ) -> int:
         """Queue a request; returns its id. Bad input raises ValueError and changes nothing.
         Call from the thread that steps the engine (other threads: :meth:`submit`)."""
         rq = self._new_request(prompt_ids, params, on_tokens)
         self._enqueue(rq)
         return rq.id
 
-    def submit(self, prompt_ids: Sequence[int], params: Optional[SamplingParams] = None,
-               on_tokens: Optional[Callable[[int, List[int]], None]] = None) -> int:
+    def submit(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams | None = None,
+        on_tokens: Callable[[int, list[int]], None] | None = None,
+    ) -> int:
         """Thread-safe :meth:`add`, for a thread other than the one calling :meth:`step` (a server's
         request handlers). Validates in the caller's thread (same errors as ``add``; nothing changes
         on error) and returns the id at once; the request joins at the start of the next ``step()``,
@@ -401,7 +466,7 @@ class Engine:
             self._inbox.append(("abort", int(request_id)))
             self._work.set()
 
-    def wait_for_work(self, timeout: Optional[float] = None) -> bool:
+    def wait_for_work(self, timeout: float | None = None) -> bool:
         """Block until there is something to step (queued, active or submitted requests) or
         ``timeout`` seconds pass; True if there is. For the stepping thread's idle wait."""
         if self.has_unfinished():
@@ -425,7 +490,7 @@ class Engine:
     def output(self, request_id: int) -> RequestOutput:
         return self.requests[request_id].result()
 
-    def step(self) -> List[RequestOutput]:
+    def step(self) -> list[RequestOutput]:
         """Drain :meth:`submit` / :meth:`abort`, admit waiting requests, run one round; returns the
         requests finished by this step (including those aborted or finished at once since the
         last call)."""
@@ -434,15 +499,21 @@ class Engine:
         self._admit()
         if self.active:
             self._round()
-        done += [rq for rq in self.requests.values() if rq.finished and not getattr(rq, "_reported", False)
-                 and rq not in done]
+        done += [
+            rq
+            for rq in self.requests.values()
+            if rq.finished and not getattr(rq, "_reported", False) and rq not in done
+        ]
         for rq in done:
             rq._reported = True
         return [rq.result() for rq in done]
 
-    def generate(self, prompts: Sequence[Sequence[int]],
-                 params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
-                 on_tokens=None) -> List[RequestOutput]:
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        on_tokens=None,
+    ) -> list[RequestOutput]:
         """Run a list of prompts to completion; outputs in prompt order."""
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(prompts)
@@ -469,8 +540,9 @@ class Engine:
         if min(prompt) < 0 or max(prompt) >= V:
             raise ValueError(f"prompt token ids must be in [0, {V})")
         if len(prompt) > self.max_seq:
-            raise ContextLengthError(f"prompt of {len(prompt)} tokens is longer than the context "
-                                     f"(max_seq = {self.max_seq})")
+            raise ContextLengthError(
+                f"prompt of {len(prompt)} tokens is longer than the context (max_seq = {self.max_seq})"
+            )
         params.validate(V)
         with self._lock:
             rid = self._next_id
@@ -495,7 +567,7 @@ class Engine:
             elif x in self.requests:
                 self.finish(x)
 
-    def _close(self, rq: _Request, reason: str, error: Optional[str] = None) -> None:
+    def _close(self, rq: _Request, reason: str, error: str | None = None) -> None:
         rq.finished, rq.finish_reason, rq.error = True, reason, error
         if rq.t_admit is not None:
             rq.stats.wall = time.perf_counter() - rq.t_admit
@@ -510,7 +582,7 @@ class Engine:
             rq.slot = None
 
     def _admit(self) -> None:
-        new: List[_Request] = []
+        new: list[_Request] = []
         while self.waiting and self.free_slots:
             rq = self.waiting.popleft()
             rq.slot = self.free_slots.pop(0)
@@ -531,8 +603,9 @@ class Engine:
         if cu[-1]:
             ids = torch.tensor([t for p in pre for t in p], dtype=torch.int64)
             need = self.drafter is not None
-            _, hidden = self.target(ids, torch.tensor(cu), torch.tensor(slots), self.cache, return_hidden=need,
-                                    logit_rows="none")
+            _, hidden = self.target(
+                ids, torch.tensor(cu), torch.tensor(slots), self.cache, return_hidden=need, logit_rows="none"
+            )
             if self.kind == "eagle3":
                 self.drafter.ingest(slots, hidden, cu, ids)
             elif need:
@@ -556,11 +629,18 @@ class Engine:
         seed_l = [int(rq.params.seed) for rq in reqs]
         offset_l = [rq.offset for rq in reqs]
         # drafts this round may not exceed the block, the context or the tokens still wanted
-        caps_l = [max(0, min(g, self.max_seq - 1 - p, rq.params.max_new_tokens - len(rq.output) - 1))
-                  for p, rq in zip(pos_l, reqs, strict=True)]
+        caps_l = [
+            max(0, min(g, self.max_seq - 1 - p, rq.params.max_new_tokens - len(rq.output) - 1))
+            for p, rq in zip(pos_l, reqs, strict=True)
+        ]
         # per-request vectors of the round: one asynchronous upload each for ints and floats
-        ints = upload(torch.tensor([slots_l, [rq.anchor for rq in reqs], seed_l, offset_l,
-                                    [int(rq.params.top_k) for rq in reqs]], dtype=torch.int64), dev)
+        ints = upload(
+            torch.tensor(
+                [slots_l, [rq.anchor for rq in reqs], seed_l, offset_l, [int(rq.params.top_k) for rq in reqs]],
+                dtype=torch.int64,
+            ),
+            dev,
+        )
         flts = upload(torch.tensor([temp_l, [float(rq.params.top_p) for rq in reqs]], dtype=torch.float32), dev)
         anchors, seed, offset = ints[1], ints[2], ints[3]
         top_k = ints[4].to(torch.int32)
@@ -593,8 +673,9 @@ class Engine:
                     q = lg if T > 0 else None
                 else:
                     sel = upload(torch.tensor(idx, dtype=torch.int64), dev)
-                    d, lg = self.drafter.propose([slots_l[i] for i in idx], anchors.index_select(0, sel), g,
-                                                 temperature=T, generator=gen)
+                    d, lg = self.drafter.propose(
+                        [slots_l[i] for i in idx], anchors.index_select(0, sel), g, temperature=T, generator=gen
+                    )
                     drafts = torch.zeros(R, g, dtype=torch.int64, device=dev).index_copy_(0, sel, d)
                     if T > 0:
                         q = torch.zeros(R, g, lg.shape[-1], device=dev).index_copy_(0, sel, lg)
@@ -626,7 +707,7 @@ class Engine:
             row_idx = [i * width + j for i, n in enumerate(lengths_l) for j in range(n + 1)]
             d_idx = [i * g + j for i, n in enumerate(lengths_l) for j in range(n)]
             meta = upload(torch.tensor(row_idx + d_idx + cu_l, dtype=torch.int64), dev)
-            row_sel, d_sel, cu = meta[:len(row_idx)], meta[len(row_idx):-len(cu_l)], meta[-len(cu_l):]
+            row_sel, d_sel, cu = meta[: len(row_idx)], meta[len(row_idx) : -len(cu_l)], meta[-len(cu_l) :]
             # the forward gets token 0 for a -1 draft: its row only feeds positions after a rejection
             rows = torch.cat([anchors[:, None], drafts.clamp(min=0)], 1)
             ids = rows.reshape(-1).index_select(0, row_sel)
@@ -637,12 +718,23 @@ class Engine:
             # greedily).
             q_flat = q.reshape(R * g, -1).index_select(0, d_sel) if q is not None else None
         need_hidden = self.drafter is not None
-        logits, hidden = self.target(ids, torch.tensor(cu_l), torch.tensor(slots_l), self.cache,
-                                     return_hidden=need_hidden)
+        logits, hidden = self.target(
+            ids, torch.tensor(cu_l), torch.tensor(slots_l), self.cache, return_hidden=need_hidden
+        )
         from .ops import verify_chain
 
-        out = verify_chain(logits, cu, d_flat, draft_logits=q_flat, temperature=temp, top_k=top_k, top_p=top_p,
-                           seed=seed, offset=offset, max_drafts=max(lengths_l))
+        out = verify_chain(
+            logits,
+            cu,
+            d_flat,
+            draft_logits=q_flat,
+            temperature=temp,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            offset=offset,
+            max_drafts=max(lengths_l),
+        )
         acc = out.num_accepted.clamp(min=0)
         conf_host = None
         if self.round_log is not None and conf is not None:
@@ -707,7 +799,7 @@ class Engine:
             for rq in reqs:
                 rq.stats.time[p] += times[p]
 
-    def _emit(self, rq: _Request, toks: List[int]) -> bool:
+    def _emit(self, rq: _Request, toks: list[int]) -> bool:
         """Append tokens honouring stop tokens and max_new_tokens exactly; True if finished."""
         out, reason = [], None
         for t in toks:
@@ -732,9 +824,16 @@ class Engine:
 
 # ----------------------------------------------------------------------------- default drafter
 
+
 @torch.no_grad()
-def default_drafter(target: TargetModel, num_layers: int = 2, block_size: int = 7, markov_rank: int = 64,
-                    seed: int = 0, dtype: Optional[torch.dtype] = None):
+def default_drafter(
+    target: TargetModel,
+    num_layers: int = 2,
+    block_size: int = 7,
+    markov_rank: int = 64,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+):
     """The package's default DSpark drafter for ``target``: **untrained**, random-initialised from a
     fixed seed (deterministic, independent of the global RNG), built in code. ``num_layers`` draft
     layers of the target's shape, ``block_size`` 7, a vanilla Markov head of rank ``markov_rank``
@@ -747,10 +846,19 @@ def default_drafter(target: TargetModel, num_layers: int = 2, block_size: int = 
     n = tc.num_hidden_layers
     raw = tc.to_dict()
     arch = "Qwen3DSparkModel" if tc.qk_norm else "LlamaDSparkModel"
-    raw.update(architectures=[arch], num_hidden_layers=num_layers, num_target_layers=n, block_size=block_size,
-               target_layer_ids=default_target_layer_ids(n, min(5, n)) if n >= 5 else list(range(n)),
-               mask_token_id=tc.vocab_size - 1, markov_rank=markov_rank, markov_head_type="vanilla",
-               enable_confidence_head=True, confidence_head_with_markov=True, tie_word_embeddings=False)
+    raw.update(
+        architectures=[arch],
+        num_hidden_layers=num_layers,
+        num_target_layers=n,
+        block_size=block_size,
+        target_layer_ids=default_target_layer_ids(n, min(5, n)) if n >= 5 else list(range(n)),
+        mask_token_id=tc.vocab_size - 1,
+        markov_rank=markov_rank,
+        markov_head_type="vanilla",
+        enable_confidence_head=True,
+        confidence_head_with_markov=True,
+        tie_word_embeddings=False,
+    )
     cfg = DrafterConfig.from_dict(raw)
     dtype = dtype or target.dtype
     with torch.random.fork_rng(devices=[]):
@@ -766,6 +874,7 @@ def default_drafter(target: TargetModel, num_layers: int = 2, block_size: int = 
 
 # ----------------------------------------------------------------------------- SPS profiling
 
+
 def target_forward_fn(target: TargetModel, context: int = 128, max_tokens: int = 256):
     """``forward_fn(B)`` for :func:`dspark_native.scheduler.profile_sps`: one target forward over
     B new tokens of one request after ``context`` cached tokens (the cache is rolled back after
@@ -774,8 +883,13 @@ def target_forward_fn(target: TargetModel, context: int = 128, max_tokens: int =
     cache = target.new_cache(1, context + max_tokens + 1)
     gen = torch.Generator().manual_seed(0)
     if context:
-        target(torch.randint(0, V, (context,), generator=gen), torch.tensor([0, context]), torch.tensor([0]), cache,
-               return_hidden=False)
+        target(
+            torch.randint(0, V, (context,), generator=gen),
+            torch.tensor([0, context]),
+            torch.tensor([0]),
+            cache,
+            return_hidden=False,
+        )
     ids = upload(torch.randint(0, V, (max_tokens,), generator=gen), target.device)
 
     def forward_fn(B: int):

@@ -20,8 +20,6 @@ verification cannot apply them; stopping criteria are honoured token by token.
 
 from __future__ import annotations
 
-from typing import List, Optional
-
 import torch
 
 __all__ = ["dspark_generate"]
@@ -68,8 +66,8 @@ def dspark_generate(
     streamer=None,
     drafter=None,
     dspark_policy: str = "static",
-    dspark_num_drafts: Optional[int] = None,
-    dspark_seed: Optional[int] = None,
+    dspark_num_drafts: int | None = None,
+    dspark_seed: int | None = None,
     **model_kwargs,
 ):
     """Decoding method for ``model.generate(..., custom_generate=dspark_generate, drafter=d)``.
@@ -108,7 +106,7 @@ def dspark_generate(
         return input_ids
     mask = model_kwargs.get("attention_mask")
     rows = input_ids.cpu()
-    prompts: List[List[int]] = []
+    prompts: list[list[int]] = []
     for b in range(B):
         keep = rows[b] if mask is None else rows[b][mask[b].cpu().bool()]
         if keep.numel() == 0:
@@ -119,11 +117,17 @@ def dspark_generate(
     pad = generation_config._pad_token_tensor
     pad_id = int(pad.reshape(-1)[0]) if pad is not None else (eos_ids[0] if eos_ids else 0)
     if dspark_seed is None:
-        dspark_seed = int(torch.randint(0, 2 ** 62, (1,)).item())
+        dspark_seed = int(torch.randint(0, 2**62, (1,)).item())
 
     target = TransformersTarget(model)
-    engine = Engine(target, drafter, policy=dspark_policy, num_drafts=dspark_num_drafts, max_batch=B,
-                    max_seq=max(len(p) for p in prompts) + max_new + 1)
+    engine = Engine(
+        target,
+        drafter,
+        policy=dspark_policy,
+        num_drafts=dspark_num_drafts,
+        max_batch=B,
+        max_seq=max(len(p) for p in prompts) + max_new + 1,
+    )
     generated = {}  # engine request id -> new tokens
     rid_of = {}  # engine request id -> row
     stopped_at = {}
@@ -141,8 +145,17 @@ def dspark_generate(
                 if bool(torch.as_tensor(stopping_criteria(seq.to(input_ids.device), None)).reshape(-1)[0]):
                     stopped_at[rid] = len(out)
 
-    params = [SamplingParams(max_new_tokens=max_new, temperature=temperature, top_k=top_k, top_p=top_p,
-                             seed=dspark_seed + b, stop_token_ids=eos_ids) for b in range(B)]
+    params = [
+        SamplingParams(
+            max_new_tokens=max_new,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=dspark_seed + b,
+            stop_token_ids=eos_ids,
+        )
+        for b in range(B)
+    ]
     ids = []
     for b, (p, sp) in enumerate(zip(prompts, params, strict=True)):
         rid = engine.add(p, sp, on_tokens=on_tokens)
@@ -164,7 +177,7 @@ def dspark_generate(
     out = torch.full((B, L + width), pad_id, dtype=input_ids.dtype)
     out[:, :L] = rows
     for b, toks in enumerate(new):
-        out[b, L:L + len(toks)] = torch.tensor(toks, dtype=input_ids.dtype)
+        out[b, L : L + len(toks)] = torch.tensor(toks, dtype=input_ids.dtype)
     out = out.to(input_ids.device)
     if generation_config.return_dict_in_generate:
         from transformers.generation.utils import GenerateDecoderOnlyOutput

@@ -12,8 +12,6 @@ Reliability diagrams of these bins are drawn by :mod:`dspark_native.plots` (matp
 
 from __future__ import annotations
 
-from typing import Dict, List
-
 import torch
 
 __all__ = ["ece", "auc", "brier", "reliability_bins", "per_position_metrics"]
@@ -74,14 +72,15 @@ def auc(pred, label) -> float:
     return float((r_pos - pos * (pos + 1) / 2) / (pos * neg))
 
 
-def per_position_metrics(confidences, accept_lengths, bins: int = 20) -> List[Dict[str, float]]:
+def per_position_metrics(confidences, accept_lengths, bins: int = 20) -> list[dict[str, float]]:
     """Per position k: conditional acceptance rate and count, ECE / AUC / Brier of c_k against the
     conditional label, and ECE / Brier of the cumulative product against prefix survival."""
     c = torch.as_tensor(confidences, dtype=torch.float64)
     L = torch.as_tensor(accept_lengths).long().flatten()
     if c.dim() != 2 or c.shape[0] != L.numel():
-        raise ValueError(f"confidences must be [N, g] and accept_lengths [N], got {tuple(c.shape)} and "
-                         f"{tuple(L.shape)}")
+        raise ValueError(
+            f"confidences must be [N, g] and accept_lengths [N], got {tuple(c.shape)} and {tuple(L.shape)}"
+        )
     cum = torch.cumprod(c, 1)
     out = []
     for k in range(c.shape[1]):

@@ -15,14 +15,22 @@ user may have chosen is left alone. Without matplotlib every function raises
 from __future__ import annotations
 
 import json
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from .metrics import ece, reliability_bins
 
-__all__ = ["PlotsUnavailable", "have_matplotlib", "reliability_figure", "reliability_diagram",
-           "read_training_log", "training_curves_figure", "training_curves", "INSTALL_HINT"]
+__all__ = [
+    "PlotsUnavailable",
+    "have_matplotlib",
+    "reliability_figure",
+    "reliability_diagram",
+    "read_training_log",
+    "training_curves_figure",
+    "training_curves",
+    "INSTALL_HINT",
+]
 
 INSTALL_HINT = "plots need matplotlib: pip install matplotlib"
 
@@ -51,8 +59,7 @@ def have_matplotlib() -> bool:
         return False
 
 
-def reliability_figure(pred, label, *, bins: int = 20, title: Optional[str] = None,
-                       series: Optional[Sequence[str]] = None):
+def reliability_figure(pred, label, *, bins: int = 20, title: str | None = None, series: Sequence[str] | None = None):
     """Reliability diagram as a matplotlib Figure.
 
     pred, label: probabilities and 0/1 outcomes of the same shape, [N] or [N, K]; with K columns
@@ -78,16 +85,31 @@ def reliability_figure(pred, label, *, bins: int = 20, title: Optional[str] = No
     width = 1.0 / bins
     left = torch.arange(bins, dtype=torch.float64) * width
     nonempty = count > 0
-    ax.bar(left[nonempty].tolist(), freq[nonempty].tolist(), width=width, align="edge", color="#4a6fc8",
-           alpha=0.45, edgecolor="#2c4a8f", linewidth=0.6, label="observed (pooled)")
+    ax.bar(
+        left[nonempty].tolist(),
+        freq[nonempty].tolist(),
+        width=width,
+        align="edge",
+        color="#4a6fc8",
+        alpha=0.45,
+        edgecolor="#2c4a8f",
+        linewidth=0.6,
+        label="observed (pooled)",
+    )
     ax.plot([0, 1], [0, 1], color="0.45", linestyle="--", linewidth=1, label="perfect calibration")
     names = list(series) if series is not None else [f"k={k}" for k in range(p.shape[1])]
     if p.shape[1] > 1:
         for k in range(p.shape[1]):
             ck, mk, fk = reliability_bins(p[:, k], y[:, k], bins)
             keep = ck > 0
-            ax.plot(mk[keep].tolist(), fk[keep].tolist(), marker="o", markersize=3, linewidth=1,
-                    label=names[k] if k < len(names) else f"k={k}")
+            ax.plot(
+                mk[keep].tolist(),
+                fk[keep].tolist(),
+                marker="o",
+                markersize=3,
+                linewidth=1,
+                label=names[k] if k < len(names) else f"k={k}",
+            )
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_ylabel("observed frequency")
@@ -108,7 +130,7 @@ def reliability_diagram(pred, label, path: str, **kw) -> str:
     return path
 
 
-def read_training_log(path: str) -> List[dict]:
+def read_training_log(path: str) -> list[dict]:
     """Records of a training ``log.jsonl`` (one JSON object a line: step, lr, loss, acc, ...);
     a resumed run appends, so a step logged twice keeps its last record."""
     by_step = {}
@@ -120,7 +142,7 @@ def read_training_log(path: str) -> List[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def training_curves_figure(records: Sequence[dict], title: Optional[str] = None, max_positions: int = 4):
+def training_curves_figure(records: Sequence[dict], title: str | None = None, max_positions: int = 4):
     """Training curves as a matplotlib Figure: total loss and its parts (``ce``, ``l1``, ``bce``
     where logged), accuracy of the first ``max_positions`` block positions (``acc``), and the
     learning rate, each against the step. Axes: loss, accuracy, lr."""
@@ -151,7 +173,7 @@ def training_curves_figure(records: Sequence[dict], title: Optional[str] = None,
     return fig
 
 
-def training_curves(log_path: str, path: str, title: Optional[str] = None) -> str:
+def training_curves(log_path: str, path: str, title: str | None = None) -> str:
     """Write :func:`training_curves_figure` of ``log_path`` (a ``log.jsonl``) as a PNG to
     ``path``; returns ``path``."""
     training_curves_figure(read_training_log(log_path), title).savefig(path, format="png")

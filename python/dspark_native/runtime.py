@@ -28,15 +28,30 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 __all__ = [
-    "SetupError", "SPSTableTooShort", "WEIGHT_FORMATS", "ChatTarget", "LoadedDrafter", "DTYPES", "resolve_device",
-    "load_chat_target", "load_drafter_for", "load_sts_temperatures", "load_sps_table", "build_engine",
-    "build_plain_engine", "encode_prompts", "sampling_params", "TextStream", "RequestText", "run_prompts",
+    "SetupError",
+    "SPSTableTooShort",
+    "WEIGHT_FORMATS",
+    "ChatTarget",
+    "LoadedDrafter",
+    "DTYPES",
+    "resolve_device",
+    "load_chat_target",
+    "load_drafter_for",
+    "load_sts_temperatures",
+    "load_sps_table",
+    "build_engine",
+    "build_plain_engine",
+    "encode_prompts",
+    "sampling_params",
+    "TextStream",
+    "RequestText",
+    "run_prompts",
 ]
 
 #: target forward paths (``--weights``, ``TargetModel.set_weights``).
@@ -58,8 +73,10 @@ class SPSTableTooShort(SetupError):
     (``max_batch * (drafts + 1)``)."""
 
     def __init__(self, have: int, need: int):
-        super().__init__(f"the table covers {have} batch tokens, the scheduler needs {need} "
-                         f"(max_batch x (drafts + 1)): profile up to {need} tokens")
+        super().__init__(
+            f"the table covers {have} batch tokens, the scheduler needs {need} "
+            f"(max_batch x (drafts + 1)): profile up to {need} tokens"
+        )
         self.have, self.need = have, need
 
 
@@ -75,21 +92,23 @@ class ChatTarget:
 
     model: object
     tokenizer: object
-    chat_template: Optional[object]
-    eos_token_ids: List[int]
+    chat_template: object | None
+    eos_token_ids: list[int]
     name: str
     embedded: bool = False
 
-    def encode(self, text: str, system: Optional[str] = None) -> List[int]:
+    def encode(self, text: str, system: str | None = None) -> list[int]:
         """Token ids of ``text`` as one user turn, chat template applied (generation prompt
         added), after a ``system`` message if given; plain tokenization without a template (a
         system message then raises SetupError: there is no place to put it)."""
         if self.chat_template is not None:
-            msgs = ([{"role": "system", "content": system}] if system is not None else [])
+            msgs = [{"role": "system", "content": system}] if system is not None else []
             return self.chat_template.encode(self.tokenizer, msgs + [{"role": "user", "content": text}])
         if system is not None:
-            raise SetupError("a system message needs a chat template, and the target has none "
-                             "(no chat_template in tokenizer_config.json / the GGUF)")
+            raise SetupError(
+                "a system message needs a chat template, and the target has none "
+                "(no chat_template in tokenizer_config.json / the GGUF)"
+            )
         return self.tokenizer.encode(text).ids
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -107,8 +126,8 @@ class LoadedDrafter:
     untrained: bool = False
 
 
-def _eos_ids(model, tok, chat) -> List[int]:
-    eos: List[int] = []
+def _eos_ids(model, tok, chat) -> list[int]:
+    eos: list[int] = []
     e = model.config.raw.get("eos_token_id")
     eos += [e] if isinstance(e, int) else list(e or [])
     for name in ("<|im_end|>", getattr(chat, "eos_token", None)):
@@ -118,7 +137,7 @@ def _eos_ids(model, tok, chat) -> List[int]:
     return eos
 
 
-def resolve_device(name: Optional[str] = None) -> torch.device:
+def resolve_device(name: str | None = None) -> torch.device:
     """``cpu``, ``cuda`` or ``cuda:N`` -> torch.device, checked against what this machine has
     (None = cpu). Raises SetupError."""
     name = (name or "cpu").strip()
@@ -150,9 +169,14 @@ def is_gguf_file(path: str) -> bool:
         return False
 
 
-def load_chat_target(path: Optional[str] = None, *, dtype: torch.dtype = torch.float32,
-                     device: Union[str, torch.device] = "cpu", weights: str = "auto",
-                     backend: str = "auto") -> ChatTarget:
+def load_chat_target(
+    path: str | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    weights: str = "auto",
+    backend: str = "auto",
+) -> ChatTarget:
     """Load a target with its tokenizer and chat template.
 
     path: an HF-style directory (config.json, safetensors, tokenizer.json, tokenizer_config.json),
@@ -172,8 +196,7 @@ def load_chat_target(path: Optional[str] = None, *, dtype: torch.dtype = torch.f
     return target
 
 
-def _load_chat_target(path: Optional[str], dtype: torch.dtype, device: torch.device,
-                      backend: str = "auto") -> ChatTarget:
+def _load_chat_target(path: str | None, dtype: torch.dtype, device: torch.device, backend: str = "auto") -> ChatTarget:
     from .models import CheckpointError, load_embedded_smollm2, load_gguf_target, load_target
     from .models.tokenizer import load_tokenizer_files
 
@@ -190,13 +213,14 @@ def _load_chat_target(path: Optional[str], dtype: torch.dtype, device: torch.dev
             tok, chat = load_tokenizer_files(path)
             return ChatTarget(model, tok, chat, _eos_ids(model, tok, chat), path)
         em = load_embedded_smollm2(dtype=dtype, device=device)
-        return ChatTarget(em.model, em.tokenizer, em.chat_template, list(em.eos_token_ids), EMBEDDED_NAME,
-                          embedded=True)
+        return ChatTarget(
+            em.model, em.tokenizer, em.chat_template, list(em.eos_token_ids), EMBEDDED_NAME, embedded=True
+        )
     except (CheckpointError, FileNotFoundError) as exc:
         raise SetupError(str(exc)) from None
 
 
-def load_sts_temperatures(path: str) -> List[float]:
+def load_sts_temperatures(path: str) -> list[float]:
     """Per-position STS temperatures from a ``dspark-native calibrate`` JSON file
     (``{"sts_temperature": [...]}``). Raises SetupError."""
     try:
@@ -207,8 +231,9 @@ def load_sts_temperatures(path: str) -> List[float]:
         raise SetupError(f"cannot read STS temperatures ({exc})") from None
 
 
-def load_drafter_for(target: ChatTarget, path: Optional[str] = None, *,
-                     sts_temperature: Optional[Sequence[float]] = None) -> LoadedDrafter:
+def load_drafter_for(
+    target: ChatTarget, path: str | None = None, *, sts_temperature: Sequence[float] | None = None
+) -> LoadedDrafter:
     """The drafter to run with ``target``.
 
     path: a DeepSpec drafter directory (DSpark, DFlash or EAGLE-3), loaded in the target's dtype
@@ -255,8 +280,17 @@ def load_sps_table(path: str):
         raise SetupError(str(exc)) from None
 
 
-def build_engine(target_model, drafter, *, policy: str = "static", threshold: float = 0.5, sps_table=None,
-                 num_drafts: Optional[int] = None, max_batch: int = 1, max_seq: int = 2048):
+def build_engine(
+    target_model,
+    drafter,
+    *,
+    policy: str = "static",
+    threshold: float = 0.5,
+    sps_table=None,
+    num_drafts: int | None = None,
+    max_batch: int = 1,
+    max_seq: int = 2048,
+):
     """The speculative :class:`dspark_native.engine.Engine`.
 
     policy: static | threshold | causal | async (docs/scheduler.md); threshold: the survival
@@ -270,8 +304,15 @@ def build_engine(target_model, drafter, *, policy: str = "static", threshold: fl
     if sps_table is not None:
         kw["sps_table"] = sps_table
     try:
-        engine = Engine(target_model, drafter, policy=policy, policy_kwargs=kw, num_drafts=num_drafts,
-                        max_batch=max_batch, max_seq=max_seq)
+        engine = Engine(
+            target_model,
+            drafter,
+            policy=policy,
+            policy_kwargs=kw,
+            num_drafts=num_drafts,
+            max_batch=max_batch,
+            max_seq=max_seq,
+        )
     except ValueError as exc:
         raise SetupError(str(exc)) from None
     need = max_batch * (engine.gamma + 1)
@@ -287,13 +328,17 @@ def build_plain_engine(target_model, *, max_batch: int = 1, max_seq: int = 2048)
     return Engine(target_model, None, max_batch=max_batch, max_seq=max_seq)
 
 
-def encode_prompts(target: ChatTarget, texts: Sequence[str], max_seq: int,
-                   on_skip: Optional[Callable[[int, int], None]] = None,
-                   system: Optional[str] = None) -> List[Optional[List[int]]]:
+def encode_prompts(
+    target: ChatTarget,
+    texts: Sequence[str],
+    max_seq: int,
+    on_skip: Callable[[int, int], None] | None = None,
+    system: str | None = None,
+) -> list[list[int] | None]:
     """Token ids of each text as a user turn after an optional ``system`` message
     (:meth:`ChatTarget.encode`); ``None`` for a prompt longer than ``max_seq`` tokens, after
     calling ``on_skip(index, n_tokens)``."""
-    out: List[Optional[List[int]]] = []
+    out: list[list[int] | None] = []
     for i, t in enumerate(texts):
         ids = target.encode(t, system)
         if len(ids) > max_seq:
@@ -305,13 +350,30 @@ def encode_prompts(target: ChatTarget, texts: Sequence[str], max_seq: int,
     return out
 
 
-def sampling_params(n: int, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
-                    top_p: float = 1.0, seed: int = 0, stop_token_ids: Sequence[int] = ()) -> list:
+def sampling_params(
+    n: int,
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stop_token_ids: Sequence[int] = (),
+) -> list:
     """``n`` :class:`dspark_native.engine.SamplingParams`; prompt i gets seed ``seed + i``."""
     from .engine import SamplingParams
 
-    return [SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                           seed=seed + i, stop_token_ids=list(stop_token_ids)) for i in range(n)]
+    return [
+        SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed + i,
+            stop_token_ids=list(stop_token_ids),
+        )
+        for i in range(n)
+    ]
 
 
 class TextStream:
@@ -330,9 +392,9 @@ class TextStream:
     def __init__(self, tokenizer, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
-        self.ids: List[int] = []
+        self.ids: list[int] = []
         self._prefix = 0  # window start: first token of the previously emitted piece
-        self._read = 0    # tokens [0, _read) are emitted
+        self._read = 0  # tokens [0, _read) are emitted
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=self.skip_special_tokens)
@@ -341,20 +403,20 @@ class TextStream:
         out = []
         for t in ids:
             self.ids.append(int(t))
-            prev = self._decode(self.ids[self._prefix:self._read])
-            new = self._decode(self.ids[self._prefix:])
+            prev = self._decode(self.ids[self._prefix : self._read])
+            new = self._decode(self.ids[self._prefix :])
             if len(new) > len(prev) and not new.endswith("\ufffd"):
-                out.append(new[len(prev):])
+                out.append(new[len(prev) :])
                 self._prefix, self._read = self._read, len(self.ids)
         return "".join(out)
 
     def flush(self) -> str:
         """What is still held back (an incomplete character at the very end decodes as U+FFFD,
         as in the full decode)."""
-        prev = self._decode(self.ids[self._prefix:self._read])
-        new = self._decode(self.ids[self._prefix:])
+        prev = self._decode(self.ids[self._prefix : self._read])
+        new = self._decode(self.ids[self._prefix :])
         self._prefix = self._read = len(self.ids)
-        return new[len(prev):] if len(new) > len(prev) else ""
+        return new[len(prev) :] if len(new) > len(prev) else ""
 
 
 class RequestText:
@@ -374,7 +436,7 @@ class RequestText:
         self.shown = 0
         self.stopped = False
         self.num_tokens = 0
-        self.text: Optional[str] = None
+        self.text: str | None = None
 
     def _held(self) -> int:
         """Length of the longest tail of ``full`` that is a proper prefix of a stop string."""
@@ -397,11 +459,11 @@ class RequestText:
                 if hits:
                     cut = min(hits)
                     self.stopped, self.text = True, self.full[:cut]
-                    out = self.full[self.shown:cut]
+                    out = self.full[self.shown : cut]
                     self.shown = cut
                     return out
         end = len(self.full) - self._held()
-        out = self.full[self.shown:end] if end > self.shown else ""
+        out = self.full[self.shown : end] if end > self.shown else ""
         self.shown = max(self.shown, end)
         return out
 
@@ -410,16 +472,22 @@ class RequestText:
             return ""
         self.full += self.stream.flush()
         self.text = self.full
-        out = self.full[self.shown:]
+        out = self.full[self.shown :]
         self.shown = len(self.full)
         return out
 
 
-def run_prompts(engine, prompts: Sequence[Sequence[int]], params: Sequence, *,
-                tokenizer=None, stop_strings: Sequence[str] = (),
-                on_tokens: Optional[Callable[[int, List[int]], None]] = None,
-                on_text: Optional[Callable[[int, str], None]] = None,
-                on_progress: Optional[Callable[[int, int, float], None]] = None) -> Tuple[list, float, list]:
+def run_prompts(
+    engine,
+    prompts: Sequence[Sequence[int]],
+    params: Sequence,
+    *,
+    tokenizer=None,
+    stop_strings: Sequence[str] = (),
+    on_tokens: Callable[[int, list[int]], None] | None = None,
+    on_text: Callable[[int, str], None] | None = None,
+    on_progress: Callable[[int, int, float], None] | None = None,
+) -> tuple[list, float, list]:
     """Run token-id prompts to completion: (RequestOutputs in prompt order, wall seconds, texts).
 
     tokenizer: decodes the answers as they stream (:class:`RequestText`); ``texts[i]`` is prompt
@@ -435,7 +503,7 @@ def run_prompts(engine, prompts: Sequence[Sequence[int]], params: Sequence, *,
     if stop_strings and tokenizer is None:
         raise ValueError("stop strings need the tokenizer")
     t0 = time.perf_counter()
-    index: Dict[int, int] = {}
+    index: dict[int, int] = {}
     texts = [RequestText(tokenizer, stop_strings) for _ in prompts] if tokenizer is not None else None
 
     def cb(rid, toks):
@@ -471,7 +539,7 @@ def run_prompts(engine, prompts: Sequence[Sequence[int]], params: Sequence, *,
     for i, o in enumerate(outs):
         rt = texts[i]
         if rt.stopped:
-            outs[i] = replace(o, token_ids=list(o.token_ids[:rt.num_tokens]), finish_reason="stop", finished=True)
+            outs[i] = replace(o, token_ids=list(o.token_ids[: rt.num_tokens]), finish_reason="stop", finished=True)
         else:
             piece = rt.finish()
             if piece and on_text is not None:

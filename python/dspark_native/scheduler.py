@@ -29,8 +29,8 @@ import platform
 import statistics
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Deque, Dict, List, Optional, Sequence, Union
 
 import torch
 
@@ -126,10 +126,15 @@ class HardwareAwareCausal(SchedulePolicy):
 
     name = "causal"
 
-    def __init__(self, sps: Union["SPSTable", Sequence[float], torch.Tensor], min_len=None, max_len=None,
-                 token_budget: Optional[int] = None):
+    def __init__(
+        self,
+        sps: SPSTable | Sequence[float] | torch.Tensor,
+        min_len=None,
+        max_len=None,
+        token_budget: int | None = None,
+    ):
         self.sps, self.min_len, self.max_len, self.token_budget = sps, min_len, max_len, token_budget
-        self._cache: Dict[torch.device, torch.Tensor] = {}
+        self._cache: dict[torch.device, torch.Tensor] = {}
 
     def _table(self, device):
         if device not in self._cache:
@@ -138,8 +143,18 @@ class HardwareAwareCausal(SchedulePolicy):
 
     def schedule(self, confidences):
         c = _check_conf(confidences)
-        return _ops().schedule_prefix(c, self._table(c.device), mode="causal", min_len=self.min_len,
-                                      max_len=self.max_len, token_budget=self.token_budget).lengths
+        return (
+            _ops()
+            .schedule_prefix(
+                c,
+                self._table(c.device),
+                mode="causal",
+                min_len=self.min_len,
+                max_len=self.max_len,
+                token_budget=self.token_budget,
+            )
+            .lengths
+        )
 
 
 class _HostCount:
@@ -182,14 +197,20 @@ class HardwareAwareAsync(HardwareAwareCausal):
         if lag < 1:
             raise ValueError(f"lag must be >= 1, got {lag}")
         self.lag = int(lag)
-        self._history: Deque[_HostCount] = deque(maxlen=lag)
+        self._history: deque[_HostCount] = deque(maxlen=lag)
 
     def reset(self):
         self._history.clear()
 
     def _budget(self, c: torch.Tensor) -> torch.Tensor:
-        out = _ops().schedule_prefix(c, self._table(c.device), mode="global", min_len=self.min_len,
-                                     max_len=self.max_len, token_budget=self.token_budget)
+        out = _ops().schedule_prefix(
+            c,
+            self._table(c.device),
+            mode="global",
+            min_len=self.min_len,
+            max_len=self.max_len,
+            token_budget=self.token_budget,
+        )
         return out.lengths.sum()
 
     def budget_from(self, old_confidences: torch.Tensor) -> int:
@@ -204,8 +225,11 @@ class HardwareAwareAsync(HardwareAwareCausal):
             K = self._history[0].value()
             R, g = c.shape
             flat = torch.ones(R * (1 + g), dtype=torch.float32, device=c.device)  # equal SPS: admit by rank
-            lengths = _ops().schedule_prefix(c, flat, mode="global", min_len=self.min_len, max_len=self.max_len,
-                                             token_budget=R + K).lengths
+            lengths = (
+                _ops()
+                .schedule_prefix(c, flat, mode="global", min_len=self.min_len, max_len=self.max_len, token_budget=R + K)
+                .lengths
+            )
         self._history.append(_HostCount(self._budget(c)))
         return lengths
 
@@ -218,12 +242,12 @@ class SPSTable:
     """Steps per second by batch tokens: ``sps[i]`` = target forward steps per second at i + 1
     tokens. Saved as JSON with where it was measured."""
 
-    sps: List[float]
+    sps: list[float]
     device: str = ""
     model: str = ""
-    measured_tokens: List[int] = field(default_factory=list)
-    seconds: List[float] = field(default_factory=list)
-    meta: Dict[str, object] = field(default_factory=dict)
+    measured_tokens: list[int] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    meta: dict[str, object] = field(default_factory=dict)
 
     def tensor(self, device=None) -> torch.Tensor:
         return torch.tensor(self.sps, dtype=torch.float32, device=device)
@@ -233,7 +257,7 @@ class SPSTable:
             json.dump(asdict(self), f, indent=1)
 
     @classmethod
-    def load(cls, path: str) -> "SPSTable":
+    def load(cls, path: str) -> SPSTable:
         with open(path) as f:
             d = json.load(f)
         sps = d.get("sps")
@@ -255,14 +279,14 @@ def profile_sps(
     forward_fn: Callable[[int], object],
     max_tokens: int,
     *,
-    path: Optional[str] = None,
+    path: str | None = None,
     device=None,
     model: str = "",
-    points: Optional[Sequence[int]] = None,
+    points: Sequence[int] | None = None,
     repeats: int = 5,
     warmup: int = 1,
     timer: Callable[[], float] = time.perf_counter,
-    sync: Optional[Callable[[], None]] = None,
+    sync: Callable[[], None] | None = None,
 ) -> SPSTable:
     """Measure SPS(B) = 1 / median seconds of ``forward_fn(B)`` (one target forward over a batch of
     B tokens) and return (and save to ``path`` as JSON) the table for B = 1..max_tokens.
@@ -319,8 +343,14 @@ def profile_sps(
         else:
             s = secs[-1]
         full.append(1.0 / s)
-    table = SPSTable(sps=full, device=_device_name(device), model=model, measured_tokens=pts, seconds=secs,
-                     meta={"repeats": repeats, "torch": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    table = SPSTable(
+        sps=full,
+        device=_device_name(device),
+        model=model,
+        measured_tokens=pts,
+        seconds=secs,
+        meta={"repeats": repeats, "torch": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S")},
+    )
     if path:
         table.save(path)
     return table
@@ -347,7 +377,7 @@ def calibrate_sts(
     confidences: torch.Tensor,
     accept_lengths: torch.Tensor,
     *,
-    grid: Optional[Sequence[float]] = None,
+    grid: Sequence[float] | None = None,
     bins: int = 20,
 ) -> torch.Tensor:
     """Fit per-position STS temperatures, left to right (paper Section 3.2.1).
@@ -365,8 +395,9 @@ def calibrate_sts(
     c = torch.as_tensor(confidences)
     L = torch.as_tensor(accept_lengths).long().flatten()
     if c.dim() != 2 or c.shape[0] != L.numel() or c.shape[0] == 0:
-        raise ValueError(f"confidences must be [N, g] (N >= 1) and accept_lengths [N], got {tuple(c.shape)} and "
-                         f"{tuple(L.shape)}")
+        raise ValueError(
+            f"confidences must be [N, g] (N >= 1) and accept_lengths [N], got {tuple(c.shape)} and {tuple(L.shape)}"
+        )
     if bool(torch.isnan(c).any()):
         raise ValueError("confidences contain NaN")
     if bool(((L < 0) | (L > c.shape[1])).any()):

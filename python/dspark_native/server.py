@@ -27,11 +27,19 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["APIError", "EngineLoop", "Metrics", "ServerConfig", "TextStream", "ServerThread", "create_app",
-           "profile_sps_table"]
+__all__ = [
+    "APIError",
+    "EngineLoop",
+    "Metrics",
+    "ServerConfig",
+    "TextStream",
+    "ServerThread",
+    "create_app",
+    "profile_sps_table",
+]
 
 MAX_STOP_STRINGS = 4
 ROLES = ("system", "user", "assistant", "developer")
@@ -40,8 +48,15 @@ ROLES = ("system", "user", "assistant", "developer")
 class APIError(Exception):
     """An error answered as ``{"error": {"message", "type", "param", "code"}}`` with ``status``."""
 
-    def __init__(self, status: int, message: str, *, param: Optional[str] = None, code: Optional[str] = None,
-                 type: Optional[str] = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type or ("invalid_request_error" if status < 500 else "server_error")
@@ -98,21 +113,21 @@ class Metrics:
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.requests: Dict[str, int] = {}           # endpoint -> accepted requests
-        self.finished: Dict[str, int] = {}           # reason -> finished requests
-        self.rejected: Dict[int, int] = {}           # HTTP status -> rejected requests
+        self.requests: dict[str, int] = {}  # endpoint -> accepted requests
+        self.finished: dict[str, int] = {}  # reason -> finished requests
+        self.rejected: dict[int, int] = {}  # HTTP status -> rejected requests
         self.prompt_tokens = 0
         self.generation_tokens = 0
-        self.rounds = 0                              # engine rounds
-        self.request_rounds = 0                      # sum over rounds of the batch size
-        self.verified_drafts = 0                     # drafts sent to verification (sum of l_r)
+        self.rounds = 0  # engine rounds
+        self.request_rounds = 0  # sum over rounds of the batch size
+        self.verified_drafts = 0  # drafts sent to verification (sum of l_r)
         self.accepted_drafts = 0
-        self.reached: List[int] = []                 # per draft position k (see RequestStats)
-        self.accepted: List[int] = []
+        self.reached: list[int] = []  # per draft position k (see RequestStats)
+        self.accepted: list[int] = []
         self.engine_time = {p: 0.0 for p in self.PHASES}
-        self.busy_s = 0.0                            # engine loop time inside step()
-        self.round_budget = _Histogram(COUNT_BUCKETS)   # drafts verified per round
-        self.round_batch = _Histogram(COUNT_BUCKETS)    # requests per round
+        self.busy_s = 0.0  # engine loop time inside step()
+        self.round_budget = _Histogram(COUNT_BUCKETS)  # drafts verified per round
+        self.round_batch = _Histogram(COUNT_BUCKETS)  # requests per round
         self.ttft = _Histogram(TIME_BUCKETS)
         self.e2e = _Histogram(TIME_BUCKETS)
         self.queue_length = 0
@@ -143,19 +158,32 @@ class Metrics:
         with self.lock:
             rr = self.request_rounds
             return dict(
-                requests=dict(self.requests), finished=dict(self.finished), rejected=dict(self.rejected),
-                prompt_tokens=self.prompt_tokens, generation_tokens=self.generation_tokens, rounds=self.rounds,
-                request_rounds=rr, verified_drafts=self.verified_drafts, accepted_drafts=self.accepted_drafts,
+                requests=dict(self.requests),
+                finished=dict(self.finished),
+                rejected=dict(self.rejected),
+                prompt_tokens=self.prompt_tokens,
+                generation_tokens=self.generation_tokens,
+                rounds=self.rounds,
+                request_rounds=rr,
+                verified_drafts=self.verified_drafts,
+                accepted_drafts=self.accepted_drafts,
                 tau=self.generation_tokens / rr if rr else 0.0,
                 verified_drafts_per_request_round=self.verified_drafts / rr if rr else 0.0,
                 verified_drafts_per_round=self.verified_drafts / self.rounds if self.rounds else 0.0,
                 acceptance=[a / n if n else float("nan") for a, n in zip(self.accepted, self.reached, strict=True)],
-                reached=list(self.reached), accepted=list(self.accepted), engine_time=dict(self.engine_time),
-                busy_s=self.busy_s, queue_length=self.queue_length, active=self.active, max_batch=self.max_batch,
-                ttft_count=self.ttft.count, ttft_sum=self.ttft.sum)
+                reached=list(self.reached),
+                accepted=list(self.accepted),
+                engine_time=dict(self.engine_time),
+                busy_s=self.busy_s,
+                queue_length=self.queue_length,
+                active=self.active,
+                max_batch=self.max_batch,
+                ttft_count=self.ttft.count,
+                ttft_sum=self.ttft.sum,
+            )
 
     def render(self) -> str:
-        out: List[str] = []
+        out: list[str] = []
 
         def metric(name, kind, help_, samples):
             out.append(f"# HELP dspark_{name} {help_}")
@@ -175,42 +203,84 @@ class Metrics:
 
         with self.lock:
             rr = self.request_rounds
-            metric("requests_total", "counter", "Requests accepted into the engine, by endpoint.",
-                   [((("endpoint", k),), v) for k, v in sorted(self.requests.items())])
-            metric("requests_finished_total", "counter",
-                   "Finished requests by reason (stop, length, aborted = client disconnect, error).",
-                   [((("reason", k),), v) for k, v in sorted(self.finished.items())])
-            metric("requests_rejected_total", "counter", "Requests answered with an HTTP error, by status.",
-                   [((("status", str(k)),), v) for k, v in sorted(self.rejected.items())])
+            metric(
+                "requests_total",
+                "counter",
+                "Requests accepted into the engine, by endpoint.",
+                [((("endpoint", k),), v) for k, v in sorted(self.requests.items())],
+            )
+            metric(
+                "requests_finished_total",
+                "counter",
+                "Finished requests by reason (stop, length, aborted = client disconnect, error).",
+                [((("reason", k),), v) for k, v in sorted(self.finished.items())],
+            )
+            metric(
+                "requests_rejected_total",
+                "counter",
+                "Requests answered with an HTTP error, by status.",
+                [((("status", str(k)),), v) for k, v in sorted(self.rejected.items())],
+            )
             metric("prompt_tokens_total", "counter", "Prompt tokens of accepted requests.", [((), self.prompt_tokens)])
-            metric("generation_tokens_total", "counter", "Tokens emitted by the engine.",
-                   [((), self.generation_tokens)])
-            metric("rounds_total", "counter", "Engine rounds (one batched draft-verify step each).",
-                   [((), self.rounds)])
+            metric(
+                "generation_tokens_total", "counter", "Tokens emitted by the engine.", [((), self.generation_tokens)]
+            )
+            metric(
+                "rounds_total", "counter", "Engine rounds (one batched draft-verify step each).", [((), self.rounds)]
+            )
             metric("request_rounds_total", "counter", "Sum over rounds of the requests in the round.", [((), rr)])
-            metric("verified_drafts_total", "counter", "Drafts sent to verification (the verification budget used).",
-                   [((), self.verified_drafts)])
+            metric(
+                "verified_drafts_total",
+                "counter",
+                "Drafts sent to verification (the verification budget used).",
+                [((), self.verified_drafts)],
+            )
             metric("accepted_drafts_total", "counter", "Drafts accepted by verification.", [((), self.accepted_drafts)])
-            metric("tau", "gauge", "Tokens emitted per request per round (generation_tokens / request_rounds).",
-                   [((), self.generation_tokens / rr if rr else 0.0)])
-            metric("verified_drafts_per_request_round", "gauge",
-                   "Mean drafts verified per request per round (the per-request verification budget).",
-                   [((), self.verified_drafts / rr if rr else 0.0)])
-            metric("position_reached_total", "counter",
-                   "Rounds in which draft position k was verified with all earlier drafts accepted.",
-                   [((("position", str(k)),), v) for k, v in enumerate(self.reached)])
-            metric("position_accepted_total", "counter", "Rounds in which draft position k was accepted.",
-                   [((("position", str(k)),), v) for k, v in enumerate(self.accepted)])
-            metric("acceptance", "gauge", "Conditional acceptance per draft position (accepted / reached).",
-                   [((("position", str(k)),), a / n)
-                    for k, (a, n) in enumerate(zip(self.accepted, self.reached, strict=True)) if n])
+            metric(
+                "tau",
+                "gauge",
+                "Tokens emitted per request per round (generation_tokens / request_rounds).",
+                [((), self.generation_tokens / rr if rr else 0.0)],
+            )
+            metric(
+                "verified_drafts_per_request_round",
+                "gauge",
+                "Mean drafts verified per request per round (the per-request verification budget).",
+                [((), self.verified_drafts / rr if rr else 0.0)],
+            )
+            metric(
+                "position_reached_total",
+                "counter",
+                "Rounds in which draft position k was verified with all earlier drafts accepted.",
+                [((("position", str(k)),), v) for k, v in enumerate(self.reached)],
+            )
+            metric(
+                "position_accepted_total",
+                "counter",
+                "Rounds in which draft position k was accepted.",
+                [((("position", str(k)),), v) for k, v in enumerate(self.accepted)],
+            )
+            metric(
+                "acceptance",
+                "gauge",
+                "Conditional acceptance per draft position (accepted / reached).",
+                [
+                    ((("position", str(k)),), a / n)
+                    for k, (a, n) in enumerate(zip(self.accepted, self.reached, strict=True))
+                    if n
+                ],
+            )
             hist("round_verified_drafts", "Drafts verified per round (all requests of the round).", self.round_budget)
             hist("round_batch_size", "Requests per round.", self.round_batch)
             metric("queue_length", "gauge", "Requests waiting for a slot.", [((), self.queue_length)])
             metric("active_requests", "gauge", "Requests holding a slot.", [((), self.active)])
             metric("max_batch", "gauge", "Slots (concurrent requests in the batch).", [((), self.max_batch)])
-            metric("engine_seconds_total", "counter", "Engine wall time by phase.",
-                   [((("phase", p),), self.engine_time[p]) for p in self.PHASES])
+            metric(
+                "engine_seconds_total",
+                "counter",
+                "Engine wall time by phase.",
+                [((("phase", p),), self.engine_time[p]) for p in self.PHASES],
+            )
             metric("engine_busy_seconds_total", "counter", "Engine loop time spent stepping.", [((), self.busy_s)])
             hist("time_to_first_token_seconds", "Submission to first token.", self.ttft)
             hist("request_duration_seconds", "Submission to finish.", self.e2e)
@@ -229,6 +299,7 @@ def _num(v) -> str:
 # The engine loop thread
 # ------------------------------------------------------------------------------------------------
 
+
 class _Record:
     __slots__ = ("t_submit", "first", "on_tokens", "on_done", "reason", "error")
 
@@ -236,8 +307,8 @@ class _Record:
         self.t_submit = time.perf_counter()
         self.first = True
         self.on_tokens, self.on_done = on_tokens, on_done
-        self.reason: Optional[str] = None   # finish reason to count when the server aborted it
-        self.error: Optional[str] = None
+        self.reason: str | None = None  # finish reason to count when the server aborted it
+        self.error: str | None = None
 
 
 class EngineLoop:
@@ -250,23 +321,22 @@ class EngineLoop:
     engine or the loop is stopped.
     """
 
-    def __init__(self, engine, metrics: Optional[Metrics] = None, *, max_pending: int = 1024,
-                 idle_wait_s: float = 0.05):
+    def __init__(self, engine, metrics: Metrics | None = None, *, max_pending: int = 1024, idle_wait_s: float = 0.05):
         self.engine = engine
         self.metrics = metrics or Metrics()
         self.metrics.max_batch = engine.max_batch
         self.max_pending = max_pending
         self.idle_wait_s = idle_wait_s
         self._lock = threading.Lock()
-        self._records: Dict[int, _Record] = {}
+        self._records: dict[int, _Record] = {}
         self._stop = threading.Event()
         self._closed = False
-        self.error: Optional[BaseException] = None   # an engine exception (requests failed, loop goes on)
+        self.error: BaseException | None = None  # an engine exception (requests failed, loop goes on)
         engine.round_log = []
         self.thread = threading.Thread(target=self._run, name="dspark-engine-loop", daemon=True)
 
     # -- any thread --------------------------------------------------------------------------
-    def start(self) -> "EngineLoop":
+    def start(self) -> EngineLoop:
         self.thread.start()
         return self
 
@@ -278,8 +348,14 @@ class EngineLoop:
     def alive(self) -> bool:
         return self.thread.is_alive() and not self._closed
 
-    def submit(self, prompt_ids, params, on_tokens: Callable[[List[int]], None],
-               on_done: Callable[[object], None], endpoint: str = "completions") -> int:
+    def submit(
+        self,
+        prompt_ids,
+        params,
+        on_tokens: Callable[[list[int]], None],
+        on_done: Callable[[object], None],
+        endpoint: str = "completions",
+    ) -> int:
         rec = _Record(on_tokens, on_done)
         m = self.metrics
 
@@ -393,8 +469,11 @@ class EngineLoop:
             for rec, out in done:
                 # what the client saw: a stop string the server found is "stop" even when the engine
                 # ended the request in the same round; a server-side abort is counted by its cause
-                reason = rec.reason if rec.reason == "stop" or (rec.reason and out.finish_reason == "aborted") \
+                reason = (
+                    rec.reason
+                    if rec.reason == "stop" or (rec.reason and out.finish_reason == "aborted")
                     else out.finish_reason
+                )
                 m.finished[reason] = m.finished.get(reason, 0) + 1
                 m.e2e.observe(now - rec.t_submit)
         eng.release()
@@ -413,6 +492,7 @@ class EngineLoop:
 # Text: incremental detokenization and stop strings
 # ------------------------------------------------------------------------------------------------
 
+
 class TextStream:
     """Turns token batches into text deltas, cut at the first stop string (excluded, as in the
     OpenAI API). ``decode(ids) -> str`` decodes a token list (special tokens dropped).
@@ -428,12 +508,12 @@ class TextStream:
         self.decode = decode
         self.stops = [s for s in stops if s]
         self.max_stop = max((len(s) for s in self.stops), default=0)
-        self.ids: List[int] = []
+        self.ids: list[int] = []
         self._prefix = self._read = 0
-        self.text = ""        # decoded so far
-        self.sent = 0         # characters of text already returned
+        self.text = ""  # decoded so far
+        self.sent = 0  # characters of text already returned
         self.stopped = False  # a stop string was found; nothing more is returned
-        self.tokens_at_stop: Optional[int] = None
+        self.tokens_at_stop: int | None = None
 
     def add(self, tokens: Sequence[int]) -> str:
         if self.stopped:
@@ -452,13 +532,13 @@ class TextStream:
     def _advance(self, final: bool) -> None:
         if self._read == len(self.ids):
             return
-        before = self.decode(self.ids[self._prefix:self._read])
-        now = self.decode(self.ids[self._prefix:])
+        before = self.decode(self.ids[self._prefix : self._read])
+        now = self.decode(self.ids[self._prefix :])
         if now.startswith(before):
-            new = now[len(before):]
+            new = now[len(before) :]
         else:  # the window's start decodes differently now: decode everything, keep what agrees
             full = self.decode(self.ids)
-            new = full[len(self.text):] if full.startswith(self.text) else ""
+            new = full[len(self.text) :] if full.startswith(self.text) else ""
         if new.endswith("\ufffd") and not final:
             return  # an incomplete UTF-8 sequence: wait for the token that completes it
         self.text += new
@@ -470,7 +550,7 @@ class TextStream:
             hits = [i for i in (t.find(s, self.sent) for s in self.stops) if i >= 0]
             if hits:
                 cut = min(hits)
-                out = t[self.sent:cut]
+                out = t[self.sent : cut]
                 self.text, self.sent, self.stopped = t[:cut], cut, True
                 self.tokens_at_stop = len(self.ids)
                 return out
@@ -482,7 +562,7 @@ class TextStream:
                     hold = k
                     break
             end -= hold
-        out = t[self.sent:end] if end > self.sent else ""
+        out = t[self.sent : end] if end > self.sent else ""
         self.sent = max(self.sent, end)
         return out
 
@@ -490,6 +570,7 @@ class TextStream:
 # ------------------------------------------------------------------------------------------------
 # Request parsing
 # ------------------------------------------------------------------------------------------------
+
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
@@ -499,27 +580,49 @@ def _is_num(x) -> bool:
     return (isinstance(x, (int, float)) and not isinstance(x, bool)) and math.isfinite(float(x))
 
 
-def _unsupported(body: dict, allowed_default: Dict[str, tuple]) -> None:
+def _unsupported(body: dict, allowed_default: dict[str, tuple]) -> None:
     for name, ok in allowed_default.items():
         if name in body and body[name] not in ok:
-            raise APIError(400, f"'{name}' = {body[name]!r} is not supported by this server", param=name,
-                           code="unsupported_parameter")
+            raise APIError(
+                400,
+                f"'{name}' = {body[name]!r} is not supported by this server",
+                param=name,
+                code="unsupported_parameter",
+            )
 
 
-def parse_sampling(body: dict, prompt_len: int, max_seq: int, vocab_stop_ids: Sequence[int], cfg: ServerConfig,
-                   chat: bool):
+def parse_sampling(
+    body: dict, prompt_len: int, max_seq: int, vocab_stop_ids: Sequence[int], cfg: ServerConfig, chat: bool
+):
     """(SamplingParams, stop strings, max_tokens) of an OpenAI request body; APIError(400) names
     the bad field."""
     from .engine import SamplingParams
 
-    _unsupported(body, {"n": (None, 1), "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
-                        "logit_bias": (None, {}), "logprobs": (None, False, 0), "top_logprobs": (None, 0),
-                        "echo": (None, False), "best_of": (None, 1), "suffix": (None, ""), "tools": (None, []),
-                        "functions": (None, []), "response_format": (None, {"type": "text"})})
+    _unsupported(
+        body,
+        {
+            "n": (None, 1),
+            "presence_penalty": (None, 0, 0.0),
+            "frequency_penalty": (None, 0, 0.0),
+            "logit_bias": (None, {}),
+            "logprobs": (None, False, 0),
+            "top_logprobs": (None, 0),
+            "echo": (None, False),
+            "best_of": (None, 1),
+            "suffix": (None, ""),
+            "tools": (None, []),
+            "functions": (None, []),
+            "response_format": (None, {"type": "text"}),
+        },
+    )
     if prompt_len >= max_seq:
-        raise APIError(400, f"the prompt has {prompt_len} tokens; this model's context is {max_seq} tokens "
-                       f"(prompt + completion), so at most {max_seq - 1} prompt tokens fit",
-                       param="messages" if chat else "prompt", code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"the prompt has {prompt_len} tokens; this model's context is {max_seq} tokens "
+            f"(prompt + completion), so at most {max_seq - 1} prompt tokens fit",
+            param="messages" if chat else "prompt",
+            code="context_length_exceeded",
+        )
     room = max_seq - prompt_len
     name = "max_tokens"
     mt = body.get("max_tokens")
@@ -530,14 +633,17 @@ def parse_sampling(body: dict, prompt_len: int, max_seq: int, vocab_stop_ids: Se
     elif not _is_int(mt) or mt < 1:
         raise APIError(400, f"'{name}' must be an integer >= 1, got {mt!r}", param=name)
     elif mt > room:
-        raise APIError(400, f"this model's context is {max_seq} tokens; the prompt has {prompt_len} and "
-                       f"'{name}' = {mt} asks for {mt} more (at most {room} fit)", param=name,
-                       code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"this model's context is {max_seq} tokens; the prompt has {prompt_len} and "
+            f"'{name}' = {mt} asks for {mt} more (at most {room} fit)",
+            param=name,
+            code="context_length_exceeded",
+        )
     temp = body.get("temperature")
     temp = 1.0 if temp is None else temp
     if not _is_num(temp) or not 0 <= temp <= 2:
-        raise APIError(400, f"'temperature' must be a number in [0, 2] (0 = greedy), got {temp!r}",
-                       param="temperature")
+        raise APIError(400, f"'temperature' must be a number in [0, 2] (0 = greedy), got {temp!r}", param="temperature")
     top_p = body.get("top_p")
     top_p = 1.0 if top_p is None else top_p
     if not _is_num(top_p) or not 0 < top_p <= 1:
@@ -549,11 +655,11 @@ def parse_sampling(body: dict, prompt_len: int, max_seq: int, vocab_stop_ids: Se
     seed = body.get("seed")
     if seed is None:
         seed = secrets.randbits(62)
-    elif not _is_int(seed) or not 0 <= seed < 2 ** 63:
+    elif not _is_int(seed) or not 0 <= seed < 2**63:
         raise APIError(400, f"'seed' must be an integer in [0, 2^63), got {seed!r}", param="seed")
     stop = body.get("stop")
     if stop is None:
-        stops: List[str] = []
+        stops: list[str] = []
     elif isinstance(stop, str):
         stops = [stop]
     elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
@@ -567,10 +673,15 @@ def parse_sampling(body: dict, prompt_len: int, max_seq: int, vocab_stop_ids: Se
         raise APIError(400, f"'stream' must be a boolean, got {stream!r}", param="stream")
     so = body.get("stream_options")
     if so is not None and (not isinstance(so, dict) or not isinstance(so.get("include_usage", False), bool)):
-        raise APIError(400, "'stream_options' must be an object like {\"include_usage\": true}",
-                       param="stream_options")
-    params = SamplingParams(max_new_tokens=int(mt), temperature=float(temp), top_k=int(top_k), top_p=float(top_p),
-                            seed=int(seed), stop_token_ids=list(vocab_stop_ids))
+        raise APIError(400, "'stream_options' must be an object like {\"include_usage\": true}", param="stream_options")
+    params = SamplingParams(
+        max_new_tokens=int(mt),
+        temperature=float(temp),
+        top_k=int(top_k),
+        top_p=float(top_p),
+        seed=int(seed),
+        stop_token_ids=list(vocab_stop_ids),
+    )
     return params, stops, int(mt)
 
 
@@ -582,23 +693,26 @@ def _message_text(m, i: int) -> str:
         parts = []
         for part in content:
             if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise APIError(400, f"messages[{i}].content: only text parts ({{\"type\": \"text\", \"text\": ...}}) "
-                               "are supported", param=f"messages[{i}].content")
+                raise APIError(
+                    400,
+                    f'messages[{i}].content: only text parts ({{"type": "text", "text": ...}}) are supported',
+                    param=f"messages[{i}].content",
+                )
             parts.append(part["text"])
         return "".join(parts)
-    raise APIError(400, f"messages[{i}].content must be a string or a list of text parts",
-                   param=f"messages[{i}].content")
+    raise APIError(
+        400, f"messages[{i}].content must be a string or a list of text parts", param=f"messages[{i}].content"
+    )
 
 
-def parse_messages(body: dict) -> List[Dict[str, str]]:
+def parse_messages(body: dict) -> list[dict[str, str]]:
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
-        raise APIError(400, "'messages' must be a non-empty list of {\"role\", \"content\"} objects", param="messages")
+        raise APIError(400, '\'messages\' must be a non-empty list of {"role", "content"} objects', param="messages")
     out = []
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise APIError(400, f"messages[{i}]: 'role' must be one of {', '.join(ROLES)}",
-                           param=f"messages[{i}].role")
+            raise APIError(400, f"messages[{i}]: 'role' must be one of {', '.join(ROLES)}", param=f"messages[{i}].role")
         role = "system" if m["role"] == "developer" else m["role"]
         out.append({"role": role, "content": _message_text(m, i)})
     return out
@@ -607,6 +721,7 @@ def parse_messages(body: dict) -> List[Dict[str, str]]:
 # ------------------------------------------------------------------------------------------------
 # The application
 # ------------------------------------------------------------------------------------------------
+
 
 class _State:
     def __init__(self, target, engine, cfg: ServerConfig, info: dict):
@@ -630,7 +745,7 @@ class _Generation:
         self.text = TextStream(st.target.decode, stops)
         self.prompt_tokens = len(prompt_ids)
         self.done = False
-        self.finish_reason: Optional[str] = None
+        self.finish_reason: str | None = None
         self.rid = st.loop.submit(prompt_ids, params, self._put_tokens, self._put_done, endpoint)
 
     def _put(self, item) -> None:
@@ -685,7 +800,7 @@ class _Generation:
         return dict(prompt_tokens=self.prompt_tokens, completion_tokens=c, total_tokens=self.prompt_tokens + c)
 
 
-def create_app(target, engine, config: Optional[ServerConfig] = None, info: Optional[dict] = None):
+def create_app(target, engine, config: ServerConfig | None = None, info: dict | None = None):
     """The Starlette application serving ``engine`` (an Engine over ``target.model``).
 
     target: :class:`dspark_native.runtime.ChatTarget` (tokenizer, chat template, eos ids).
@@ -727,10 +842,14 @@ def create_app(target, engine, config: Optional[ServerConfig] = None, info: Opti
     def check_model(body: dict) -> None:
         m = body.get("model")
         if m is not None and m != cfg.model_name:
-            raise APIError(404, f"the model '{m}' does not exist; this server serves '{cfg.model_name}'",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"the model '{m}' does not exist; this server serves '{cfg.model_name}'",
+                param="model",
+                code="model_not_found",
+            )
 
-    def encode_completion_prompt(body: dict) -> List[int]:
+    def encode_completion_prompt(body: dict) -> list[int]:
         p = body.get("prompt")
         V = target.model.config.vocab_size
         if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
@@ -747,7 +866,7 @@ def create_app(target, engine, config: Optional[ServerConfig] = None, info: Opti
             raise APIError(400, "one prompt per request is supported", param="prompt")
         raise APIError(400, "'prompt' must be a non-empty string or list of token ids", param="prompt")
 
-    def encode_chat(body: dict) -> List[int]:
+    def encode_chat(body: dict) -> list[int]:
         msgs = parse_messages(body)
         if target.chat_template is None:
             raise APIError(400, "this model has no chat template: use /v1/completions", param="messages")
@@ -774,9 +893,12 @@ def create_app(target, engine, config: Optional[ServerConfig] = None, info: Opti
         created = int(time.time())
         so = body.get("stream_options") or {}
         if body.get("stream"):
-            return _SSE(_events(gen, rid, created, chat, bool(so.get("include_usage"))), gen,
-                        media_type="text/event-stream",
-                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return _SSE(
+                _events(gen, rid, created, chat, bool(so.get("include_usage"))),
+                gen,
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         return await _collect(request, gen, rid, created, chat)
 
     def chunk(rid, created, chat, delta=None, finish=None, usage=None, role=False):
@@ -826,6 +948,7 @@ def create_app(target, engine, config: Optional[ServerConfig] = None, info: Opti
 
             try:
                 async with anyio.create_task_group() as tg:
+
                     async def stream():
                         try:
                             await self.stream_response(send)
@@ -844,11 +967,12 @@ def create_app(target, engine, config: Optional[ServerConfig] = None, info: Opti
     async def _collect(request: Request, gen: _Generation, rid, created, chat):
         import anyio
 
-        parts: List[str] = []
-        failure: List[APIError] = []
+        parts: list[str] = []
+        failure: list[APIError] = []
         gone = [False]
         try:
             async with anyio.create_task_group() as tg:
+
                 async def watch():
                     while True:
                         msg = await request.receive()
@@ -872,14 +996,16 @@ def create_app(target, engine, config: Optional[ServerConfig] = None, info: Opti
             return Response(status_code=499)  # nobody reads it
         text = "".join(parts)
         if chat:
-            choice = dict(index=0, message=dict(role="assistant", content=text), logprobs=None,
-                          finish_reason=gen.finish_reason)
+            choice = dict(
+                index=0, message=dict(role="assistant", content=text), logprobs=None, finish_reason=gen.finish_reason
+            )
             obj = "chat.completion"
         else:
             choice = dict(index=0, text=text, logprobs=None, finish_reason=gen.finish_reason)
             obj = "text_completion"
-        return JSONResponse(dict(id=rid, object=obj, created=created, model=cfg.model_name, choices=[choice],
-                                 usage=gen.usage()))
+        return JSONResponse(
+            dict(id=rid, object=obj, created=created, model=cfg.model_name, choices=[choice], usage=gen.usage())
+        )
 
     async def completions(request):
         return await generation(request, chat=False)
@@ -888,24 +1014,43 @@ def create_app(target, engine, config: Optional[ServerConfig] = None, info: Opti
         return await generation(request, chat=True)
 
     def model_card():
-        return dict(id=cfg.model_name, object="model", created=st.created, owned_by="dspark-native",
-                    max_model_len=engine.max_seq, **st.info)
+        return dict(
+            id=cfg.model_name,
+            object="model",
+            created=st.created,
+            owned_by="dspark-native",
+            max_model_len=engine.max_seq,
+            **st.info,
+        )
 
     async def models(request):
         return JSONResponse(dict(object="list", data=[model_card()]))
 
     async def model_one(request):
         if request.path_params["model"] != cfg.model_name:
-            return error_response(APIError(404, f"the model '{request.path_params['model']}' does not exist",
-                                           param="model", code="model_not_found"))
+            return error_response(
+                APIError(
+                    404,
+                    f"the model '{request.path_params['model']}' does not exist",
+                    param="model",
+                    code="model_not_found",
+                )
+            )
         return JSONResponse(model_card())
 
     async def health(request):
         m = st.metrics
         ok = st.loop.alive()
-        return JSONResponse(dict(status="ok" if ok else "unavailable", active=m.active, queued=m.queue_length,
-                                 pending=st.loop.pending, max_batch=engine.max_batch),
-                            status_code=200 if ok else 503)
+        return JSONResponse(
+            dict(
+                status="ok" if ok else "unavailable",
+                active=m.active,
+                queued=m.queue_length,
+                pending=st.loop.pending,
+                max_batch=engine.max_batch,
+            ),
+            status_code=200 if ok else 503,
+        )
 
     async def metrics(request):
         return Response(st.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -930,10 +1075,13 @@ def create_app(target, engine, config: Optional[ServerConfig] = None, info: Opti
             try:
                 return await handler(request)
             except Exception as exc:
-                print(f"dspark-native serve: {request.method} {request.url.path}: {type(exc).__name__}: {exc}",
-                      file=sys.stderr)
-                return error_response(APIError(500, f"internal error: {type(exc).__name__}: {exc}",
-                                               code="internal_error"))
+                print(
+                    f"dspark-native serve: {request.method} {request.url.path}: {type(exc).__name__}: {exc}",
+                    file=sys.stderr,
+                )
+                return error_response(
+                    APIError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error")
+                )
 
         return run
 
@@ -953,6 +1101,7 @@ def create_app(target, engine, config: Optional[ServerConfig] = None, info: Opti
 # ------------------------------------------------------------------------------------------------
 # Running it
 # ------------------------------------------------------------------------------------------------
+
 
 def bind_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     """A listening TCP socket (port 0: a free one, read it back with ``getsockname()``)."""
@@ -974,23 +1123,26 @@ class ServerThread:
     shuts uvicorn down (open connections get ``graceful_s`` seconds) and, through the lifespan,
     the engine loop."""
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
-                 graceful_s: float = 5.0):
+    def __init__(
+        self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning", graceful_s: float = 5.0
+    ):
         import uvicorn
 
         self.sock = bind_socket(host, port)
         self.host, self.port = self.sock.getsockname()[:2]
-        config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=graceful_s,
-                                access_log=False)
+        config = uvicorn.Config(
+            app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=graceful_s, access_log=False
+        )
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs=dict(sockets=[self.sock]),
-                                       name="dspark-uvicorn", daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs=dict(sockets=[self.sock]), name="dspark-uvicorn", daemon=True
+        )
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self, timeout: float = 60.0) -> "ServerThread":
+    def start(self, timeout: float = 60.0) -> ServerThread:
         self.thread.start()
         t_end = time.monotonic() + timeout
         while not self.server.started:
@@ -1006,7 +1158,7 @@ class ServerThread:
             self.thread.join(timeout)
         self.sock.close()
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self) -> ServerThread:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -1024,9 +1176,10 @@ def profile_sps_table(target_model, max_tokens: int, *, context: int = 128, repe
     return profile_sps(fn, max_tokens, points=pts, repeats=repeats, model="serve")
 
 
-def format_startup(target, drafter_name: str, engine, policy: str, url: str) -> Tuple[str, ...]:
+def format_startup(target, drafter_name: str, engine, policy: str, url: str) -> tuple[str, ...]:
     """The start-up lines of ``dspark-native serve``."""
     spec = "" if engine.kind == "plain" else f" ({engine.kind}, {engine.gamma} drafts/round, policy {policy})"
-    return (f"target: {target.name}; drafter: {drafter_name}{spec}; max batch {engine.max_batch}, "
-            f"context {engine.max_seq}",
-            f"serving the OpenAI API on {url}/v1 (health: {url}/health, metrics: {url}/metrics)")
+    return (
+        f"target: {target.name}; drafter: {drafter_name}{spec}; max batch {engine.max_batch}, context {engine.max_seq}",
+        f"serving the OpenAI API on {url}/v1 (health: {url}/health, metrics: {url}/metrics)",
+    )

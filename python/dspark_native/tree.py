@@ -19,8 +19,6 @@ other engines. All functions are vectorised (no host loop) except that converter
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 
 __all__ = [
@@ -37,14 +35,15 @@ __all__ = [
 def global_parents(cu_nodes: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
     """[N] int64 parent as a GLOBAL node index (roots point to themselves)."""
     N = parents.numel()
-    req = torch.repeat_interleave(torch.arange(cu_nodes.numel() - 1, device=parents.device),
-                                  (cu_nodes[1:] - cu_nodes[:-1]), output_size=N)
+    req = torch.repeat_interleave(
+        torch.arange(cu_nodes.numel() - 1, device=parents.device), (cu_nodes[1:] - cu_nodes[:-1]), output_size=N
+    )
     start = cu_nodes[:-1][req]
     me = torch.arange(N, device=parents.device)
     return torch.where(parents >= 0, parents + start, me)
 
 
-def tree_depths(parents: torch.Tensor, cu_nodes: Optional[torch.Tensor] = None) -> torch.Tensor:
+def tree_depths(parents: torch.Tensor, cu_nodes: torch.Tensor | None = None) -> torch.Tensor:
     """[N] int64 depth of each node (root 0), by pointer jumping (log2(max depth) gathers).
 
     ``parents`` is one tree's [n] local parents, or a ragged batch with ``cu_nodes``."""
@@ -62,12 +61,15 @@ def tree_depths(parents: torch.Tensor, cu_nodes: Optional[torch.Tensor] = None) 
 def tree_positions(cu_nodes: torch.Tensor, parents: torch.Tensor, base_lengths: torch.Tensor) -> torch.Tensor:
     """[N] int64 position ids of the verify forward: ``base_lengths[r] + depth`` (base_lengths [R]
     is the cached length of each request, i.e. the root's position)."""
-    req = torch.repeat_interleave(torch.arange(cu_nodes.numel() - 1, device=parents.device),
-                                  (cu_nodes[1:] - cu_nodes[:-1]), output_size=parents.numel())
+    req = torch.repeat_interleave(
+        torch.arange(cu_nodes.numel() - 1, device=parents.device),
+        (cu_nodes[1:] - cu_nodes[:-1]),
+        output_size=parents.numel(),
+    )
     return base_lengths.to(torch.int64)[req] + tree_depths(parents, cu_nodes)
 
 
-def tree_attention_mask(parents: torch.Tensor, cu_nodes: Optional[torch.Tensor] = None) -> torch.Tensor:
+def tree_attention_mask(parents: torch.Tensor, cu_nodes: torch.Tensor | None = None) -> torch.Tensor:
     """Dense bool [N, N]: ``mask[i, j]`` iff node j is an ancestor of node i or i itself (block
     diagonal for a ragged batch). Built by doubling: log2(depth) gathers of [N, N]."""
     if cu_nodes is None:
@@ -84,8 +86,7 @@ def tree_attention_mask(parents: torch.Tensor, cu_nodes: Optional[torch.Tensor] 
     return mask
 
 
-def tree_ancestor_bits(parents: torch.Tensor, cu_nodes: Optional[torch.Tensor] = None,
-                       local: bool = True) -> torch.Tensor:
+def tree_ancestor_bits(parents: torch.Tensor, cu_nodes: torch.Tensor | None = None, local: bool = True) -> torch.Tensor:
     """Packed form of :func:`tree_attention_mask`: int64 [N, ceil(W / 64)] words, bit ``j % 64`` of
     word ``j // 64`` set iff node j (a LOCAL index within the node's request when ``local``, so
     W = the largest tree; else global, W = N) is an ancestor-or-self."""
@@ -109,7 +110,7 @@ def tree_ancestor_bits(parents: torch.Tensor, cu_nodes: Optional[torch.Tensor] =
     return bits.sum(-1)  # int64 wrap-around sets bit 63 as the sign bit, as intended
 
 
-def from_first_child_next_sibling(first_child, next_sibling, root: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+def from_first_child_next_sibling(first_child, next_sibling, root: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Convert a first-child / next-sibling tree (``first_child[i]``, ``next_sibling[i]``: node ids,
     -1 = none) to this package's encoding. Nodes are renumbered in depth-first preorder (children
     keep their sibling order), which puts every parent before its children.
@@ -121,8 +122,9 @@ def from_first_child_next_sibling(first_child, next_sibling, root: int = 0) -> T
     ns = [int(x) for x in torch.as_tensor(next_sibling).tolist()]
     n = len(fc)
     if len(ns) != n or not 0 <= root < max(n, 1):
-        raise ValueError("from_first_child_next_sibling: first_child and next_sibling must have the same length n "
-                         "and root < n")
+        raise ValueError(
+            "from_first_child_next_sibling: first_child and next_sibling must have the same length n and root < n"
+        )
     new_id = [-1] * n
     parents, order = [], []
     stack = [(root, -1)]
@@ -149,7 +151,7 @@ def from_first_child_next_sibling(first_child, next_sibling, root: int = 0) -> T
     return torch.tensor(parents, dtype=torch.int64), torch.tensor(order, dtype=torch.int64)
 
 
-def validate_tree(parents: torch.Tensor, max_nodes: Optional[int] = None) -> None:
+def validate_tree(parents: torch.Tensor, max_nodes: int | None = None) -> None:
     """Raise ValueError unless ``parents`` [n] is a valid tree in this package's encoding."""
     par = [int(x) for x in parents.tolist()]
     if not par:

@@ -35,13 +35,17 @@ def _phase_split(t):
 @command("bench")
 def _bench(parser: argparse.ArgumentParser):
     """Plain vs speculative decoding over prompt sets: tokens/s, tau, speedup, time split, per domain."""
-    parser.description = ("Benchmark plain decoding against speculative decoding over JSONL prompt files (or "
-                          "directories of them; the domain is the file name): per-request tokens/s, tau, "
-                          "per-position acceptance, speedup, and the round time split draft / schedule / verify / "
-                          "rollback, as a table and JSON.")
-    parser.add_argument("paths", nargs="+",
-                        help="JSONL prompt files or directories (e.g. /work/shared/data/prompts/eval); '-': "
-                             "standard input")
+    parser.description = (
+        "Benchmark plain decoding against speculative decoding over JSONL prompt files (or "
+        "directories of them; the domain is the file name): per-request tokens/s, tau, "
+        "per-position acceptance, speedup, and the round time split draft / schedule / verify / "
+        "rollback, as a table and JSON."
+    )
+    parser.add_argument(
+        "paths",
+        nargs="+",
+        help="JSONL prompt files or directories (e.g. /work/shared/data/prompts/eval); '-': standard input",
+    )
     parser.add_argument("--limit", type=int, default=None, help="at most N prompts per file (use a few on CPU)")
     parser.add_argument("--out", metavar="JSON", help="write the results as JSON")
     add_model_args(parser)
@@ -83,10 +87,17 @@ def _bench(parser: argparse.ArgumentParser):
             reqs = []
             for s_o, p_o in zip(so, po, strict=True):
                 st = s_o.stats
-                reqs.append(dict(tokens=len(s_o.token_ids), tau=st.tau, spec_tokens_per_s=st.tokens_per_s,
-                                 plain_tokens_per_s=p_o.stats.tokens_per_s,
-                                 speedup=(st.tokens_per_s / p_o.stats.tokens_per_s) if p_o.stats.tokens_per_s else None,
-                                 identical=s_o.token_ids == p_o.token_ids, stats=st.to_dict()))
+                reqs.append(
+                    dict(
+                        tokens=len(s_o.token_ids),
+                        tau=st.tau,
+                        spec_tokens_per_s=st.tokens_per_s,
+                        plain_tokens_per_s=p_o.stats.tokens_per_s,
+                        speedup=(st.tokens_per_s / p_o.stats.tokens_per_s) if p_o.stats.tokens_per_s else None,
+                        identical=s_o.token_ids == p_o.token_ids,
+                        stats=st.to_dict(),
+                    )
+                )
             n = sum(len(o.token_ids) for o in so)
             rounds = sum(o.stats.rounds for o in so)
             reached = [0] * spec.gamma
@@ -96,37 +107,64 @@ def _bench(parser: argparse.ArgumentParser):
                     reached[k] += r
                     accepted[k] += a
             pb = sum(len(o.token_ids) for o in po)
-            d = dict(domain=dom, prompts=len(enc), tokens=n, rounds=rounds, tau=n / rounds if rounds else 0.0,
-                     spec_tokens_per_s=n / sw, plain_tokens_per_s=pb / pw,
-                     speedup=(n / sw) / (pb / pw) if pb and pw else None,
-                     median_request_speedup=statistics.median([r["speedup"] for r in reqs if r["speedup"]] or [0]),
-                     acceptance=[a / r if r else None for a, r in zip(accepted, reached, strict=True)],
-                     budget_per_round=sum(o.stats.budget for o in so) / rounds if rounds else 0.0,
-                     time_s=t_spec, time_split=_phase_split(t_spec),
-                     identical_greedy=all(r["identical"] for r in reqs) if args.temperature == 0 else None,
-                     requests=reqs)
+            d = dict(
+                domain=dom,
+                prompts=len(enc),
+                tokens=n,
+                rounds=rounds,
+                tau=n / rounds if rounds else 0.0,
+                spec_tokens_per_s=n / sw,
+                plain_tokens_per_s=pb / pw,
+                speedup=(n / sw) / (pb / pw) if pb and pw else None,
+                median_request_speedup=statistics.median([r["speedup"] for r in reqs if r["speedup"]] or [0]),
+                acceptance=[a / r if r else None for a, r in zip(accepted, reached, strict=True)],
+                budget_per_round=sum(o.stats.budget for o in so) / rounds if rounds else 0.0,
+                time_s=t_spec,
+                time_split=_phase_split(t_spec),
+                identical_greedy=all(r["identical"] for r in reqs) if args.temperature == 0 else None,
+                requests=reqs,
+            )
             domains.append(d)
-        hdr = (f"{'domain':<12} {'n':>3} {'plain tok/s':>11} {'spec tok/s':>10} {'speedup':>7} {'tau':>5} "
-               f"{'l/round':>7} {'acc@0':>5} {'draft':>6} {'sched':>6} {'verify':>6} {'rollbk':>6}")
-        print(f"target: {target.name}; drafter: {drafter.name} ({spec.kind}, {spec.gamma} drafts/round, "
-              f"policy {args.policy}, "
-              f"batch {args.max_batch}, T={args.temperature:g})")
+        hdr = (
+            f"{'domain':<12} {'n':>3} {'plain tok/s':>11} {'spec tok/s':>10} {'speedup':>7} {'tau':>5} "
+            f"{'l/round':>7} {'acc@0':>5} {'draft':>6} {'sched':>6} {'verify':>6} {'rollbk':>6}"
+        )
+        print(
+            f"target: {target.name}; drafter: {drafter.name} ({spec.kind}, {spec.gamma} drafts/round, "
+            f"policy {args.policy}, "
+            f"batch {args.max_batch}, T={args.temperature:g})"
+        )
         print(hdr)
         for d in domains:
             sp = d["time_split"]
             acc0 = d["acceptance"][0] if d["acceptance"] and d["acceptance"][0] is not None else float("nan")
-            print(f"{d['domain']:<12} {d['prompts']:>3} {d['plain_tokens_per_s']:>11.1f} "
-                  f"{d['spec_tokens_per_s']:>10.1f} "
-                  f"{d['speedup']:>6.2f}x {d['tau']:>5.2f} {d['budget_per_round']:>7.2f} {acc0:>5.2f} "
-                  f"{sp['draft']:>5.0%} {sp['schedule']:>6.0%} {sp['verify']:>6.0%} {sp['rollback']:>6.0%}")
+            print(
+                f"{d['domain']:<12} {d['prompts']:>3} {d['plain_tokens_per_s']:>11.1f} "
+                f"{d['spec_tokens_per_s']:>10.1f} "
+                f"{d['speedup']:>6.2f}x {d['tau']:>5.2f} {d['budget_per_round']:>7.2f} {acc0:>5.2f} "
+                f"{sp['draft']:>5.0%} {sp['schedule']:>6.0%} {sp['verify']:>6.0%} {sp['rollback']:>6.0%}"
+            )
         print("(time split: share of the speculative round time; speedup: speculative / plain tokens/s)")
         if args.out:
             with open(args.out, "w") as f:
-                json.dump(dict(target=target.name, drafter=drafter.name, kind=spec.kind, num_drafts=spec.gamma,
-                               policy=args.policy, device=str(target.model.device),
-                               dtype=str(target.model.dtype).replace("torch.", ""), stop=args.stop,
-                               max_batch=args.max_batch, temperature=args.temperature,
-                               max_new_tokens=args.max_new_tokens, domains=domains), f, indent=1)
+                json.dump(
+                    dict(
+                        target=target.name,
+                        drafter=drafter.name,
+                        kind=spec.kind,
+                        num_drafts=spec.gamma,
+                        policy=args.policy,
+                        device=str(target.model.device),
+                        dtype=str(target.model.dtype).replace("torch.", ""),
+                        stop=args.stop,
+                        max_batch=args.max_batch,
+                        temperature=args.temperature,
+                        max_new_tokens=args.max_new_tokens,
+                        domains=domains,
+                    ),
+                    f,
+                    indent=1,
+                )
             print(f"wrote {args.out}")
         return 0
 

@@ -10,7 +10,7 @@ import io
 import json
 import os
 import sys
-from typing import Callable, Dict, List, Optional, Tuple
+from collections.abc import Callable
 
 from .. import runtime
 
@@ -21,7 +21,7 @@ class UserError(Exception):
 
 #: name -> factory(parser) -> run(args) -> exit status; filled by the @command decorators of the
 #: command modules, in import order (the order of `dspark-native --help`).
-COMMANDS: Dict[str, Callable[[argparse.ArgumentParser], Callable[[argparse.Namespace], int]]] = {}
+COMMANDS: dict[str, Callable[[argparse.ArgumentParser], Callable[[argparse.Namespace], int]]] = {}
 
 
 def command(name: str):
@@ -47,32 +47,53 @@ def progress(msg: str, end: bool = False) -> None:
 # Flags
 # ------------------------------------------------------------------------------------------------
 
+
 def add_model_args(parser: argparse.ArgumentParser, drafter: bool = True) -> None:
     g = parser.add_argument_group("models")
-    g.add_argument("--target", metavar="DIR|GGUF", help="HF-style target directory (config.json, safetensors, "
-                   "tokenizer.json, tokenizer_config.json) or a Llama .gguf file; default: the embedded "
-                   "SmolLM2-135M-Instruct")
+    g.add_argument(
+        "--target",
+        metavar="DIR|GGUF",
+        help="HF-style target directory (config.json, safetensors, "
+        "tokenizer.json, tokenizer_config.json) or a Llama .gguf file; default: the embedded "
+        "SmolLM2-135M-Instruct",
+    )
     if drafter:
-        g.add_argument("--drafter", metavar="DIR", help="DeepSpec drafter directory (DSpark, DFlash or EAGLE-3); "
-                       "default: the trained DSpark drafter shipped for the embedded SmolLM2, else the "
-                       "package's untrained random-init DSpark drafter for the target")
+        g.add_argument(
+            "--drafter",
+            metavar="DIR",
+            help="DeepSpec drafter directory (DSpark, DFlash or EAGLE-3); "
+            "default: the trained DSpark drafter shipped for the embedded SmolLM2, else the "
+            "package's untrained random-init DSpark drafter for the target",
+        )
         g.add_argument("--sts", metavar="JSON", help="STS temperatures from `dspark-native calibrate`")
-    g.add_argument("--backend", choices=("auto", "native", "transformers"), default="auto",
-                   help="--target implementation: native (Llama/Qwen2/Qwen3), transformers (any causal LM; needs the "
-                   "transformers extra) or auto (native where one exists; default)")
+    g.add_argument(
+        "--backend",
+        choices=("auto", "native", "transformers"),
+        default="auto",
+        help="--target implementation: native (Llama/Qwen2/Qwen3), transformers (any causal LM; needs the "
+        "transformers extra) or auto (native where one exists; default)",
+    )
     g.add_argument("--dtype", choices=tuple(runtime.DTYPES), default="float32", help="model dtype (default float32)")
-    g.add_argument("--weights", choices=runtime.WEIGHT_FORMATS, default="auto",
-                   help="target forward path: auto (default: the native CPU kernel where the extension is built, "
-                   "else the fastest available), reference (the modules in --dtype, HF numerics), fused, bf16 or "
-                   "native (bf16 weights); plain and speculative decoding always share it (docs/models.md)")
+    g.add_argument(
+        "--weights",
+        choices=runtime.WEIGHT_FORMATS,
+        default="auto",
+        help="target forward path: auto (default: the native CPU kernel where the extension is built, "
+        "else the fastest available), reference (the modules in --dtype, HF numerics), fused, bf16 or "
+        "native (bf16 weights); plain and speculative decoding always share it (docs/models.md)",
+    )
     g.add_argument("--device", default="cpu", metavar="cpu|cuda[:N]", help="where the models run (default cpu)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
 def add_prompt_args(parser: argparse.ArgumentParser) -> None:
     """--system: the system message put before every prompt by the chat template."""
-    parser.add_argument("--system", metavar="TEXT", default=None,
-                        help="system message before each prompt (chat template; default: the template's own)")
+    parser.add_argument(
+        "--system",
+        metavar="TEXT",
+        default=None,
+        help="system message before each prompt (chat template; default: the template's own)",
+    )
 
 
 def add_decode_args(parser: argparse.ArgumentParser) -> None:
@@ -86,17 +107,27 @@ def add_decode_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="base seed; prompt i uses seed + i")
     g.add_argument("--policy", choices=POLICIES, default="static", help="verification-length policy (default static)")
     g.add_argument("--num-drafts", type=int, default=None, help="drafts per round (default: the drafter's block)")
-    g.add_argument("--threshold", type=float, default=None,
-                   help="survival threshold of --policy threshold (default 0.5)")
-    g.add_argument("--sps", metavar="JSON", help="SPS table from `dspark-native profile-sps` (causal/async "
-                   "policies; default a synthetic memory-bound model)")
+    g.add_argument(
+        "--threshold", type=float, default=None, help="survival threshold of --policy threshold (default 0.5)"
+    )
+    g.add_argument(
+        "--sps",
+        metavar="JSON",
+        help="SPS table from `dspark-native profile-sps` (causal/async "
+        "policies; default a synthetic memory-bound model)",
+    )
     g.add_argument("--max-batch", type=int, default=1, help="concurrent requests (default 1)")
     g.add_argument("--max-seq", type=int, default=2048, help="context length per request (default 2048)")
-    g.add_argument("--stop", metavar="TEXT", action="append", default=[],
-                   help="end an answer at this text (not included); repeatable")
+    g.add_argument(
+        "--stop",
+        metavar="TEXT",
+        action="append",
+        default=[],
+        help="end an answer at this text (not included); repeatable",
+    )
 
 
-def refuse(args, flags: Dict[str, str]) -> None:
+def refuse(args, flags: dict[str, str]) -> None:
     """Refuse decoding flags a command cannot honour: ``{dest: reason}``; a flag counts as given
     when it differs from its "not given" value (None / [] / --policy static)."""
     for dest, reason in flags.items():
@@ -109,8 +140,10 @@ def refuse(args, flags: Dict[str, str]) -> None:
 def refuse_unused_sts(args) -> None:
     """--sts changes the confidences, which only the confidence-driven policies read."""
     if getattr(args, "sts", None) and args.policy == "static":
-        raise UserError(f"--sts {args.sts}: the static policy verifies every draft and never reads the "
-                        "confidences; use --policy threshold, causal or async")
+        raise UserError(
+            f"--sts {args.sts}: the static policy verifies every draft and never reads the "
+            "confidences; use --policy threshold, causal or async"
+        )
 
 
 def _show(v) -> str:
@@ -145,7 +178,8 @@ def check_decode_args(args) -> None:
 # Prompt files
 # ------------------------------------------------------------------------------------------------
 
-def read_prompt_file(path: str, limit: Optional[int] = None, skip: int = 0):
+
+def read_prompt_file(path: str, limit: int | None = None, skip: int = 0):
     """Prompts of a JSONL file in the shared turns format ({"turns": ["...", ...]}): returns
     (prompts, errors); a malformed line is reported as "path:line: reason" and skipped. The first
     turn of each line is used; the first ``skip`` usable prompts are passed over."""
@@ -203,7 +237,7 @@ def reset_stdin_state() -> None:
     _stdin_used.clear()
 
 
-def read_prompts_reporting(path: str, limit: Optional[int] = None, skip: int = 0) -> List[str]:
+def read_prompts_reporting(path: str, limit: int | None = None, skip: int = 0) -> list[str]:
     """read_prompt_file with its malformed-line messages printed on stderr."""
     texts, errors = read_prompt_file(path, limit, skip)
     for e in errors:
@@ -211,7 +245,7 @@ def read_prompts_reporting(path: str, limit: Optional[int] = None, skip: int = 0
     return texts
 
 
-def prompt_sets(files: List[str], limit: Optional[int]) -> List[Tuple[str, List[str]]]:
+def prompt_sets(files: list[str], limit: int | None) -> list[tuple[str, list[str]]]:
     """(domain, prompts) per file with usable prompts; the domain is the file name without .jsonl."""
     sets = []
     for f in files:
@@ -221,9 +255,9 @@ def prompt_sets(files: List[str], limit: Optional[int]) -> List[Tuple[str, List[
     return sets
 
 
-def expand_prompt_paths(paths: List[str]) -> List[str]:
+def expand_prompt_paths(paths: list[str]) -> list[str]:
     """Files as given (``-``: standard input), directories replaced by their *.jsonl files (sorted)."""
-    files: List[str] = []
+    files: list[str] = []
     for p in paths:
         files += sorted(glob.glob(os.path.join(p, "*.jsonl"))) if os.path.isdir(p) else [p]
     return files
@@ -232,6 +266,7 @@ def expand_prompt_paths(paths: List[str]) -> List[str]:
 # ------------------------------------------------------------------------------------------------
 # Flags -> runtime
 # ------------------------------------------------------------------------------------------------
+
 
 def device(args):
     """--device -> torch.device (checked before anything is loaded)."""
@@ -249,9 +284,13 @@ def load_target(args) -> runtime.ChatTarget:
         torch.set_num_threads(args.threads)
     dev = device(args)
     try:
-        return runtime.load_chat_target(args.target, dtype=runtime.DTYPES[args.dtype], device=dev,
-                                        weights=getattr(args, "weights", "auto"),
-                                        backend=getattr(args, "backend", "auto"))
+        return runtime.load_chat_target(
+            args.target,
+            dtype=runtime.DTYPES[args.dtype],
+            device=dev,
+            weights=getattr(args, "weights", "auto"),
+            backend=getattr(args, "backend", "auto"),
+        )
     except runtime.SetupError as exc:
         raise UserError(f"--target {args.target}: {exc}" if args.target else str(exc)) from None
 
@@ -269,8 +308,11 @@ def load_drafter(args, target: runtime.ChatTarget) -> runtime.LoadedDrafter:
     except runtime.SetupError as exc:
         raise UserError(f"--drafter {args.drafter}: {exc}") from None
     if d.untrained:
-        print("note: no --drafter given: using the package's default DSpark drafter, which is UNTRAINED "
-              "(random init, fixed seed): expect tau near 1; pass --drafter DIR for a trained one", file=sys.stderr)
+        print(
+            "note: no --drafter given: using the package's default DSpark drafter, which is UNTRAINED "
+            "(random init, fixed seed): expect tau near 1; pass --drafter DIR for a trained one",
+            file=sys.stderr,
+        )
     if temps is not None:
         g = getattr(d.model, "block_size", None)
         if g is not None and len(temps) != g:
@@ -294,13 +336,22 @@ def build_engine(args, target: runtime.ChatTarget, drafter):
     --max-batch, --max-seq)."""
     table = sps_table(args)
     try:
-        return runtime.build_engine(target.model, drafter, policy=args.policy, threshold=args.threshold,
-                                    sps_table=table, num_drafts=args.num_drafts, max_batch=args.max_batch,
-                                    max_seq=args.max_seq)
+        return runtime.build_engine(
+            target.model,
+            drafter,
+            policy=args.policy,
+            threshold=args.threshold,
+            sps_table=table,
+            num_drafts=args.num_drafts,
+            max_batch=args.max_batch,
+            max_seq=args.max_seq,
+        )
     except runtime.SPSTableTooShort as exc:
-        raise UserError(f"--sps {args.sps}: the table covers {exc.have} batch tokens, the scheduler needs "
-                        f"{exc.need} (--max-batch x (drafts + 1)): run profile-sps with --max-tokens "
-                        f"{exc.need}") from None
+        raise UserError(
+            f"--sps {args.sps}: the table covers {exc.have} batch tokens, the scheduler needs "
+            f"{exc.need} (--max-batch x (drafts + 1)): run profile-sps with --max-tokens "
+            f"{exc.need}"
+        ) from None
     except runtime.SetupError as exc:
         raise UserError(str(exc)) from None
 
@@ -309,14 +360,15 @@ def build_plain_engine(args, target: runtime.ChatTarget):
     return runtime.build_plain_engine(target.model, max_batch=args.max_batch, max_seq=args.max_seq)
 
 
-def encode_prompts(target: runtime.ChatTarget, texts: List[str], max_seq: int, where: str,
-                   system: Optional[str] = None):
+def encode_prompts(target: runtime.ChatTarget, texts: list[str], max_seq: int, where: str, system: str | None = None):
     """runtime.encode_prompts (after the --system message), a line on stderr for each prompt too
     long for --max-seq."""
 
     def skipped(i, n):
-        print(f"{where} prompt {i + 1}: {n} tokens is longer than the context (--max-seq {max_seq}), "
-              "skipped", file=sys.stderr)
+        print(
+            f"{where} prompt {i + 1}: {n} tokens is longer than the context (--max-seq {max_seq}), skipped",
+            file=sys.stderr,
+        )
 
     try:
         return runtime.encode_prompts(target, texts, max_seq, on_skip=skipped, system=system)
@@ -324,10 +376,17 @@ def encode_prompts(target: runtime.ChatTarget, texts: List[str], max_seq: int, w
         raise UserError(f"--system: {exc}") from None
 
 
-def sampling_params(args, n: int, eos: List[int]) -> list:
+def sampling_params(args, n: int, eos: list[int]) -> list:
     """One SamplingParams per prompt from the decoding flags (prompt i: seed + i)."""
-    return runtime.sampling_params(n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_token_ids=eos)
+    return runtime.sampling_params(
+        n,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop_token_ids=eos,
+    )
 
 
 def run_engine(engine, prompts, sampling, label: str, target: runtime.ChatTarget, stop=(), on_text=None):
@@ -335,11 +394,19 @@ def run_engine(engine, prompts, sampling, label: str, target: runtime.ChatTarget
     (none while streaming text): (outputs, wall seconds, answer texts)."""
     on_progress = None
     if on_text is None:
+
         def on_progress(done, total, el):
             progress(f"[{label}] {done}/{total} requests done, {el:.1f} s")
 
-    outs, wall, texts = runtime.run_prompts(engine, prompts, sampling, tokenizer=target.tokenizer,
-                                            stop_strings=list(stop), on_text=on_text, on_progress=on_progress)
+    outs, wall, texts = runtime.run_prompts(
+        engine,
+        prompts,
+        sampling,
+        tokenizer=target.tokenizer,
+        stop_strings=list(stop),
+        on_text=on_text,
+        on_progress=on_progress,
+    )
     if on_text is None:
         progress(f"[{label}] {len(outs)}/{len(outs)} requests done, {wall:.1f} s", end=True)
     return outs, wall, texts

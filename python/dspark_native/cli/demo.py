@@ -11,9 +11,11 @@ from .common import UserError, command
 @command("demo")
 def _demo(parser: argparse.ArgumentParser):
     """Fused chain verification on real-sized inputs, against the pure-PyTorch reference."""
-    parser.description = ("Run verify_chain on a real-sized batch (SmolLM2's vocabulary by default) with drafts "
-                          "that agree with the target about 70%% of the time, greedy and sampled, and print what "
-                          "happened: accepted drafts, tokens per round, time of the fused op vs the reference.")
+    parser.description = (
+        "Run verify_chain on a real-sized batch (SmolLM2's vocabulary by default) with drafts "
+        "that agree with the target about 70%% of the time, greedy and sampled, and print what "
+        "happened: accepted drafts, tokens per round, time of the fused op vs the reference."
+    )
     parser.add_argument("--requests", type=int, default=8, help="batch size R (default 8)")
     parser.add_argument("--gamma", type=int, default=7, help="drafts per request (default 7)")
     parser.add_argument("--vocab", type=int, default=49152, help="vocabulary size V (default 49152, SmolLM2)")
@@ -42,9 +44,10 @@ def _demo(parser: argparse.ArgumentParser):
         drafts = torch.multinomial(torch.softmax(draft_logits / args.temperature, -1), 1, generator=g).squeeze(1)
         greedy_drafts = torch.where(torch.rand(N - R, generator=g) < 0.7, target[drow].argmax(1), drafts)
         print(f"verify_chain demo: R={R} requests, gamma={G}, V={V}, drafts per request {lens.tolist()}")
-        for label, temp, d, kw in (("greedy (T=0)", 0.0, greedy_drafts, {}),
-                                   (f"sampled (T={args.temperature:g})", args.temperature, drafts,
-                                    {"draft_logits": draft_logits})):
+        for label, temp, d, kw in (
+            ("greedy (T=0)", 0.0, greedy_drafts, {}),
+            (f"sampled (T={args.temperature:g})", args.temperature, drafts, {"draft_logits": draft_logits}),
+        ):
             call = dict(temperature=temp, seed=torch.arange(R) + args.seed, offset=0, max_drafts=G, **kw)
             t0 = time.perf_counter()
             out = ops.verify_chain(target, cu, d, **call)
@@ -57,8 +60,10 @@ def _demo(parser: argparse.ArgumentParser):
             print(f"\n{label}: accepted {out.num_accepted.tolist()} of {lens.tolist()}")
             print(f"  tokens per round (tau, incl. bonus/corrected token): {emitted.float().mean():.2f}")
             print(f"  request 0 emitted: {out.tokens[0][out.tokens[0] >= 0].tolist()}")
-            print(f"  fused op {t_native * 1e3:.2f} ms, pure-PyTorch reference {t_ref * 1e3:.1f} ms "
-                  f"({t_ref / t_native:.0f}x); identical tokens: {same}")
+            print(
+                f"  fused op {t_native * 1e3:.2f} ms, pure-PyTorch reference {t_ref * 1e3:.1f} ms "
+                f"({t_ref / t_native:.0f}x); identical tokens: {same}"
+            )
             if not same:
                 print("  WARNING: fused op and reference differ (only floating-point ties may cause this)")
         return 0

@@ -29,12 +29,17 @@ from .common import (
 @command("generate")
 def _generate(parser: argparse.ArgumentParser):
     """Generate answers with DSpark speculative decoding; print tau and the speedup over plain decoding."""
-    parser.description = ("Generate an answer for a prompt (or for every line of a JSONL prompt file in the "
-                          "turns format), chat template applied, with speculative decoding; print the answer, tau "
-                          "(tokens per round) and the speedup over plain decoding measured in the same run.")
+    parser.description = (
+        "Generate an answer for a prompt (or for every line of a JSONL prompt file in the "
+        "turns format), chat template applied, with speculative decoding; print the answer, tau "
+        "(tokens per round) and the speedup over plain decoding measured in the same run."
+    )
     parser.add_argument("prompt", nargs="?", help="the prompt text ('-': read it from standard input)")
-    parser.add_argument("--prompts", metavar="JSONL",
-                        help='prompt file, one {"turns": [...]} a line (first turn used); \'-\': standard input')
+    parser.add_argument(
+        "--prompts",
+        metavar="JSONL",
+        help="prompt file, one {\"turns\": [...]} a line (first turn used); '-': standard input",
+    )
     parser.add_argument("--limit", type=int, default=None, help="at most N prompts from --prompts")
     parser.add_argument("--no-baseline", action="store_true", help="skip the plain-decoding run (no speedup shown)")
     parser.add_argument("--json", metavar="FILE", help="also write outputs and statistics as JSON")
@@ -65,9 +70,11 @@ def _generate(parser: argparse.ArgumentParser):
             raise UserError("no prompt fits the context")
         prompts = [encoded[i] for i in keep]
         params = sampling_params(args, len(prompts), target.eos_token_ids)
-        print(f"target: {target.name}; drafter: {drafter.name} ({spec.kind}, {spec.gamma} drafts/round, "
-              f"policy {args.policy})",
-              file=sys.stderr)
+        print(
+            f"target: {target.name}; drafter: {drafter.name} ({spec.kind}, {spec.gamma} drafts/round, "
+            f"policy {args.policy})",
+            file=sys.stderr,
+        )
         stream = None
         if len(prompts) == 1:
             # the answer is printed as it is generated; RequestText holds back incomplete
@@ -88,8 +95,14 @@ def _generate(parser: argparse.ArgumentParser):
             if stream is None:
                 print(f"--- prompt {keep[j] + 1}: {texts[keep[j]][:80]!r}")
                 print(text)
-            rec = dict(prompt=texts[keep[j]], prompt_tokens=len(prompts[j]), answer=text, tokens=o.token_ids,
-                       finish_reason=o.finish_reason, stats=o.stats.to_dict())
+            rec = dict(
+                prompt=texts[keep[j]],
+                prompt_tokens=len(prompts[j]),
+                answer=text,
+                tokens=o.token_ids,
+                finish_reason=o.finish_reason,
+                stats=o.stats.to_dict(),
+            )
             if base is not None:
                 rec["identical_to_plain"] = base[j].token_ids == o.token_ids
             records.append(rec)
@@ -97,9 +110,16 @@ def _generate(parser: argparse.ArgumentParser):
         rounds = sum(o.stats.rounds for o in outs)
         tau = n_tok / rounds if rounds else 0.0
         line = f"tau = {tau:.2f} tokens/round; speculative {n_tok / wall:.1f} tok/s"
-        summary = dict(tau=tau, spec_tokens_per_s=n_tok / wall, spec_wall_s=wall, time=dict(spec.time),
-                       device=str(target.model.device), dtype=str(target.model.dtype).replace("torch.", ""),
-                       policy=args.policy, num_drafts=spec.gamma)
+        summary = dict(
+            tau=tau,
+            spec_tokens_per_s=n_tok / wall,
+            spec_wall_s=wall,
+            time=dict(spec.time),
+            device=str(target.model.device),
+            dtype=str(target.model.dtype).replace("torch.", ""),
+            policy=args.policy,
+            num_drafts=spec.gamma,
+        )
         if base is not None:
             b_tok = sum(len(o.token_ids) for o in base)
             speed = (n_tok / wall) / (b_tok / base_wall) if b_tok and base_wall > 0 and wall > 0 else float("nan")

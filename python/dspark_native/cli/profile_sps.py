@@ -10,8 +10,10 @@ from .common import UserError, add_model_args, command, load_target, progress
 @command("profile-sps")
 def _profile_sps(parser: argparse.ArgumentParser):
     """Measure the target's forward steps/s by batch tokens (the SPS table of the causal/async policies)."""
-    parser.description = ("Time one target forward over B = 1..--max-tokens new tokens after --context cached "
-                          "tokens and write the steps-per-second table as JSON (dspark_native.scheduler.profile_sps).")
+    parser.description = (
+        "Time one target forward over B = 1..--max-tokens new tokens after --context cached "
+        "tokens and write the steps-per-second table as JSON (dspark_native.scheduler.profile_sps)."
+    )
     parser.add_argument("--max-tokens", type=int, default=64, help="largest batch token count (default 64)")
     parser.add_argument("--context", type=int, default=128, help="cached tokens before the timed block (default 128)")
     parser.add_argument("--repeats", type=int, default=3, help="timings per point (median; default 3)")
@@ -34,8 +36,15 @@ def _profile_sps(parser: argparse.ArgumentParser):
             done[0] += 1
             progress(f"[profile-sps] {done[0]} forwards")
 
-        table = profile_sps(timed, args.max_tokens, path=args.out, device=target.model.device, model=target.name,
-                            points=pts, repeats=args.repeats)
+        table = profile_sps(
+            timed,
+            args.max_tokens,
+            path=args.out,
+            device=target.model.device,
+            model=target.name,
+            points=pts,
+            repeats=args.repeats,
+        )
         progress(f"[profile-sps] {done[0]} forwards", end=True)
         for B, s in zip(table.measured_tokens, table.seconds, strict=True):
             print(f"B = {B:>4}: {s * 1e3:8.2f} ms/step, {1 / s:8.1f} steps/s")

@@ -27,26 +27,47 @@ def _serve(parser: argparse.ArgumentParser):
         "Serve POST /v1/completions and /v1/chat/completions (stream: true for server-sent events), GET /v1/models, "
         "/health and /metrics (Prometheus). One engine thread steps a batch of up to --max-batch requests; "
         "requests join and leave between rounds, and a client that disconnects frees its slot. Default: the "
-        "embedded SmolLM2-135M-Instruct with its shipped DSpark drafter on 127.0.0.1:8000.")
+        "embedded SmolLM2-135M-Instruct with its shipped DSpark drafter on 127.0.0.1:8000."
+    )
     g = parser.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     g.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
     g.add_argument("--model-name", help="the model id clients use (default: the target's name)")
-    g.add_argument("--default-max-tokens", type=int, default=256,
-                   help="max_tokens of a request that gives none (default 256, capped by the context)")
-    g.add_argument("--max-queue", type=int, default=256,
-                   help="requests that may wait for a slot; more are answered 503 (default 256)")
-    g.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
-                   help="uvicorn log level (default info: one access line per request)")
+    g.add_argument(
+        "--default-max-tokens",
+        type=int,
+        default=256,
+        help="max_tokens of a request that gives none (default 256, capped by the context)",
+    )
+    g.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        help="requests that may wait for a slot; more are answered 503 (default 256)",
+    )
+    g.add_argument(
+        "--log-level",
+        default="info",
+        choices=("critical", "error", "warning", "info", "debug"),
+        help="uvicorn log level (default info: one access line per request)",
+    )
     add_model_args(parser)
     d = parser.add_argument_group("engine")
     d.add_argument("--plain", action="store_true", help="plain decoding without a drafter (the baseline)")
-    d.add_argument("--policy", choices=POLICIES, default="causal",
-                   help="verification-length policy (default causal: verification depth adapts to the load)")
+    d.add_argument(
+        "--policy",
+        choices=POLICIES,
+        default="causal",
+        help="verification-length policy (default causal: verification depth adapts to the load)",
+    )
     d.add_argument("--num-drafts", type=int, default=None, help="drafts per round (default: the drafter's block)")
     d.add_argument("--threshold", type=float, default=0.5, help="survival threshold of --policy threshold")
-    d.add_argument("--sps", metavar="JSON", help="SPS table from `dspark-native profile-sps` (causal/async; "
-                   "default: profiled on the target at start-up, a few seconds)")
+    d.add_argument(
+        "--sps",
+        metavar="JSON",
+        help="SPS table from `dspark-native profile-sps` (causal/async; "
+        "default: profiled on the target at start-up, a few seconds)",
+    )
     d.add_argument("--max-batch", type=int, default=8, help="concurrent requests in the batch (default 8)")
     d.add_argument("--max-seq", type=int, default=2048, help="context length per request (default 2048)")
 
@@ -55,8 +76,10 @@ def _serve(parser: argparse.ArgumentParser):
             import starlette  # noqa: F401
             import uvicorn  # noqa: F401
         except ImportError as exc:
-            raise UserError(f"the server needs the 'serve' extra ({exc.name} is missing): "
-                            "pip install starlette uvicorn (scripts/setup.sh installs them)") from None
+            raise UserError(
+                f"the server needs the 'serve' extra ({exc.name} is missing): "
+                "pip install starlette uvicorn (scripts/setup.sh installs them)"
+            ) from None
         from dspark_native import server
 
         if args.max_batch < 1 or args.max_seq < 2:
@@ -77,11 +100,15 @@ def _serve(parser: argparse.ArgumentParser):
                 from dspark_native import runtime
 
                 # drafts per round as the engine will see them (a 1-slot probe allocates next to nothing)
-                gamma = runtime.build_engine(target.model, drafter.model, num_drafts=args.num_drafts, max_batch=1,
-                                             max_seq=2).gamma
+                gamma = runtime.build_engine(
+                    target.model, drafter.model, num_drafts=args.num_drafts, max_batch=1, max_seq=2
+                ).gamma
                 need = args.max_batch * (gamma + 1)
-                print(f"profiling the SPS table on the target (B = 1..{need} tokens; --sps JSON skips this)",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"profiling the SPS table on the target (B = 1..{need} tokens; --sps JSON skips this)",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 t0 = time.perf_counter()
                 table = server.profile_sps_table(target.model, need)
                 print(f"profiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
@@ -90,8 +117,9 @@ def _serve(parser: argparse.ArgumentParser):
                 engine = build_engine(args, target, drafter.model)
             drafter_name, policy = drafter.name, args.policy
         info = dict(drafter=drafter_name, policy=policy, kind=engine.kind, max_batch=engine.max_batch)
-        cfg = server.ServerConfig(model_name=_model_name(args, target), default_max_tokens=args.default_max_tokens,
-                                  max_queue=args.max_queue)
+        cfg = server.ServerConfig(
+            model_name=_model_name(args, target), default_max_tokens=args.default_max_tokens, max_queue=args.max_queue
+        )
         app = server.create_app(target, engine, cfg, info)
         try:
             sock = server.bind_socket(args.host, args.port)
@@ -119,8 +147,15 @@ def _engine_with_table(args, target, drafter_model, table):
     from dspark_native import runtime
 
     try:
-        return runtime.build_engine(target.model, drafter_model, policy=args.policy, threshold=args.threshold,
-                                    sps_table=table, num_drafts=args.num_drafts, max_batch=args.max_batch,
-                                    max_seq=args.max_seq)
+        return runtime.build_engine(
+            target.model,
+            drafter_model,
+            policy=args.policy,
+            threshold=args.threshold,
+            sps_table=table,
+            num_drafts=args.num_drafts,
+            max_batch=args.max_batch,
+            max_seq=args.max_seq,
+        )
     except runtime.SetupError as exc:
         raise UserError(str(exc)) from None

@@ -14,16 +14,23 @@ from .common import UserError, add_model_args, add_prompt_args, command, load_ta
 @command("train")
 def _train(parser: argparse.ArgumentParser):
     """Train a DSpark, DFlash or EAGLE-3 drafter for the target (data generated online, resumable)."""
-    parser.description = ("Build training data from prompt files (the target answers every prompt with its chat "
-                          "template; features and top-K target distributions are cached in --data-dir, resumable), "
-                          "then train a drafter and write DeepSpec-format checkpoints to --out (resumes from "
-                          "--out/train_state.pt). See docs/training.md.")
+    parser.description = (
+        "Build training data from prompt files (the target answers every prompt with its chat "
+        "template; features and top-K target distributions are cached in --data-dir, resumable), "
+        "then train a drafter and write DeepSpec-format checkpoints to --out (resumes from "
+        "--out/train_state.pt). See docs/training.md."
+    )
     parser.add_argument("--kind", choices=("dspark", "dflash", "eagle3"), default="dspark", help="drafter type")
     parser.add_argument("--out", metavar="DIR", required=True, help="run directory (checkpoints, final/, log)")
     parser.add_argument("--data-dir", metavar="DIR", required=True, help="training-data cache directory")
-    parser.add_argument("--prompts", nargs="+", metavar="JSONL", default=None,
-                        help="prompt files (default: the *.jsonl files of $DSPARK_TRAIN_PROMPTS, else of "
-                             "shared/data/prompts/train or ../shared/data/prompts/train under the working directory)")
+    parser.add_argument(
+        "--prompts",
+        nargs="+",
+        metavar="JSONL",
+        default=None,
+        help="prompt files (default: the *.jsonl files of $DSPARK_TRAIN_PROMPTS, else of "
+        "shared/data/prompts/train or ../shared/data/prompts/train under the working directory)",
+    )
     parser.add_argument("--limit-per-file", type=int, default=120, help="prompts per file (default 120)")
     parser.add_argument("--max-prompt-tokens", type=int, default=320, help="skip longer prompts (default 320)")
     parser.add_argument("--answer-tokens", type=int, default=256, help="max answer length (default 256)")
@@ -51,17 +58,30 @@ def _train(parser: argparse.ArgumentParser):
 
         files = args.prompts
         if files is not None and "-" in files:
-            raise UserError("--prompts -: train needs prompt files (the resumable data cache is keyed by file "
-                            "name and line), not standard input")
+            raise UserError(
+                "--prompts -: train needs prompt files (the resumable data cache is keyed by file "
+                "name and line), not standard input"
+            )
         if files is None:
             files = default_train_prompts()
             if not files and not args.no_generate:
-                raise UserError("no --prompts given, and no *.jsonl in $DSPARK_TRAIN_PROMPTS, "
-                                "./shared/data/prompts/train or ../shared/data/prompts/train")
-        cfg = TrainConfig(kind=args.kind, num_layers=args.layers, markov_rank=args.markov_rank,
-                          markov_head_type=args.markov_head, block_size=args.block_size, steps=args.steps,
-                          batch_sequences=args.batch_sequences, anchors_per_sequence=args.anchors, lr=args.lr,
-                          seed=args.train_seed, save_every=args.save_every)
+                raise UserError(
+                    "no --prompts given, and no *.jsonl in $DSPARK_TRAIN_PROMPTS, "
+                    "./shared/data/prompts/train or ../shared/data/prompts/train"
+                )
+        cfg = TrainConfig(
+            kind=args.kind,
+            num_layers=args.layers,
+            markov_rank=args.markov_rank,
+            markov_head_type=args.markov_head,
+            block_size=args.block_size,
+            steps=args.steps,
+            batch_sequences=args.batch_sequences,
+            anchors_per_sequence=args.anchors,
+            lr=args.lr,
+            seed=args.train_seed,
+            save_every=args.save_every,
+        )
         try:
             cfg.validate()
         except ValueError as exc:
@@ -73,13 +93,24 @@ def _train(parser: argparse.ArgumentParser):
         n = target.config.num_hidden_layers
         ids = default_target_layer_ids(n, 5) if n >= 5 else list(range(n))
         if not args.no_generate:
-            dcfg = DataConfig(files=[os.path.abspath(f) for f in files], limit_per_file=args.limit_per_file,
-                              max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.answer_tokens,
-                              batch=args.data_batch, sequences_per_shard=args.data_batch, target_layer_ids=ids)
+            dcfg = DataConfig(
+                files=[os.path.abspath(f) for f in files],
+                limit_per_file=args.limit_per_file,
+                max_prompt_tokens=args.max_prompt_tokens,
+                max_new_tokens=args.answer_tokens,
+                batch=args.data_batch,
+                sequences_per_shard=args.data_batch,
+                target_layer_ids=ids,
+            )
             try:
-                build_training_data(target, lambda text: chat_target.encode(text, args.system),
-                                    chat_target.eos_token_ids, dcfg, args.data_dir,
-                                    max_sequences=args.max_sequences)
+                build_training_data(
+                    target,
+                    lambda text: chat_target.encode(text, args.system),
+                    chat_target.eos_token_ids,
+                    dcfg,
+                    args.data_dir,
+                    max_sequences=args.max_sequences,
+                )
             except runtime.SetupError as exc:
                 raise UserError(f"--system: {exc}") from None
             except (ValueError, FileNotFoundError) as exc:
@@ -105,8 +136,14 @@ def default_train_prompts() -> list:
     relative to the working directory (the project's layout, for a run from the repository root).
     Never relative to where the package is installed."""
     env = os.environ.get("DSPARK_TRAIN_PROMPTS")
-    roots = [env] if env else [os.path.join("shared", "data", "prompts", "train"),
-                               os.path.join("..", "shared", "data", "prompts", "train")]
+    roots = (
+        [env]
+        if env
+        else [
+            os.path.join("shared", "data", "prompts", "train"),
+            os.path.join("..", "shared", "data", "prompts", "train"),
+        ]
+    )
     for root in roots:
         cand = sorted(glob.glob(os.path.join(root, "*.jsonl")))
         if cand:

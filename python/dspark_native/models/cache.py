@@ -9,12 +9,12 @@ where the host must decide on it (the engine's verification lengths and accepted
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 
 
-def upload(x: torch.Tensor, device: Union[str, torch.device]) -> torch.Tensor:
+def upload(x: torch.Tensor, device: str | torch.device) -> torch.Tensor:
     """Copy a host tensor to ``device`` without synchronising the device.
 
     A blocking host-to-device copy makes PyTorch wait for the stream to drain; this stages the data
@@ -29,7 +29,7 @@ def upload(x: torch.Tensor, device: Union[str, torch.device]) -> torch.Tensor:
     return x.to(device, non_blocking=True)
 
 
-def host_ints(x, name: str = "value") -> List[int]:
+def host_ints(x, name: str = "value") -> list[int]:
     """A list of ints from a sequence, a scalar or a tensor. Free for host values; a tensor on a
     device is read once (a host sync): pass host values where the caller has them."""
     if isinstance(x, torch.Tensor):
@@ -41,7 +41,7 @@ def host_ints(x, name: str = "value") -> List[int]:
     return [int(v) for v in x]
 
 
-def _version(t: torch.Tensor) -> Optional[int]:
+def _version(t: torch.Tensor) -> int | None:
     try:
         return t._version
     except RuntimeError:  # inference tensors keep no version counter
@@ -74,7 +74,7 @@ class KVCache:
         max_seq: int,
         head_dim: int,
         dtype: torch.dtype = torch.float32,
-        device: Union[str, torch.device] = "cpu",
+        device: str | torch.device = "cpu",
     ):
         for name, v in (
             ("num_layers", num_layers),
@@ -128,8 +128,9 @@ class KVCache:
             self._host = host
             self._host_version = _version(self.lengths)
 
-    def advance(self, slots: torch.Tensor, counts: torch.Tensor, slots_host: Sequence[int],
-                counts_host: Sequence[int]) -> None:
+    def advance(
+        self, slots: torch.Tensor, counts: torch.Tensor, slots_host: Sequence[int], counts_host: Sequence[int]
+    ) -> None:
         """lengths[slots] += counts after a forward appended ``counts`` rows to each of ``slots``
         (distinct). ``slots``/``counts``: int64 [R] on the cache's device; ``slots_host`` /
         ``counts_host``: the same values on the host (no device read)."""
@@ -139,13 +140,14 @@ class KVCache:
             host = host.clone()
             if len(slots_host):
                 host[torch.as_tensor(list(slots_host), dtype=torch.int64)] += torch.as_tensor(
-                    list(counts_host), dtype=torch.int64)
+                    list(counts_host), dtype=torch.int64
+                )
             self._commit_host(host)
 
     def truncate(
         self,
-        request_idx_or_mask: Union[int, Sequence[int], torch.Tensor],
-        new_lengths: Union[int, Sequence[int], torch.Tensor],
+        request_idx_or_mask: int | Sequence[int] | torch.Tensor,
+        new_lengths: int | Sequence[int] | torch.Tensor,
     ) -> None:
         """Set lengths of the given slots (int, index list/tensor, or bool mask [max_requests]).
 
@@ -157,8 +159,7 @@ class KVCache:
         if isinstance(idx, torch.Tensor) and idx.dtype == torch.bool:
             if idx.shape != self.lengths.shape:
                 raise ValueError(
-                    f"truncate: request mask must have shape {tuple(self.lengths.shape)}, "
-                    f"got {tuple(idx.shape)}"
+                    f"truncate: request mask must have shape {tuple(self.lengths.shape)}, got {tuple(idx.shape)}"
                 )
             idx = idx.cpu().nonzero().flatten()
         idx_l = host_ints(idx, "request index")
@@ -168,9 +169,7 @@ class KVCache:
         if isinstance(new_lengths, (int,)) or (isinstance(new_lengths, torch.Tensor) and new_lengths.dim() == 0):
             new_l = new_l * len(idx_l)
         if len(new_l) != len(idx_l):
-            raise ValueError(
-                f"truncate: new_lengths has {len(new_l)} values for {len(idx_l)} requests"
-            )
+            raise ValueError(f"truncate: new_lengths has {len(new_l)} values for {len(idx_l)} requests")
         host = self.host_lengths()
         cur = host[idx_l].tolist() if idx_l else []
         if any(n < 0 or n > c for n, c in zip(new_l, cur, strict=True)):
@@ -188,7 +187,7 @@ class KVCache:
         host[idx_h] = new_h
         self._commit_host(host)
 
-    def reset(self, request_ids: Optional[Union[int, Sequence[int], torch.Tensor]] = None) -> None:
+    def reset(self, request_ids: int | Sequence[int] | torch.Tensor | None = None) -> None:
         """Forget the cached context of the given slots (all slots when None)."""
         if request_ids is None:
             self.lengths.zero_()
@@ -196,7 +195,7 @@ class KVCache:
         else:
             self.truncate(request_ids, 0)
 
-    def clone(self) -> "KVCache":
+    def clone(self) -> KVCache:
         """Deep copy (tests and tree exploration)."""
         out = KVCache.__new__(KVCache)
         out.k_cache = self.k_cache.clone()

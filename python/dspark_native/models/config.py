@@ -10,7 +10,7 @@ import copy
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 
 class CheckpointError(ValueError):
@@ -36,7 +36,7 @@ DRAFTER_ARCHITECTURES = {
 MARKOV_HEAD_TYPES = ("vanilla", "gated", "rnn")
 
 
-def read_config_json(directory: str) -> Dict[str, Any]:
+def read_config_json(directory: str) -> dict[str, Any]:
     """Read ``<directory>/config.json`` into a dict; CheckpointError if absent or not JSON."""
     path = os.path.join(directory, "config.json")
     if not os.path.isfile(path):
@@ -51,7 +51,7 @@ def read_config_json(directory: str) -> Dict[str, Any]:
     return raw
 
 
-def _get(raw: Dict[str, Any], name: str, typ, default=..., where: str = "config.json"):
+def _get(raw: dict[str, Any], name: str, typ, default=..., where: str = "config.json"):
     if name not in raw or raw[name] is None:
         if default is ...:
             raise CheckpointError(f"{where}: missing required field {name!r}")
@@ -79,7 +79,7 @@ def _positive(name: str, val: int, where: str = "config.json") -> int:
     return val
 
 
-def _merge(out: Dict[str, Any], **fields) -> None:
+def _merge(out: dict[str, Any], **fields) -> None:
     # Keep the original JSON value when it is equal (1000000 vs 1000000.0), so that a loaded
     # config is written back unchanged.
     for k, v in fields.items():
@@ -103,16 +103,20 @@ class RopeScaling:
     high_freq_factor: float
     original_max_position_embeddings: int
 
-    def to_dict(self) -> Dict[str, Any]:
-        return dict(rope_type=self.rope_type, factor=self.factor, low_freq_factor=self.low_freq_factor,
-                    high_freq_factor=self.high_freq_factor,
-                    original_max_position_embeddings=self.original_max_position_embeddings)
+    def to_dict(self) -> dict[str, Any]:
+        return dict(
+            rope_type=self.rope_type,
+            factor=self.factor,
+            low_freq_factor=self.low_freq_factor,
+            high_freq_factor=self.high_freq_factor,
+            original_max_position_embeddings=self.original_max_position_embeddings,
+        )
 
 
 ROPE_TYPES = ("default", "llama3")
 
 
-def _rope_fields(raw: Dict[str, Any], where: str):
+def _rope_fields(raw: dict[str, Any], where: str):
     """(rope_theta, RopeScaling or None) from a config dict. Reads both spellings: the released
     checkpoints' ``rope_theta`` + ``rope_scaling``, and ``rope_parameters`` (a dict with
     ``rope_type``, ``rope_theta`` and the scaling fields) that transformers 5 writes."""
@@ -150,13 +154,11 @@ def _rope_fields(raw: Dict[str, Any], where: str):
             f"{sub}: 'factor', 'low_freq_factor' and 'original_max_position_embeddings' must be positive"
         )
     if not high > low:
-        raise CheckpointError(
-            f"{sub}: 'high_freq_factor' ({high}) must be larger than 'low_freq_factor' ({low})"
-        )
+        raise CheckpointError(f"{sub}: 'high_freq_factor' ({high}) must be larger than 'low_freq_factor' ({low})")
     return theta, RopeScaling("llama3", factor, low, high, orig)
 
 
-def default_target_layer_ids(num_target_layers: int, count: int = 5) -> List[int]:
+def default_target_layer_ids(num_target_layers: int, count: int = 5) -> list[int]:
     """Evenly spaced target layers between 1 and N-3 (DFlash/DSpark convention).
 
     For a 36-layer target and count 5 this gives [1, 9, 17, 25, 33]; a single layer is N // 2.
@@ -192,27 +194,22 @@ class ModelConfig:
     rope_theta: float
     qk_norm: bool
     tie_word_embeddings: bool = False
-    max_position_embeddings: Optional[int] = None
+    max_position_embeddings: int | None = None
     #: Llama 3 RoPE scaling, or None for plain RoPE
-    rope_scaling: Optional[RopeScaling] = None
+    rope_scaling: RopeScaling | None = None
     #: biases on q_proj / k_proj / v_proj (Qwen2)
     qkv_bias: bool = False
-    target_layer_ids: List[int] = field(default_factory=list)
-    raw: Dict[str, Any] = field(default_factory=dict)
+    target_layer_ids: list[int] = field(default_factory=list)
+    raw: dict[str, Any] = field(default_factory=dict)
 
     @staticmethod
-    def _common(raw: Dict[str, Any], qk_norm: bool, where: str) -> Dict[str, Any]:
+    def _common(raw: dict[str, Any], qk_norm: bool, where: str) -> dict[str, Any]:
         hidden = _positive("hidden_size", _get(raw, "hidden_size", int, where=where), where)
-        heads = _positive(
-            "num_attention_heads", _get(raw, "num_attention_heads", int, where=where), where
-        )
-        kv_heads = _positive(
-            "num_key_value_heads", _get(raw, "num_key_value_heads", int, heads, where), where
-        )
+        heads = _positive("num_attention_heads", _get(raw, "num_attention_heads", int, where=where), where)
+        kv_heads = _positive("num_key_value_heads", _get(raw, "num_key_value_heads", int, heads, where), where)
         if heads % kv_heads != 0:
             raise CheckpointError(
-                f"{where}: num_attention_heads ({heads}) is not a multiple of "
-                f"num_key_value_heads ({kv_heads})"
+                f"{where}: num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})"
             )
         if qk_norm:
             # Qwen3: hidden_size / heads is not the head size (e.g. Qwen3-4B), so insist on it.
@@ -231,8 +228,9 @@ class ModelConfig:
         if raw.get("attention_bias", False) or raw.get("mlp_bias", False):
             raise CheckpointError(f"{where}: fields 'attention_bias'/'mlp_bias' must be false")
         if raw.get("use_sliding_window", False):
-            raise CheckpointError(f"{where}: field 'use_sliding_window' must be false (sliding-window "
-                                  "attention is not supported)")
+            raise CheckpointError(
+                f"{where}: field 'use_sliding_window' must be false (sliding-window attention is not supported)"
+            )
         act = raw.get("hidden_act", "silu")
         if act != "silu":
             raise CheckpointError(f"{where}: field 'hidden_act' = {act!r} unsupported (silu only)")
@@ -242,12 +240,8 @@ class ModelConfig:
         return dict(
             vocab_size=_positive("vocab_size", _get(raw, "vocab_size", int, where=where), where),
             hidden_size=hidden,
-            intermediate_size=_positive(
-                "intermediate_size", _get(raw, "intermediate_size", int, where=where), where
-            ),
-            num_hidden_layers=_positive(
-                "num_hidden_layers", _get(raw, "num_hidden_layers", int, where=where), where
-            ),
+            intermediate_size=_positive("intermediate_size", _get(raw, "intermediate_size", int, where=where), where),
+            num_hidden_layers=_positive("num_hidden_layers", _get(raw, "num_hidden_layers", int, where=where), where),
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
             head_dim=head_dim,
@@ -259,9 +253,7 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_dict(
-        cls, raw: Dict[str, Any], target_layer_ids: Optional[List[int]] = None
-    ) -> "ModelConfig":
+    def from_dict(cls, raw: dict[str, Any], target_layer_ids: list[int] | None = None) -> ModelConfig:
         """Target config from an HF config.json dict (Llama, Qwen2 or Qwen3 architectures)."""
         archs = raw.get("architectures")
         if not isinstance(archs, list) or not archs:
@@ -284,18 +276,17 @@ class ModelConfig:
         cfg.set_target_layer_ids(target_layer_ids)
         return cfg
 
-    def set_target_layer_ids(self, ids: Optional[List[int]]) -> None:
+    def set_target_layer_ids(self, ids: list[int] | None) -> None:
         """Choose which layer outputs the forward returns as hidden features (validated)."""
         ids = list(ids) if ids is not None else []
         for i in ids:
             if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.num_hidden_layers:
                 raise CheckpointError(
-                    f"target_layer_ids: layer id {i!r} out of range for a target with "
-                    f"{self.num_hidden_layers} layers"
+                    f"target_layer_ids: layer id {i!r} out of range for a target with {self.num_hidden_layers} layers"
                 )
         self.target_layer_ids = ids
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """config.json dict: the original fields with ours written over them."""
         out = copy.deepcopy(self.raw)
         _merge(
@@ -328,7 +319,7 @@ class DrafterConfig(ModelConfig):
     kind: str = "dspark"
     num_target_layers: int = 0
     block_size: int = 7
-    mask_token_id: Optional[int] = None
+    mask_token_id: int | None = None
     markov_rank: int = 0
     markov_head_type: str = "vanilla"
     enable_confidence_head: bool = False
@@ -342,7 +333,7 @@ class DrafterConfig(ModelConfig):
         return self.hidden_size + r
 
     @classmethod
-    def from_dict(cls, raw: Dict[str, Any], target_layer_ids=None) -> "DrafterConfig":
+    def from_dict(cls, raw: dict[str, Any], target_layer_ids=None) -> DrafterConfig:
         """Drafter config from a DeepSpec config.json dict."""
         where = "drafter config.json"
         archs = raw.get("architectures")
@@ -362,13 +353,10 @@ class DrafterConfig(ModelConfig):
         if ids is None:
             if num_target_layers <= 0:
                 raise CheckpointError(
-                    f"{where}: missing required field 'target_layer_ids' (or "
-                    "'num_target_layers' to derive the default)"
+                    f"{where}: missing required field 'target_layer_ids' (or 'num_target_layers' to derive the default)"
                 )
             ids = default_target_layer_ids(num_target_layers, 5)
-        if not isinstance(ids, list) or not ids or not all(
-            isinstance(i, int) and not isinstance(i, bool) for i in ids
-        ):
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
             raise CheckpointError(f"{where}: field 'target_layer_ids' must be a list of ints")
         for i in ids:
             if i < 0 or (num_target_layers > 0 and i >= num_target_layers):
@@ -399,26 +387,21 @@ class DrafterConfig(ModelConfig):
             cfg.markov_head_type = _get(raw, "markov_head_type", str, "vanilla", where)
             if cfg.markov_head_type not in MARKOV_HEAD_TYPES:
                 raise CheckpointError(
-                    f"{where}: field 'markov_head_type' = {cfg.markov_head_type!r} unknown "
-                    f"(one of {MARKOV_HEAD_TYPES})"
+                    f"{where}: field 'markov_head_type' = {cfg.markov_head_type!r} unknown (one of {MARKOV_HEAD_TYPES})"
                 )
             cfg.enable_confidence_head = _get(raw, "enable_confidence_head", bool, False, where)
-            cfg.confidence_head_with_markov = _get(
-                raw, "confidence_head_with_markov", bool, cfg.markov_rank > 0, where
-            )
+            cfg.confidence_head_with_markov = _get(raw, "confidence_head_with_markov", bool, cfg.markov_rank > 0, where)
         else:
             cfg.ttt_length = _get(raw, "ttt_length", int, 7, where)
             if cfg.num_hidden_layers != 1:
                 raise CheckpointError(
-                    f"{where}: field 'num_hidden_layers' must be 1 for EAGLE-3, got "
-                    f"{cfg.num_hidden_layers}"
+                    f"{where}: field 'num_hidden_layers' must be 1 for EAGLE-3, got {cfg.num_hidden_layers}"
                 )
         return cfg
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
-        _merge(out, num_target_layers=self.num_target_layers,
-               target_layer_ids=list(self.target_layer_ids))
+        _merge(out, num_target_layers=self.num_target_layers, target_layer_ids=list(self.target_layer_ids))
         if self.kind == "dspark":
             _merge(
                 out,

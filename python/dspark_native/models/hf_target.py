@@ -24,7 +24,8 @@ import functools
 import inspect
 import math
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -46,9 +47,7 @@ def _import_transformers():
     try:
         import transformers  # noqa: F401
     except ImportError as exc:
-        raise ImportError(
-            f"the transformers backend needs the 'transformers' package: {TRANSFORMERS_PIP}"
-        ) from exc
+        raise ImportError(f"the transformers backend needs the 'transformers' package: {TRANSFORMERS_PIP}") from exc
     return transformers
 
 
@@ -60,6 +59,7 @@ def transformers_available() -> bool:
 
 # ----------------------------------------------------------------------------- cache
 
+
 class HFKVCache(KVCache):
     """:class:`KVCache` plus the RoPE position of every cached key.
 
@@ -70,11 +70,9 @@ class HFKVCache(KVCache):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.key_positions = torch.zeros(
-            self.max_requests, self.max_seq, dtype=torch.int64, device=self.device
-        )
+        self.key_positions = torch.zeros(self.max_requests, self.max_seq, dtype=torch.int64, device=self.device)
 
-    def clone(self) -> "HFKVCache":
+    def clone(self) -> HFKVCache:
         base = super().clone()
         out = HFKVCache.__new__(HFKVCache)
         out.__dict__.update(base.__dict__)
@@ -153,6 +151,7 @@ def _hf_cache_classes():
 
 # ----------------------------------------------------------------------------- config projection
 
+
 def _rope_theta(c) -> float:
     """RoPE base of the (full-attention) layers, for the drafter's own RoPE."""
     params = getattr(c, "rope_parameters", None)
@@ -180,19 +179,21 @@ def drafter_base_config(c, architecture: str) -> ModelConfig:
             raise CheckpointError(f"{where}: field {name!r} must be a positive integer, got {v!r}")
         return v
 
-    H, V, N, heads = need("hidden_size"), need("vocab_size"), need("num_hidden_layers"), need(
-        "num_attention_heads")
+    H, V, N, heads = need("hidden_size"), need("vocab_size"), need("num_hidden_layers"), need("num_attention_heads")
     kv = getattr(c, "num_key_value_heads", None) or heads
     hd = getattr(c, "head_dim", None) or H // heads
     if heads % kv or hd % 2:
-        raise CheckpointError(f"{where}: num_attention_heads {heads} / num_key_value_heads {kv} / "
-                              f"head_dim {hd} are not a valid attention shape")
+        raise CheckpointError(
+            f"{where}: num_attention_heads {heads} / num_key_value_heads {kv} / "
+            f"head_dim {hd} are not a valid attention shape"
+        )
     inter = getattr(c, "intermediate_size", None)
     inter = inter if isinstance(inter, int) and inter > 0 else 4 * H
     eps = getattr(c, "rms_norm_eps", None) or getattr(c, "layer_norm_eps", None) or 1e-6
     qk_norm = architecture.startswith("Qwen3")
-    raw: Dict[str, Any] = dict(
-        model_type="qwen3" if qk_norm else "llama", hidden_act="silu",
+    raw: dict[str, Any] = dict(
+        model_type="qwen3" if qk_norm else "llama",
+        hidden_act="silu",
         max_position_embeddings=getattr(c, "max_position_embeddings", None),
         dspark_target_architecture=architecture,
     )
@@ -201,15 +202,24 @@ def drafter_base_config(c, architecture: str) -> ModelConfig:
             raw[k] = getattr(c, k)
     mpe = raw["max_position_embeddings"]
     return ModelConfig(
-        architecture=architecture, vocab_size=V, hidden_size=H, intermediate_size=inter,
-        num_hidden_layers=N, num_attention_heads=heads, num_key_value_heads=kv, head_dim=hd,
-        rms_norm_eps=float(eps), rope_theta=_rope_theta(c), qk_norm=qk_norm,
+        architecture=architecture,
+        vocab_size=V,
+        hidden_size=H,
+        intermediate_size=inter,
+        num_hidden_layers=N,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=hd,
+        rms_norm_eps=float(eps),
+        rope_theta=_rope_theta(c),
+        qk_norm=qk_norm,
         tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
-        max_position_embeddings=mpe if isinstance(mpe, int) else None, raw=raw,
+        max_position_embeddings=mpe if isinstance(mpe, int) else None,
+        raw=raw,
     )
 
 
-def layer_windows(c) -> List[Optional[int]]:
+def layer_windows(c) -> list[int | None]:
     """Sliding window of every decoder layer (None = full attention), transformers' convention:
     ``layer_types`` when the config has it, else ``sliding_window`` for all layers when set
     (Mistral), else full attention. A query at position p sees keys at positions > p - window."""
@@ -236,6 +246,7 @@ def layer_windows(c) -> List[Optional[int]]:
 
 # ----------------------------------------------------------------------------- the target
 
+
 class TransformersTarget(nn.Module):
     """A transformers causal LM behind the native target interface.
 
@@ -253,7 +264,7 @@ class TransformersTarget(nn.Module):
 
     backend = "transformers"
 
-    def __init__(self, model: nn.Module, target_layer_ids: Optional[Sequence[int]] = None):
+    def __init__(self, model: nn.Module, target_layer_ids: Sequence[int] | None = None):
         super().__init__()
         _import_transformers()
         from transformers import PreTrainedModel
@@ -286,8 +297,7 @@ class TransformersTarget(nn.Module):
         layers = getattr(decoder, "layers", None)
         if not isinstance(layers, nn.ModuleList) or len(layers) != self.config.num_hidden_layers:
             raise CheckpointError(
-                f"{arch}: cannot find its {self.config.num_hidden_layers} decoder layers "
-                "(model.get_decoder().layers)"
+                f"{arch}: cannot find its {self.config.num_hidden_layers} decoder layers (model.get_decoder().layers)"
             )
         self._decoder = decoder
         self._layers = layers
@@ -301,16 +311,26 @@ class TransformersTarget(nn.Module):
 
     # -- the interface the engine, drafters and training use ---------------------------------
     @classmethod
-    def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32,
-                        device: Union[str, torch.device] = "cpu",
-                        target_layer_ids: Optional[Sequence[int]] = None, gguf_file: Optional[str] = None,
-                        attn_implementation: Optional[str] = None, **kwargs) -> "TransformersTarget":
+    def from_pretrained(
+        cls,
+        path: str,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        target_layer_ids: Sequence[int] | None = None,
+        gguf_file: str | None = None,
+        attn_implementation: str | None = None,
+        **kwargs,
+    ) -> TransformersTarget:
         """Load a local HF directory (or ``path`` + ``gguf_file``) with AutoModelForCausalLM,
         offline, refusing checkpoints with missing, unexpected or mis-shaped weights
         (:func:`load_hf_causal_lm`). attn_implementation: None = transformers' default for the
         family (sdpa, or eager for Gemma 2); flash / flex are refused."""
-        return cls(load_hf_causal_lm(path, dtype, device, gguf_file=gguf_file,
-                                     attn_implementation=attn_implementation, **kwargs), target_layer_ids)
+        return cls(
+            load_hf_causal_lm(
+                path, dtype, device, gguf_file=gguf_file, attn_implementation=attn_implementation, **kwargs
+            ),
+            target_layer_ids,
+        )
 
     @property
     def weights(self) -> str:
@@ -345,7 +365,7 @@ class TransformersTarget(nn.Module):
         return self.hf.get_output_embeddings()
 
     @property
-    def norm(self) -> Optional[nn.Module]:
+    def norm(self) -> nn.Module | None:
         return getattr(self._decoder, "norm", None)
 
     @torch.no_grad()
@@ -362,17 +382,24 @@ class TransformersTarget(nn.Module):
         return (y * x.float()[0] * math.sqrt(1.0 + self.config.rms_norm_eps)).cpu()
 
     @property
-    def target_layer_ids(self) -> List[int]:
+    def target_layer_ids(self) -> list[int]:
         return list(self.config.target_layer_ids)
 
-    def set_target_layer_ids(self, ids: Optional[Sequence[int]]) -> None:
+    def set_target_layer_ids(self, ids: Sequence[int] | None) -> None:
         """Select the layers whose raw outputs the forward returns as hidden features."""
         self.config.set_target_layer_ids(list(ids) if ids is not None else None)
 
     def new_cache(self, max_requests: int, max_seq: int) -> HFKVCache:
         """A zeroed KV cache for this model (dtype and device of the weights)."""
-        return HFKVCache(self.config.num_hidden_layers, max_requests, self._kv_heads, max_seq,
-                         self._head_dim, dtype=self.dtype, device=self.device)
+        return HFKVCache(
+            self.config.num_hidden_layers,
+            max_requests,
+            self._kv_heads,
+            max_seq,
+            self._head_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
 
     @torch.no_grad()
     def forward(
@@ -382,10 +409,10 @@ class TransformersTarget(nn.Module):
         request_ids: torch.Tensor,
         cache: KVCache,
         tree_mask: TreeMask = None,
-        positions: Optional[torch.Tensor] = None,
+        positions: torch.Tensor | None = None,
         return_hidden: bool = True,
-        logit_rows: Union[str, torch.Tensor] = "all",
-    ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        logit_rows: str | torch.Tensor = "all",
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """One forward over a ragged batch of query blocks; appends their K/V to ``cache``.
 
         Same contract as :meth:`TargetModel.forward`: input_ids int64 [T], cu_seqlens int64
@@ -434,11 +461,12 @@ class TransformersTarget(nn.Module):
         cache.key_positions[plan.slot_t, plan.store_t] = plan.positions
         masks = self._masks(plan, cache, pos)
 
-        feats: Dict[int, torch.Tensor] = {}
+        feats: dict[int, torch.Tensor] = {}
 
         def grab(li):
             def hook(_mod, _inp, out):
                 feats[li] = out[0] if isinstance(out, (tuple, list)) else out
+
             return hook
 
         handles = [self._layers[i].register_forward_hook(grab(i)) for i in sorted(set(ids))]
@@ -446,8 +474,7 @@ class TransformersTarget(nn.Module):
             kw = {self._cache_kw: _hf_cache_classes()(_Step(plan, cache), self.config.num_hidden_layers)}
             # features only (e.g. a prefill): the decoder without the LM head
             runner = self._decoder if no_logits else self.hf
-            out = runner(input_ids=tok, attention_mask=masks, position_ids=pos, use_cache=True,
-                         return_dict=True, **kw)
+            out = runner(input_ids=tok, attention_mask=masks, position_ids=pos, use_cache=True, return_dict=True, **kw)
         finally:
             for h in handles:
                 h.remove()
@@ -470,8 +497,8 @@ class TransformersTarget(nn.Module):
         ``layer_types`` (they look the mask up per layer)."""
         base = plan.mask  # bool, causal/tree within the block, padding rows see everything
         sel = plan.slot_slice if plan.slot_slice is not None else plan.slots
-        pad_row = (torch.arange(plan.n_max, device=base.device)[None, :] >= plan.counts[:, None])
-        made: Dict[Optional[int], torch.Tensor] = {}
+        pad_row = torch.arange(plan.n_max, device=base.device)[None, :] >= plan.counts[:, None]
+        made: dict[int | None, torch.Tensor] = {}
 
         def for_window(w):
             if w not in made:
@@ -482,7 +509,8 @@ class TransformersTarget(nn.Module):
                     m = base & (near | pad_row[:, :, None]).unsqueeze(1)
                 if self.mask_kind == "float":
                     m = torch.zeros(m.shape, dtype=self.dtype, device=m.device).masked_fill_(
-                        ~m, torch.finfo(self.dtype).min)
+                        ~m, torch.finfo(self.dtype).min
+                    )
                 made[w] = m
             return made[w]
 
@@ -496,9 +524,14 @@ class TransformersTarget(nn.Module):
         return for_window(self.windows[0])
 
     @torch.no_grad()
-    def generate_greedy(self, prompt_ids: Sequence[int], max_new_tokens: int,
-                        eos_token_ids: Sequence[int] = (), cache: Optional[KVCache] = None,
-                        slot: int = 0) -> List[int]:
+    def generate_greedy(
+        self,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int,
+        eos_token_ids: Sequence[int] = (),
+        cache: KVCache | None = None,
+        slot: int = 0,
+    ) -> list[int]:
         """Plain greedy decoding of one prompt through :meth:`forward` (a baseline)."""
         prompt = torch.as_tensor(list(prompt_ids), dtype=torch.int64)
         if prompt.numel() == 0:
@@ -508,9 +541,10 @@ class TransformersTarget(nn.Module):
             slot = 0
         cache.reset([slot])
         slot_t = torch.tensor([slot])
-        logits, _ = self.forward(prompt, torch.tensor([0, prompt.numel()]), slot_t, cache,
-                                 return_hidden=False, logit_rows="last")
-        out: List[int] = []
+        logits, _ = self.forward(
+            prompt, torch.tensor([0, prompt.numel()]), slot_t, cache, return_hidden=False, logit_rows="last"
+        )
+        out: list[int] = []
         eos = set(int(e) for e in eos_token_ids)
         one = torch.tensor([0, 1])
         for _ in range(max_new_tokens):
@@ -529,7 +563,7 @@ class TransformersTarget(nn.Module):
 REQUIRED_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
 
 
-def check_hf_config_dict(raw: Dict[str, Any], where: str = "config.json") -> None:
+def check_hf_config_dict(raw: dict[str, Any], where: str = "config.json") -> None:
     """CheckpointError naming the field when a config.json cannot describe a causal LM we run."""
     archs = raw.get("architectures")
     if not isinstance(raw.get("model_type"), str) and not (isinstance(archs, list) and archs):
@@ -543,9 +577,14 @@ def check_hf_config_dict(raw: Dict[str, Any], where: str = "config.json") -> Non
             raise CheckpointError(f"{where}: field {name!r} must be a positive integer, got {v!r}")
 
 
-def load_hf_causal_lm(path: str, dtype: torch.dtype = torch.float32,
-                      device: Union[str, torch.device] = "cpu", gguf_file: Optional[str] = None,
-                      attn_implementation: Optional[str] = None, **kwargs):
+def load_hf_causal_lm(
+    path: str,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    gguf_file: str | None = None,
+    attn_implementation: str | None = None,
+    **kwargs,
+):
     """``AutoModelForCausalLM.from_pretrained`` of a local directory (``local_files_only``),
     with errors naming what is wrong: an architecture transformers has no causal LM for, a
     config without the needed fields, weights missing / unexpected / of the wrong shape."""
@@ -581,12 +620,21 @@ def load_hf_causal_lm(path: str, dtype: torch.dtype = torch.float32,
         )
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, local_files_only=True, gguf_file=gguf_file,
-            attn_implementation=attn_implementation, output_loading_info=True, **kwargs)
+            path,
+            dtype=dtype,
+            local_files_only=True,
+            gguf_file=gguf_file,
+            attn_implementation=attn_implementation,
+            output_loading_info=True,
+            **kwargs,
+        )
     except (ValueError, OSError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: transformers could not load the model ({exc})") from exc
-    for key, what in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"),
-                      ("mismatched_keys", "wrongly shaped")):
+    for key, what in (
+        ("missing_keys", "missing"),
+        ("unexpected_keys", "unexpected"),
+        ("mismatched_keys", "wrongly shaped"),
+    ):
         bad = sorted(str(k) for k in (info.get(key) or []))
         if bad:
             raise CheckpointError(f"{path}: {len(bad)} {what} tensor(s) in the checkpoint, e.g. {bad[:3]}")

@@ -7,7 +7,6 @@ checkpoint keys (targets add the HF ``model.`` prefix in the loader).
 from __future__ import annotations
 
 import math
-from typing import Tuple
 
 import torch
 import torch.nn as nn
@@ -41,9 +40,7 @@ def rope_inv_freq(head_dim: int, theta: float, scaling=None, device=None) -> tor
     L = original_max_position_embeddings, high frequencies (w < L / high_freq_factor) are kept,
     low ones (w > L / low_freq_factor) divided by ``factor``, and the band in between blended
     linearly in s = (L / w - low_freq_factor) / (high_freq_factor - low_freq_factor)."""
-    inv_freq = 1.0 / (
-        theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim)
-    )
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
     if scaling is None:
         return inv_freq
     L = float(scaling.original_max_position_embeddings)
@@ -55,7 +52,7 @@ def rope_inv_freq(head_dim: int, theta: float, scaling=None, device=None) -> tor
 
 def rope_cos_sin(
     positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype, scaling=None
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate-half RoPE tables for int64 positions [...] -> cos, sin [..., head_dim] in dtype.
 
     Frequencies from :func:`rope_inv_freq` (``scaling``: the config's ``rope_scaling``, None for
@@ -108,9 +105,7 @@ class Attention(nn.Module):
             q = self.q_norm(q)
         return apply_rope(q, cos, sin)
 
-    def kv(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    def kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [..., in_dim] -> k, v [..., kv_heads, head_dim]; k after k_norm (Qwen3) and RoPE."""
         k = self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
         v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))

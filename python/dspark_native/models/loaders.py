@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Iterable, Optional, Tuple, Union
+from collections.abc import Iterable
 
 import torch
 import torch.nn as nn
@@ -21,13 +21,13 @@ from .drafter import DSparkDrafter
 from .eagle3 import Eagle3Drafter
 from .target import TargetModel
 
-Drafter = Union[DSparkDrafter, Eagle3Drafter]
+Drafter = DSparkDrafter | Eagle3Drafter
 SHARED_DRAFTER_KEYS = ("embed_tokens.weight", "lm_head.weight")
 # Buffers some HF exports carry; they are recomputed, never loaded.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def read_safetensors_dir(directory: str) -> Dict[str, torch.Tensor]:
+def read_safetensors_dir(directory: str) -> dict[str, torch.Tensor]:
     """All tensors of ``model.safetensors`` or of the shards listed in
     ``model.safetensors.index.json`` (CheckpointError naming the file/tensor on any problem)."""
     from safetensors.torch import load_file
@@ -52,10 +52,8 @@ def read_safetensors_dir(directory: str) -> Dict[str, torch.Tensor]:
                 raise CheckpointError(f"{index}: shard file {shard!r} does not exist")
             files.append(path)
     else:
-        raise CheckpointError(
-            f"no model.safetensors or model.safetensors.index.json in {directory!r}"
-        )
-    tensors: Dict[str, torch.Tensor] = {}
+        raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {directory!r}")
+    tensors: dict[str, torch.Tensor] = {}
     for path in files:
         try:
             part = load_file(path)
@@ -66,8 +64,7 @@ def read_safetensors_dir(directory: str) -> Dict[str, torch.Tensor]:
                 raise CheckpointError(f"tensor {k!r} appears in more than one shard ({path})")
             if weight_map is not None and weight_map.get(k) != os.path.basename(path):
                 raise CheckpointError(
-                    f"tensor {k!r} is in {os.path.basename(path)} but the index maps it to "
-                    f"{weight_map.get(k)!r}"
+                    f"tensor {k!r} is in {os.path.basename(path)} but the index maps it to {weight_map.get(k)!r}"
                 )
             tensors[k] = v
     if weight_map is not None:
@@ -77,15 +74,15 @@ def read_safetensors_dir(directory: str) -> Dict[str, torch.Tensor]:
     return tensors
 
 
-def _meta_shapes(module_factory) -> Dict[str, Tuple[int, ...]]:
+def _meta_shapes(module_factory) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         m = module_factory()
     return {k: tuple(v.shape) for k, v in m.state_dict(keep_vars=False).items()}
 
 
 def check_tensors(
-    tensors: Dict[str, torch.Tensor],
-    expected: Dict[str, Tuple[int, ...]],
+    tensors: dict[str, torch.Tensor],
+    expected: dict[str, tuple[int, ...]],
     optional: Iterable[str] = (),
     what: str = "checkpoint",
 ) -> None:
@@ -101,25 +98,21 @@ def check_tensors(
             raise CheckpointError(f"{what}: unexpected tensor {k!r} (shape {list(tensors[k].shape)})")
         if tuple(tensors[k].shape) != expected[k]:
             raise CheckpointError(
-                f"{what}: tensor {k!r} has shape {list(tensors[k].shape)}, the config implies "
-                f"{list(expected[k])}"
+                f"{what}: tensor {k!r} has shape {list(tensors[k].shape)}, the config implies {list(expected[k])}"
             )
         if not tensors[k].is_floating_point():
             raise CheckpointError(f"{what}: tensor {k!r} has non-float dtype {tensors[k].dtype}")
 
 
-def _assign(module: nn.Module, state: Dict[str, torch.Tensor], dtype, device) -> None:
+def _assign(module: nn.Module, state: dict[str, torch.Tensor], dtype, device) -> None:
     state = {k: v.to(device=device, dtype=dtype).contiguous() for k, v in state.items()}
     module.load_state_dict(state, strict=False, assign=True)
 
 
-def build_target(
-    cfg: ModelConfig, tensors: Dict[str, torch.Tensor], dtype=torch.float32, device="cpu"
-) -> TargetModel:
+def build_target(cfg: ModelConfig, tensors: dict[str, torch.Tensor], dtype=torch.float32, device="cpu") -> TargetModel:
     """TargetModel from HF-named tensors (``model.`` prefix), validated against ``cfg``."""
     expected_inner = _meta_shapes(lambda: TargetModel(cfg))
-    expected = {("model." + k if not k.startswith("lm_head.") else k): s
-                for k, s in expected_inner.items()}
+    expected = {("model." + k if not k.startswith("lm_head.") else k): s for k, s in expected_inner.items()}
     optional = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
     check_tensors(tensors, expected, optional, "target checkpoint")
     with torch.device("meta"):
@@ -128,7 +121,7 @@ def build_target(
     for k, v in tensors.items():
         if k.endswith(_IGNORED_SUFFIXES):
             continue
-        inner = k[len("model."):] if k.startswith("model.") else k
+        inner = k[len("model.") :] if k.startswith("model.") else k
         if cfg.tie_word_embeddings and inner == "lm_head.weight":
             continue  # tied: the embedding is the head
         state[inner] = v
@@ -142,7 +135,7 @@ def build_target(
 BACKENDS = ("auto", "native", "transformers")
 
 
-def select_backend(raw: Dict, backend: str = "auto") -> str:
+def select_backend(raw: dict, backend: str = "auto") -> str:
     """The backend that runs a target config.json dict: "native" or "transformers".
 
     "auto" is table-driven: architectures listed in
@@ -175,8 +168,8 @@ def select_backend(raw: Dict, backend: str = "auto") -> str:
 def load_target(
     directory: str,
     dtype: torch.dtype = torch.float32,
-    device: Union[str, torch.device] = "cpu",
-    target_layer_ids: Optional[Iterable[int]] = None,
+    device: str | torch.device = "cpu",
+    target_layer_ids: Iterable[int] | None = None,
     backend: str = "auto",
 ):
     """Load an HF-style target directory (config.json + safetensors, single or sharded).
@@ -201,15 +194,16 @@ def load_target(
         if backend == "auto" and transformers_available() and "target_layer_ids" not in str(exc):
             # A native architecture with a setting the native code does not run (or a broken
             # config): say that the transformers backend exists rather than switch silently.
-            raise CheckpointError(f"{exc} [native backend; backend='transformers' runs any setting "
-                                  "transformers supports]") from exc
+            raise CheckpointError(
+                f"{exc} [native backend; backend='transformers' runs any setting transformers supports]"
+            ) from exc
         raise
     model = build_target(cfg, read_safetensors_dir(directory), dtype, device)
     model.backend = "native"
     return model
 
 
-def save_target(model: TargetModel, directory: str, dtype: Optional[torch.dtype] = None) -> None:
+def save_target(model: TargetModel, directory: str, dtype: torch.dtype | None = None) -> None:
     """Write an HF-style directory (config.json + model.safetensors) for ``model``."""
     from safetensors.torch import save_file
 
@@ -234,13 +228,11 @@ def check_drafter_against_target(cfg: DrafterConfig, target: TargetModel) -> Non
     t = target.config
     if cfg.vocab_size != t.vocab_size:
         raise CheckpointError(
-            f"drafter config.json: field 'vocab_size' = {cfg.vocab_size} does not match the "
-            f"target's {t.vocab_size}"
+            f"drafter config.json: field 'vocab_size' = {cfg.vocab_size} does not match the target's {t.vocab_size}"
         )
     if cfg.hidden_size != t.hidden_size:
         raise CheckpointError(
-            f"drafter config.json: field 'hidden_size' = {cfg.hidden_size} does not match the "
-            f"target's {t.hidden_size}"
+            f"drafter config.json: field 'hidden_size' = {cfg.hidden_size} does not match the target's {t.hidden_size}"
         )
     if cfg.num_target_layers and cfg.num_target_layers != t.num_hidden_layers:
         raise CheckpointError(
@@ -257,10 +249,10 @@ def check_drafter_against_target(cfg: DrafterConfig, target: TargetModel) -> Non
 
 def build_drafter(
     cfg: DrafterConfig,
-    tensors: Dict[str, torch.Tensor],
-    target: Optional[TargetModel] = None,
-    dtype: Optional[torch.dtype] = None,
-    device: Union[str, torch.device, None] = None,
+    tensors: dict[str, torch.Tensor],
+    target: TargetModel | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
 ) -> Drafter:
     """Drafter from DeepSpec-named tensors. Missing embed_tokens / lm_head are taken from the
     target (shared, as in training); a target is then required."""
@@ -278,8 +270,7 @@ def build_drafter(
         if key not in tensors:
             if target is None:
                 raise CheckpointError(
-                    f"drafter checkpoint: tensor {key!r} is absent and no target was given to "
-                    "take it from"
+                    f"drafter checkpoint: tensor {key!r} is absent and no target was given to take it from"
                 )
             shared.append(key)
     with torch.device("meta"):
@@ -299,9 +290,9 @@ def build_drafter(
 
 def load_drafter(
     directory: str,
-    target: Optional[TargetModel] = None,
-    dtype: Optional[torch.dtype] = None,
-    device: Union[str, torch.device, None] = None,
+    target: TargetModel | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
     set_target_layers: bool = True,
 ) -> Drafter:
     """Load a DeepSpec drafter directory (Qwen3/Llama DSpark or EAGLE-3).
@@ -320,8 +311,8 @@ def load_drafter(
 def save_drafter(
     drafter: Drafter,
     directory: str,
-    dtype: Optional[torch.dtype] = None,
-    include_shared: Optional[bool] = None,
+    dtype: torch.dtype | None = None,
+    include_shared: bool | None = None,
 ) -> None:
     """Write a DeepSpec directory: config.json + model.safetensors (no ``model.`` prefix).
 
@@ -335,9 +326,7 @@ def save_drafter(
     if include_shared is False:
         skip = set(SHARED_DRAFTER_KEYS)
     tensors = {
-        k: v.detach().to(dtype or v.dtype).contiguous()
-        for k, v in drafter.state_dict().items()
-        if k not in skip
+        k: v.detach().to(dtype or v.dtype).contiguous() for k, v in drafter.state_dict().items() if k not in skip
     }
     save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
     cfg = drafter.config.to_dict()

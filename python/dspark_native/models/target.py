@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -12,7 +12,7 @@ from .cache import ContextLengthError, KVCache, host_ints, upload
 from .config import ModelConfig
 from .layers import DecoderLayer, RMSNorm, rope_cos_sin, sdpa
 
-TreeMask = Union[None, torch.Tensor, Sequence[Optional[torch.Tensor]]]
+TreeMask = None | torch.Tensor | Sequence[torch.Tensor | None]
 
 
 @dataclass
@@ -30,7 +30,7 @@ class RaggedPlan:
     L_max: int
     counts: torch.Tensor
     slots: torch.Tensor
-    slot_slice: Optional[slice]
+    slot_slice: slice | None
     row_req: torch.Tensor
     row_off: torch.Tensor
     slot_t: torch.Tensor
@@ -39,8 +39,8 @@ class RaggedPlan:
     mask: torch.Tensor
     uniform: bool
     chain: bool = True  # no tree mask: every block is causal
-    slots_l: Optional[List[int]] = None  # host copies of slots / counts (for cache.advance)
-    counts_l: Optional[List[int]] = None
+    slots_l: list[int] | None = None  # host copies of slots / counts (for cache.advance)
+    counts_l: list[int] | None = None
 
 
 def _check_long_1d(x, name: str) -> torch.Tensor:
@@ -58,7 +58,7 @@ def _as_long_1d(x, name: str, device) -> torch.Tensor:
     return upload(_check_long_1d(x, name).to(torch.int64), device)
 
 
-def _host_long_1d(x, name: str) -> List[int]:
+def _host_long_1d(x, name: str) -> list[int]:
     """Values of a 1-D integer input on the host (free for host input; one read for a device
     tensor)."""
     return host_ints(_check_long_1d(x, name), name)
@@ -69,8 +69,8 @@ def plan_ragged(
     request_ids: torch.Tensor,
     cache: KVCache,
     tree_mask: TreeMask = None,
-    positions: Optional[torch.Tensor] = None,
-    total_rows: Optional[int] = None,
+    positions: torch.Tensor | None = None,
+    total_rows: int | None = None,
 ) -> RaggedPlan:
     """Validate a ragged batch against ``cache`` and precompute indices and the attention mask.
 
@@ -87,15 +87,11 @@ def plan_ragged(
     req_l = _host_long_1d(request_ids, "request_ids")
     R = len(req_l)
     if len(cu_l) != R + 1:
-        raise ValueError(
-            f"cu_seqlens must have len(request_ids) + 1 = {R + 1} entries, got {len(cu_l)}"
-        )
+        raise ValueError(f"cu_seqlens must have len(request_ids) + 1 = {R + 1} entries, got {len(cu_l)}")
     if cu_l[0] != 0 or any(b < a for a, b in zip(cu_l, cu_l[1:], strict=False)):
         raise ValueError(f"cu_seqlens must start at 0 and be non-decreasing, got {cu_l}")
     if total_rows is not None and cu_l[-1] != total_rows:
-        raise ValueError(
-            f"cu_seqlens[-1] = {cu_l[-1]} does not match the number of rows {total_rows}"
-        )
+        raise ValueError(f"cu_seqlens[-1] = {cu_l[-1]} does not match the number of rows {total_rows}")
     if any(s < 0 or s >= cache.max_requests for s in req_l):
         raise ValueError(f"request_ids must be in [0, {cache.max_requests}), got {req_l}")
     if len(set(req_l)) != R:
@@ -144,15 +140,11 @@ def plan_ragged(
             if not isinstance(tm, torch.Tensor) or tm.dtype != torch.bool:
                 raise TypeError(f"tree_mask[{r}] must be a bool tensor")
             if tuple(tm.shape) != (n, n):
-                raise ValueError(
-                    f"tree_mask[{r}] must be [{n}, {n}] for a block of {n} rows, got {tuple(tm.shape)}"
-                )
+                raise ValueError(f"tree_mask[{r}] must be [{n}, {n}] for a block of {n} rows, got {tuple(tm.shape)}")
             if n and not bool(tm.diagonal().all()):
                 raise ValueError(f"tree_mask[{r}]: every node must attend to itself (diagonal)")
             if bool(torch.triu(tm, diagonal=1).any()):
-                raise ValueError(
-                    f"tree_mask[{r}]: nodes must be in topological order (no True above the diagonal)"
-                )
+                raise ValueError(f"tree_mask[{r}]: nodes must be in topological order (no True above the diagonal)")
             tm = upload(tm, device)
             blk[r, :n, :n] = tm
             depth_parts.append(tm.sum(-1) - 1)
@@ -178,16 +170,26 @@ def plan_ragged(
     if R and req_l == list(range(req_l[0], req_l[0] + R)):
         slot_slice = slice(req_l[0], req_l[0] + R)
     return RaggedPlan(
-        R=R, n_max=n_max, L_max=L_max, counts=counts, slots=req, slot_slice=slot_slice,
-        row_req=row_req, row_off=row_off, slot_t=slot_t, store_t=store_t, positions=positions,
-        mask=mask, uniform=all(n == n_max for n in counts_l), chain=tree_mask is None, slots_l=req_l,
+        R=R,
+        n_max=n_max,
+        L_max=L_max,
+        counts=counts,
+        slots=req,
+        slot_slice=slot_slice,
+        row_req=row_req,
+        row_off=row_off,
+        slot_t=slot_t,
+        store_t=store_t,
+        positions=positions,
+        mask=mask,
+        uniform=all(n == n_max for n in counts_l),
+        chain=tree_mask is None,
+        slots_l=req_l,
         counts_l=counts_l,
     )
 
 
-def ragged_attention(
-    q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, plan: RaggedPlan
-) -> torch.Tensor:
+def ragged_attention(q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, plan: RaggedPlan) -> torch.Tensor:
     """Attention of ragged queries q [T, Hq, d] over one layer of the cache
     (k_layer/v_layer [max_requests, Hkv, max_seq, d], already holding the new rows)
     -> [T, Hq * d]."""
@@ -285,10 +287,10 @@ class TargetModel(nn.Module):
         return self.embed_tokens.weight.device
 
     @property
-    def target_layer_ids(self) -> List[int]:
+    def target_layer_ids(self) -> list[int]:
         return list(self.config.target_layer_ids)
 
-    def set_target_layer_ids(self, ids: Optional[Sequence[int]]) -> None:
+    def set_target_layer_ids(self, ids: Sequence[int] | None) -> None:
         """Select the layers whose raw outputs the forward returns as hidden features."""
         self.config.set_target_layer_ids(list(ids) if ids is not None else None)
 
@@ -296,8 +298,13 @@ class TargetModel(nn.Module):
         """A zeroed KV cache for this model (dtype and device of the weights)."""
         c = self.config
         return KVCache(
-            c.num_hidden_layers, max_requests, c.num_key_value_heads, max_seq, c.head_dim,
-            dtype=self.dtype, device=self.device,
+            c.num_hidden_layers,
+            max_requests,
+            c.num_key_value_heads,
+            max_seq,
+            c.head_dim,
+            dtype=self.dtype,
+            device=self.device,
         )
 
     @torch.no_grad()
@@ -308,10 +315,10 @@ class TargetModel(nn.Module):
         request_ids: torch.Tensor,
         cache: KVCache,
         tree_mask: TreeMask = None,
-        positions: Optional[torch.Tensor] = None,
+        positions: torch.Tensor | None = None,
         return_hidden: bool = True,
-        logit_rows: Union[str, torch.Tensor] = "all",
-    ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        logit_rows: str | torch.Tensor = "all",
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """One forward over a ragged batch of query blocks; appends their K/V to ``cache``.
 
         Args:
@@ -358,8 +365,7 @@ class TargetModel(nn.Module):
         H = self.config.hidden_size
         rows = _logit_row_index(logit_rows, plan, T, self.device)
         if T == 0:
-            logits = None if isinstance(rows, str) else torch.zeros(
-                0, self.config.vocab_size, device=self.device)
+            logits = None if isinstance(rows, str) else torch.zeros(0, self.config.vocab_size, device=self.device)
             return logits, (torch.zeros(0, len(ids) * H, dtype=self.dtype, device=self.device) if ids else None)
         if self._packed is not None:
             from .fused import fused_forward
@@ -369,8 +375,9 @@ class TargetModel(nn.Module):
 
     def _forward_planned(self, input_ids, plan: RaggedPlan, cache: KVCache, ids, rows=None):
         h = self.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(plan.positions, self.config.head_dim, self.config.rope_theta, h.dtype,
-                                self.config.rope_scaling)
+        cos, sin = rope_cos_sin(
+            plan.positions, self.config.head_dim, self.config.rope_theta, h.dtype, self.config.rope_scaling
+        )
         feats = {}
         want = set(ids)
         for li, layer in enumerate(self.layers):
@@ -397,9 +404,9 @@ class TargetModel(nn.Module):
         prompt_ids: Sequence[int],
         max_new_tokens: int,
         eos_token_ids: Sequence[int] = (),
-        cache: Optional[KVCache] = None,
+        cache: KVCache | None = None,
         slot: int = 0,
-    ) -> List[int]:
+    ) -> list[int]:
         """Plain greedy decoding of one prompt (a baseline; no speculation). Returns new tokens."""
         prompt = torch.as_tensor(list(prompt_ids), dtype=torch.int64)
         if prompt.numel() == 0:
@@ -410,10 +417,14 @@ class TargetModel(nn.Module):
         cache.reset([slot])
         slot_t = torch.tensor([slot])
         logits, _ = self.forward(
-            prompt, torch.tensor([0, prompt.numel()]), slot_t, cache, return_hidden=False,
+            prompt,
+            torch.tensor([0, prompt.numel()]),
+            slot_t,
+            cache,
+            return_hidden=False,
             logit_rows="last",
         )
-        out: List[int] = []
+        out: list[int] = []
         eos = set(int(e) for e in eos_token_ids)
         one = torch.tensor([0, 1])
         for _ in range(max_new_tokens):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Dict, List, Optional, Sequence
+from collections.abc import Sequence
 
 from .config import CheckpointError
 
@@ -16,7 +16,7 @@ _SPECIAL_TOKEN_TYPES = (3, 4)
 _SUPPORTED_PRE = ("smollm", "gpt2", "default", "starcoder", "refact")
 
 
-def tokenizer_from_gguf_metadata(meta: Dict[str, object]):
+def tokenizer_from_gguf_metadata(meta: dict[str, object]):
     """Build a ``tokenizers.Tokenizer`` from GGUF ``tokenizer.ggml.*`` fields (BPE / gpt2 only).
 
     meta: field name -> Python value (lists for tokens, merges, token_type).
@@ -26,14 +26,11 @@ def tokenizer_from_gguf_metadata(meta: Dict[str, object]):
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
         raise CheckpointError(
-            f"GGUF field 'tokenizer.ggml.model' = {kind!r}: only byte-level BPE ('gpt2') "
-            "tokenizers are supported"
+            f"GGUF field 'tokenizer.ggml.model' = {kind!r}: only byte-level BPE ('gpt2') tokenizers are supported"
         )
     pre = meta.get("tokenizer.ggml.pre", "default")
     if pre not in _SUPPORTED_PRE:
-        raise CheckpointError(
-            f"GGUF field 'tokenizer.ggml.pre' = {pre!r} unsupported (known: {_SUPPORTED_PRE})"
-        )
+        raise CheckpointError(f"GGUF field 'tokenizer.ggml.pre' = {pre!r} unsupported (known: {_SUPPORTED_PRE})")
     tokens = meta.get("tokenizer.ggml.tokens")
     merges = meta.get("tokenizer.ggml.merges")
     if not tokens:
@@ -51,14 +48,15 @@ def tokenizer_from_gguf_metadata(meta: Dict[str, object]):
     tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre in ("smollm", "starcoder", "refact"):
-        tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), byte_level]
-        )
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     else:
         tok.pre_tokenizer = byte_level
     tok.decoder = decoders.ByteLevel()
-    special = [AddedToken(t, special=True, normalized=False)
-               for t, ty in zip(tokens, types, strict=True) if int(ty) in _SPECIAL_TOKEN_TYPES]
+    special = [
+        AddedToken(t, special=True, normalized=False)
+        for t, ty in zip(tokens, types, strict=True)
+        if int(ty) in _SPECIAL_TOKEN_TYPES
+    ]
     tok.add_special_tokens(special)
     return tok
 
@@ -83,7 +81,7 @@ class ChatTemplate:
         # message is not a system message).
         self.default_system = m.group(1) if m else None
 
-    def render(self, messages: Sequence[Dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
         try:
             import jinja2  # noqa: F401
         except ImportError:
@@ -99,16 +97,16 @@ class ChatTemplate:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
         return env.from_string(self.template).render(
-            messages=list(messages), add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token, eos_token=self.eos_token,
+            messages=list(messages),
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token,
+            eos_token=self.eos_token,
         )
 
     def render_builtin(self, messages, add_generation_prompt: bool = True) -> str:
         """ChatML rendering without jinja2 (only for ChatML templates)."""
         if not self.is_chatml:
-            raise RuntimeError(
-                "this chat template is not ChatML; install jinja2 to render it"
-            )
+            raise RuntimeError("this chat template is not ChatML; install jinja2 to render it")
         _check_messages(messages)
         out = []
         if messages and messages[0]["role"] != "system" and self.default_system is not None:
@@ -119,7 +117,7 @@ class ChatTemplate:
             out.append("<|im_start|>assistant\n")
         return "".join(out)
 
-    def encode(self, tokenizer, messages, add_generation_prompt: bool = True) -> List[int]:
+    def encode(self, tokenizer, messages, add_generation_prompt: bool = True) -> list[int]:
         """Token ids of the rendered prompt (special tokens in the text are recognised)."""
         text = self.render(messages, add_generation_prompt)
         return tokenizer.encode(text, add_special_tokens=False).ids
@@ -127,20 +125,19 @@ class ChatTemplate:
 
 def _check_messages(messages) -> None:
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(
-            m.get("content"), str
-        ):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise ValueError(f"messages[{i}] must be a dict with string 'role' and 'content'")
 
 
-def save_tokenizer_files(directory: str, tokenizer, chat_template: Optional[ChatTemplate]) -> None:
+def save_tokenizer_files(directory: str, tokenizer, chat_template: ChatTemplate | None) -> None:
     """tokenizer.json, tokenizer_config.json (with chat_template) and chat_template.jinja."""
     os.makedirs(directory, exist_ok=True)
     tokenizer.save(os.path.join(directory, "tokenizer.json"))
     cfg = {"tokenizer_class": "PreTrainedTokenizerFast"}
     if chat_template is not None:
-        cfg.update(chat_template=chat_template.template, bos_token=chat_template.bos_token,
-                   eos_token=chat_template.eos_token)
+        cfg.update(
+            chat_template=chat_template.template, bos_token=chat_template.bos_token, eos_token=chat_template.eos_token
+        )
         with open(os.path.join(directory, "chat_template.jinja"), "w", encoding="utf-8") as f:
             f.write(chat_template.template)
     with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
@@ -164,8 +161,9 @@ def load_tokenizer_files(directory: str):
         with open(cfg_path, encoding="utf-8") as f:
             cfg = json.load(f)
         if isinstance(cfg.get("chat_template"), str):
-            template = ChatTemplate(cfg["chat_template"], _tok_str(cfg.get("bos_token")),
-                                    _tok_str(cfg.get("eos_token")))
+            template = ChatTemplate(
+                cfg["chat_template"], _tok_str(cfg.get("bos_token")), _tok_str(cfg.get("eos_token"))
+            )
     return tok, template
 
 

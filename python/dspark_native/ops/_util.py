@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
-
 import torch
 
-Number = Union[int, float]
+Number = int | float
 
 
-def per_request(value, n: int, dtype: torch.dtype, device: torch.device, name: str) -> Optional[torch.Tensor]:
+def per_request(value, n: int, dtype: torch.dtype, device: torch.device, name: str) -> torch.Tensor | None:
     """Broadcast a Python scalar to a [n] tensor; pass tensors through (checked by the op)."""
     if value is None:
         return None
@@ -20,8 +18,6 @@ def per_request(value, n: int, dtype: torch.dtype, device: torch.device, name: s
     if isinstance(value, (int, float)):
         return torch.full((n,), value, dtype=dtype, device=device)
     raise TypeError(f"{name} must be a number or a tensor of shape [{n}], got {type(value).__name__}")
-
-
 
 
 def register_fake_if_built(op_name: str):

@@ -4,7 +4,8 @@ csrc/core/{cpu,cuda}/dspark_draft.*; contract: csrc/include/dspark/dspark_draft.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -19,8 +20,8 @@ HEAD_TYPES = {"vanilla": 0, "gated": 1, "rnn": 2}
 
 
 class DSparkDraftOutput(NamedTuple):
-    tokens: torch.Tensor      #: [R, g] int64 drafts d_k (-1: no distribution, see the C header)
-    logits: torch.Tensor      #: [R, g, V] float32 z_k = U_k + bias, exactly what the sampler used (q)
+    tokens: torch.Tensor  #: [R, g] int64 drafts d_k (-1: no distribution, see the C header)
+    logits: torch.Tensor  #: [R, g, V] float32 z_k = U_k + bias, exactly what the sampler used (q)
     confidence: torch.Tensor  #: [R, g] float32 c_k (empty [0] without a confidence head)
 
 
@@ -40,18 +41,18 @@ def dspark_draft(
     markov_w1: torch.Tensor,
     markov_w2: torch.Tensor,
     *,
-    hidden: Optional[torch.Tensor] = None,
-    head_type: Union[str, int] = "vanilla",
-    gate_weight: Optional[torch.Tensor] = None,
-    gate_bias: Optional[torch.Tensor] = None,
-    joint_weight: Optional[torch.Tensor] = None,
-    joint_bias: Optional[torch.Tensor] = None,
-    conf_weight: Optional[torch.Tensor] = None,
-    conf_bias: Optional[torch.Tensor] = None,
-    sts_temperature: Union[Sequence[float], torch.Tensor, None] = None,
-    temperature: Union[Number, torch.Tensor] = 0.0,
-    seed: Union[int, torch.Tensor, None] = None,
-    offset: Union[int, torch.Tensor, None] = None,
+    hidden: torch.Tensor | None = None,
+    head_type: str | int = "vanilla",
+    gate_weight: torch.Tensor | None = None,
+    gate_bias: torch.Tensor | None = None,
+    joint_weight: torch.Tensor | None = None,
+    joint_bias: torch.Tensor | None = None,
+    conf_weight: torch.Tensor | None = None,
+    conf_bias: torch.Tensor | None = None,
+    sts_temperature: Sequence[float] | torch.Tensor | None = None,
+    temperature: Number | torch.Tensor = 0.0,
+    seed: int | torch.Tensor | None = None,
+    offset: int | torch.Tensor | None = None,
 ) -> DSparkDraftOutput:
     """DSpark sequential stage (Markov head) + confidence head for a batch, fused.
 
@@ -107,15 +108,45 @@ def dspark_draft(
     if isinstance(anchor_tokens, int):
         anchor_tokens = torch.full((R,), anchor_tokens, dtype=torch.int64, device=dev)
     out = torch.ops.dspark.dspark_draft(
-        base_logits, hidden, anchor_tokens, markov_w1, markov_w2, gate_weight, gate_bias, joint_weight, joint_bias,
-        conf_weight, conf_bias, sts, temp, sd, of, _head_code(head_type),
+        base_logits,
+        hidden,
+        anchor_tokens,
+        markov_w1,
+        markov_w2,
+        gate_weight,
+        gate_bias,
+        joint_weight,
+        joint_bias,
+        conf_weight,
+        conf_bias,
+        sts,
+        temp,
+        sd,
+        of,
+        _head_code(head_type),
     )
     return DSparkDraftOutput(*out)
 
 
 @register_fake_if_built("dspark_draft")
-def _dspark_draft_fake(base_logits, hidden, anchor_tokens, markov_w1, markov_w2, gate_weight, gate_bias, joint_weight,
-                       joint_bias, conf_weight, conf_bias, sts_temperature, temperature, seed, offset, head_type):
+def _dspark_draft_fake(
+    base_logits,
+    hidden,
+    anchor_tokens,
+    markov_w1,
+    markov_w2,
+    gate_weight,
+    gate_bias,
+    joint_weight,
+    joint_bias,
+    conf_weight,
+    conf_bias,
+    sts_temperature,
+    temperature,
+    seed,
+    offset,
+    head_type,
+):
     R, g, V = base_logits.shape
     dev = base_logits.device
     tokens = torch.empty((R, g), dtype=torch.int64, device=dev)

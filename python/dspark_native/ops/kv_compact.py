@@ -3,7 +3,8 @@ contract: csrc/include/dspark/kv_compact.h), plus the chain fast path :func:`kv_
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -14,16 +15,16 @@ load_library()
 
 __all__ = ["KVCompactOutput", "kv_compact", "kv_commit_chain"]
 
-Cache = Union[torch.Tensor, Sequence[torch.Tensor]]
+Cache = torch.Tensor | Sequence[torch.Tensor]
 
 
 class KVCompactOutput(NamedTuple):
     new_lengths: torch.Tensor  #: [R] int64 old_length + number of kept entries
-    free_from: torch.Tensor    #: [R] int64 paged: first block-table column no longer needed (else 0)
-    num_freed: torch.Tensor    #: [R] int64 paged: block_table[r, free_from:free_from+num_freed] became free
+    free_from: torch.Tensor  #: [R] int64 paged: first block-table column no longer needed (else 0)
+    num_freed: torch.Tensor  #: [R] int64 paged: block_table[r, free_from:free_from+num_freed] became free
 
 
-def _as_list(cache: Optional[Cache]):
+def _as_list(cache: Cache | None):
     if cache is None:
         return []
     if isinstance(cache, torch.Tensor):
@@ -33,13 +34,13 @@ def _as_list(cache: Optional[Cache]):
 
 def kv_compact(
     k_cache: Cache,
-    v_cache: Optional[Cache],
+    v_cache: Cache | None,
     old_lengths: torch.Tensor,
     accepted: torch.Tensor,
     *,
-    num_verified: Optional[torch.Tensor] = None,
-    slots: Optional[torch.Tensor] = None,
-    block_table: Optional[torch.Tensor] = None,
+    num_verified: torch.Tensor | None = None,
+    slots: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
 ) -> KVCompactOutput:
     """Move the KV entries of the accepted nodes of each request to contiguous positions, in place,
     for every layer and both caches in one call; return the new lengths.
@@ -66,8 +67,9 @@ def kv_compact(
         not increasing or beyond the capacity / n_r, block-table entries outside the pool) raises
         on CPU; on CUDA the request is left untouched and its new length is -1.
     """
-    out = torch.ops.dspark.kv_compact(_as_list(k_cache), _as_list(v_cache), old_lengths, accepted, num_verified,
-                                      slots, block_table)
+    out = torch.ops.dspark.kv_compact(
+        _as_list(k_cache), _as_list(v_cache), old_lengths, accepted, num_verified, slots, block_table
+    )
     return KVCompactOutput(*out)
 
 

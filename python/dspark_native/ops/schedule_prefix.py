@@ -4,7 +4,7 @@ csrc/include/dspark/schedule_prefix.h)."""
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple
 
 import torch
 
@@ -19,7 +19,7 @@ SCHEDULE_MODES = {"causal": 0, "global": 1}
 
 
 class ScheduleOutput(NamedTuple):
-    lengths: torch.Tensor     #: [R] int64 drafts to verify per request
+    lengths: torch.Tensor  #: [R] int64 drafts to verify per request
     throughput: torch.Tensor  #: [2] float32 (best expected tokens/s theta, expected tokens tau of it)
 
 
@@ -27,10 +27,10 @@ def schedule_prefix(
     confidences: torch.Tensor,
     sps_table: torch.Tensor,
     *,
-    mode: Union[str, int] = "causal",
-    min_len: Union[int, torch.Tensor, None] = None,
-    max_len: Union[int, torch.Tensor, None] = None,
-    token_budget: Optional[int] = None,
+    mode: str | int = "causal",
+    min_len: int | torch.Tensor | None = None,
+    max_len: int | torch.Tensor | None = None,
+    token_budget: int | None = None,
 ) -> ScheduleOutput:
     """Verification lengths from confidences and a steps-per-second table (Algorithm 1).
 

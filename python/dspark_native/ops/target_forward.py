@@ -7,7 +7,7 @@ hold their own weights can call it directly.
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 
@@ -38,8 +38,10 @@ def pack_gate_up_panels(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """Gate and up weights ``[I, H]`` each (I a multiple of 16) -> one panel array whose panels
     alternate gate panel p, up panel p (the kernel computes silu(gate) * up per panel pair)."""
     if gate.shape != up.shape or gate.dim() != 2 or gate.shape[0] % PANEL:
-        raise ValueError(f"gate and up must both be [I, H] with I a multiple of {PANEL}, got "
-                         f"{tuple(gate.shape)} and {tuple(up.shape)}")
+        raise ValueError(
+            f"gate and up must both be [I, H] with I a multiple of {PANEL}, got "
+            f"{tuple(gate.shape)} and {tuple(up.shape)}"
+        )
     I, H = gate.shape  # noqa: E741 - I = intermediate size, as in the docstring's shapes
     both = torch.stack([gate.reshape(I // PANEL, PANEL, H), up.reshape(I // PANEL, PANEL, H)], 1)
     return pack_panels(both.reshape(2 * I, H))
@@ -65,7 +67,7 @@ def target_forward(
     vocab_size: int,
     eps: float,
     num_threads: int = 0,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole target forward over a ragged batch of chain blocks (CPU).
 
     Args:
@@ -85,9 +87,25 @@ def target_forward(
         logits [n, V] fp32 and features [T, len(feature_layers) * H] fp32.
     """
     return torch.ops.dspark.target_forward(
-        h, positions, cu_seqlens, slots, base, k_cache, v_cache, list(layer_weights), lm_head,
-        final_norm, inv_freq, logit_rows, list(feature_layers), num_heads, intermediate_size,
-        vocab_size, eps, num_threads)
+        h,
+        positions,
+        cu_seqlens,
+        slots,
+        base,
+        k_cache,
+        v_cache,
+        list(layer_weights),
+        lm_head,
+        final_norm,
+        inv_freq,
+        logit_rows,
+        list(feature_layers),
+        num_heads,
+        intermediate_size,
+        vocab_size,
+        eps,
+        num_threads,
+    )
 
 
 def target_forward_isa() -> str:
@@ -96,8 +114,25 @@ def target_forward_isa() -> str:
 
 
 @register_fake_if_built("target_forward")
-def _fake(h, positions, cu_seqlens, slots, base, k_cache, v_cache, layer_weights, lm_head, final_norm,
-          inv_freq, logit_rows, feature_layers: List[int], num_heads, intermediate_size, vocab_size, eps,
-          num_threads=0):
+def _fake(
+    h,
+    positions,
+    cu_seqlens,
+    slots,
+    base,
+    k_cache,
+    v_cache,
+    layer_weights,
+    lm_head,
+    final_norm,
+    inv_freq,
+    logit_rows,
+    feature_layers: list[int],
+    num_heads,
+    intermediate_size,
+    vocab_size,
+    eps,
+    num_threads=0,
+):
     T, H = h.shape
     return (h.new_empty(logit_rows.shape[0], vocab_size), h.new_empty(T, len(feature_layers) * H))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple
 
 import torch
 
@@ -17,9 +17,9 @@ DRAFT_ONE_HOT, DRAFT_LOGITS, DRAFT_PROBS = 0, 1, 2
 
 
 class VerifyChainOutput(NamedTuple):
-    tokens: torch.Tensor        #: [R, max_drafts + 1] int64, emitted tokens, -1 padded
+    tokens: torch.Tensor  #: [R, max_drafts + 1] int64, emitted tokens, -1 padded
     num_accepted: torch.Tensor  #: [R] int64, accepted drafts per request
-    accept_prob: torch.Tensor   #: [N - R] float32 sum_v min(p, q) per draft row (empty unless asked)
+    accept_prob: torch.Tensor  #: [N - R] float32 sum_v min(p, q) per draft row (empty unless asked)
 
 
 def verify_chain(
@@ -27,14 +27,14 @@ def verify_chain(
     cu_target_rows: torch.Tensor,
     draft_tokens: torch.Tensor,
     *,
-    draft_logits: Optional[torch.Tensor] = None,
-    draft_probs: Optional[torch.Tensor] = None,
-    temperature: Union[Number, torch.Tensor] = 0.0,
-    top_k: Union[int, torch.Tensor, None] = None,
-    top_p: Union[float, torch.Tensor, None] = None,
-    seed: Union[int, torch.Tensor, None] = None,
-    offset: Union[int, torch.Tensor, None] = None,
-    max_drafts: Optional[int] = None,
+    draft_logits: torch.Tensor | None = None,
+    draft_probs: torch.Tensor | None = None,
+    temperature: Number | torch.Tensor = 0.0,
+    top_k: int | torch.Tensor | None = None,
+    top_p: float | torch.Tensor | None = None,
+    seed: int | torch.Tensor | None = None,
+    offset: int | torch.Tensor | None = None,
+    max_drafts: int | None = None,
     return_accept_prob: bool = False,
 ) -> VerifyChainOutput:
     """Chain (block) verification with lossless rejection sampling, fused over a ragged batch.
@@ -88,15 +88,37 @@ def verify_chain(
     sd = per_request(seed, R, torch.int64, dev, "seed")
     of = per_request(offset, R, torch.int64, dev, "offset")
     out = torch.ops.dspark.verify_chain(
-        target_logits, cu_target_rows, draft_tokens, draft, kind, temp, tk, tp, sd, of, int(max_drafts),
+        target_logits,
+        cu_target_rows,
+        draft_tokens,
+        draft,
+        kind,
+        temp,
+        tk,
+        tp,
+        sd,
+        of,
+        int(max_drafts),
         bool(return_accept_prob),
     )
     return VerifyChainOutput(*out)
 
 
 @register_fake_if_built("verify_chain")
-def _verify_chain_fake(target_logits, cu_target_rows, draft_tokens, draft, draft_kind, temperature, top_k, top_p,
-                       seed, offset, max_drafts, return_accept_prob):
+def _verify_chain_fake(
+    target_logits,
+    cu_target_rows,
+    draft_tokens,
+    draft,
+    draft_kind,
+    temperature,
+    top_k,
+    top_p,
+    seed,
+    offset,
+    max_drafts,
+    return_accept_prob,
+):
     R = cu_target_rows.shape[0] - 1
     N = target_logits.shape[0]
     dev = target_logits.device

@@ -3,7 +3,7 @@ contract: csrc/include/dspark/verify_tree.h)."""
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple
 
 import torch
 
@@ -16,9 +16,9 @@ __all__ = ["VerifyTreeOutput", "verify_tree"]
 
 
 class VerifyTreeOutput(NamedTuple):
-    path: torch.Tensor          #: [R, max_depth + 1] int64 accepted local node indices (path[:, 0] = 0), -1 padded
+    path: torch.Tensor  #: [R, max_depth + 1] int64 accepted local node indices (path[:, 0] = 0), -1 padded
     num_accepted: torch.Tensor  #: [R] int64 accepted draft nodes
-    tokens: torch.Tensor        #: [R, max_depth + 1] int64 emitted tokens (accepted drafts + 1 more), -1 padded
+    tokens: torch.Tensor  #: [R, max_depth + 1] int64 emitted tokens (accepted drafts + 1 more), -1 padded
 
 
 def verify_tree(
@@ -27,13 +27,13 @@ def verify_tree(
     parents: torch.Tensor,
     tokens: torch.Tensor,
     *,
-    temperature: Union[Number, torch.Tensor] = 0.0,
-    top_k: Union[int, torch.Tensor, None] = None,
-    top_p: Union[float, torch.Tensor, None] = None,
-    seed: Union[int, torch.Tensor, None] = None,
-    offset: Union[int, torch.Tensor, None] = None,
-    max_nodes: Optional[int] = None,
-    max_depth: Optional[int] = None,
+    temperature: Number | torch.Tensor = 0.0,
+    top_k: int | torch.Tensor | None = None,
+    top_p: float | torch.Tensor | None = None,
+    seed: int | torch.Tensor | None = None,
+    offset: int | torch.Tensor | None = None,
+    max_nodes: int | None = None,
+    max_depth: int | None = None,
 ) -> VerifyTreeOutput:
     """Token-tree verification (greedy, or lossless multi-draft sampling with one-hot drafts).
 
@@ -79,14 +79,16 @@ def verify_tree(
         offset = 0 if offset is None else offset
     sd = per_request(seed, R, torch.int64, dev, "seed")
     of = per_request(offset, R, torch.int64, dev, "offset")
-    out = torch.ops.dspark.verify_tree(target_logits, cu_nodes, parents, tokens, temp, tk, tp, sd, of,
-                                       int(max_nodes), int(max_depth))
+    out = torch.ops.dspark.verify_tree(
+        target_logits, cu_nodes, parents, tokens, temp, tk, tp, sd, of, int(max_nodes), int(max_depth)
+    )
     return VerifyTreeOutput(*out)
 
 
 @register_fake_if_built("verify_tree")
-def _verify_tree_fake(target_logits, cu_nodes, parents, tokens, temperature, top_k, top_p, seed, offset, max_nodes,
-                      max_depth):
+def _verify_tree_fake(
+    target_logits, cu_nodes, parents, tokens, temperature, top_k, top_p, seed, offset, max_nodes, max_depth
+):
     R = cu_nodes.shape[0] - 1
     dev = target_logits.device
     path = torch.empty((R, max_depth + 1), dtype=torch.int64, device=dev)

@@ -4,7 +4,6 @@ one position at a time (the executable form of csrc/include/dspark/dspark_draft.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -21,7 +20,7 @@ def dspark_draft_reference(
     markov_w1: torch.Tensor,
     markov_w2: torch.Tensor,
     *,
-    hidden: Optional[torch.Tensor] = None,
+    hidden: torch.Tensor | None = None,
     head_type="vanilla",
     gate_weight=None,
     gate_bias=None,
@@ -78,7 +77,7 @@ def dspark_draft_reference(
                 v = gate * e
             else:
                 gco = joint_weight.float() @ torch.cat([state, e, h]) + joint_bias.float()
-                gt, c, o = gco[:rank], gco[rank:2 * rank], gco[2 * rank:]
+                gt, c, o = gco[:rank], gco[rank : 2 * rank], gco[2 * rank :]
                 gt = torch.sigmoid(gt)
                 state = gt * state + (1 - gt) * torch.tanh(c)
                 v = torch.tanh(o)

@@ -3,13 +3,13 @@ layouts). Mirrors csrc/include/dspark/kv_compact.h; mutates the caches like the 
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 
 __all__ = ["kv_compact_reference"]
 
-Cache = Union[torch.Tensor, Sequence[torch.Tensor]]
+Cache = torch.Tensor | Sequence[torch.Tensor]
 
 
 def _layers(cache):
@@ -25,13 +25,13 @@ def _layers(cache):
 
 def kv_compact_reference(
     k_cache: Cache,
-    v_cache: Optional[Cache],
+    v_cache: Cache | None,
     old_lengths: torch.Tensor,
     accepted: torch.Tensor,
     *,
-    num_verified: Optional[torch.Tensor] = None,
-    slots: Optional[torch.Tensor] = None,
-    block_table: Optional[torch.Tensor] = None,
+    num_verified: torch.Tensor | None = None,
+    slots: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
 ):
     """Reference of :func:`dspark_native.ops.kv_compact` (same arguments, same outputs, same
     in-place effect). Raises ValueError where the CPU kernel fails."""
@@ -69,8 +69,9 @@ def kv_compact_reference(
                 for t in (old[r] + j, old[r] + a):
                     pg = bt[r][t // P]
                     if not 0 <= pg < num_pages:
-                        raise ValueError(f"kv_compact: request {r}: block_table[{r}, {t // P}] = {pg} points outside "
-                                         "the page pool")
+                        raise ValueError(
+                            f"kv_compact: request {r}: block_table[{r}, {t // P}] = {pg} points outside the page pool"
+                        )
         elif not 0 <= sl[r] < num_pages:
             raise ValueError(f"kv_compact: request {r}: slots = {sl[r]} outside [0, {num_pages})")
         counts.append(lst)

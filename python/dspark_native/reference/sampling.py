@@ -6,7 +6,6 @@ distributions and the inverse-CDF draw. Mirrors csrc/include/dspark/detail/{phil
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
 
 import torch
 
@@ -27,7 +26,7 @@ RNG_ACCEPT_COIN, RNG_SAMPLE, RNG_DRAFT_SAMPLE = 0, 1, 2
 _M32 = 0xFFFFFFFF
 
 
-def philox4x32_10(counter: Tuple[int, int, int, int], key: Tuple[int, int]) -> Tuple[int, int, int, int]:
+def philox4x32_10(counter: tuple[int, int, int, int], key: tuple[int, int]) -> tuple[int, int, int, int]:
     """Philox4x32-10 block (Salmon et al. 2011) on Python ints."""
     c0, c1, c2, c3 = (x & _M32 for x in counter)
     k0, k1 = (x & _M32 for x in key)
@@ -79,8 +78,7 @@ def _weights(s: torch.Tensor, m: float) -> torch.Tensor:
     return torch.exp(s - m)
 
 
-def target_probs(logits: torch.Tensor, temperature: float, top_k: int = 0,
-                 top_p: float = 1.0) -> Optional[torch.Tensor]:
+def target_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor | None:
     """The target distribution of one row [V] after temperature, top-k and top-p (float64), or
     None if the row has no finite logit."""
     s = _scaled(logits, temperature)
@@ -98,7 +96,7 @@ def target_probs(logits: torch.Tensor, temperature: float, top_k: int = 0,
     return w / total
 
 
-def draft_distribution(row: Optional[torch.Tensor], kind: str, token: int, V: int, temperature: float) -> torch.Tensor:
+def draft_distribution(row: torch.Tensor | None, kind: str, token: int, V: int, temperature: float) -> torch.Tensor:
     if kind == "one_hot":
         q = torch.zeros(V, dtype=torch.float64)
         if 0 <= token < V:

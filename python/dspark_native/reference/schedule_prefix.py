@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import struct
-from typing import Optional
 
 import torch
 
@@ -18,8 +17,15 @@ def _f32(x: float) -> float:
     return struct.unpack("f", struct.pack("f", x))[0]
 
 
-def schedule_prefix_reference(confidences: torch.Tensor, sps_table, *, mode="causal", min_len=None, max_len=None,
-                              token_budget: Optional[int] = None):
+def schedule_prefix_reference(
+    confidences: torch.Tensor,
+    sps_table,
+    *,
+    mode="causal",
+    min_len=None,
+    max_len=None,
+    token_budget: int | None = None,
+):
     """Reference of :func:`dspark_native.ops.schedule_prefix`: returns (lengths [R] int64,
     throughput [2] float32). Raises ValueError on the inputs the CPU kernel rejects."""
     mode = {"causal": 0, "global": 1}.get(mode, mode)

@@ -7,7 +7,7 @@ kernel must agree to fp32 rounding."""
 from __future__ import annotations
 
 import math
-from typing import Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 
@@ -34,10 +34,26 @@ def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def target_forward_reference(
-    h, positions, cu_seqlens, slots, base, k_cache, v_cache, layer_weights: Sequence[torch.Tensor],
-    lm_head, final_norm, inv_freq, logit_rows, feature_layers: Sequence[int], *, num_heads: int,
-    intermediate_size: int, vocab_size: int, eps: float, num_threads: int = 0,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    h,
+    positions,
+    cu_seqlens,
+    slots,
+    base,
+    k_cache,
+    v_cache,
+    layer_weights: Sequence[torch.Tensor],
+    lm_head,
+    final_norm,
+    inv_freq,
+    logit_rows,
+    feature_layers: Sequence[int],
+    *,
+    num_heads: int,
+    intermediate_size: int,
+    vocab_size: int,
+    eps: float,
+    num_threads: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     T, H = h.shape
     L, _, Hkv, _, d = k_cache.shape
     Hq, I, half = num_heads, intermediate_size, d // 2  # noqa: E741 - I = intermediate size
@@ -49,7 +65,7 @@ def target_forward_reference(
     cos, sin = torch.cos(ang), torch.sin(ang)
     feats = {}
     for li in range(L):
-        w = layer_weights[9 * li: 9 * li + 9]
+        w = layer_weights[9 * li : 9 * li + 9]
         Wqkv = unpack_panels(w[0], nq, H).double()
         Wo = unpack_panels(w[1], H, Hq * d).double()
         gu = unpack_panels(w[2], 2 * I, H).double().reshape(I // PANEL, 2, PANEL, H)
@@ -59,25 +75,25 @@ def target_forward_reference(
         qkv = (x @ Wqkv.T).float()
         if w[8].numel():
             qkv = qkv + w[8].float()
-        heads = qkv[:, :(Hq + Hkv) * d].reshape(T, Hq + Hkv, d)
+        heads = qkv[:, : (Hq + Hkv) * d].reshape(T, Hq + Hkv, d)
         if w[6].numel():
             heads = torch.cat([_rms(heads[:, :Hq], w[6], eps), _rms(heads[:, Hq:], w[7], eps)], 1)
         x1, x2 = heads[..., :half], heads[..., half:]
         c, s = cos[:, None, :], sin[:, None, :]
         heads = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1)
-        v = qkv[:, (Hq + Hkv) * d:].reshape(T, Hkv, d)
+        v = qkv[:, (Hq + Hkv) * d :].reshape(T, Hkv, d)
         for t, r in enumerate(row_req):
             k_cache[li, slots[r], :, row_pos[t]] = heads[t, Hq:]
             v_cache[li, slots[r], :, row_pos[t]] = v[t]
         attn = torch.empty(T, Hq * d)
         for t, r in enumerate(row_req):
-            K = k_cache[li, slots[r], :, :row_pos[t] + 1].double()  # [Hkv, span, d]
-            V = v_cache[li, slots[r], :, :row_pos[t] + 1].double()
+            K = k_cache[li, slots[r], :, : row_pos[t] + 1].double()  # [Hkv, span, d]
+            V = v_cache[li, slots[r], :, : row_pos[t] + 1].double()
             g = Hq // Hkv
             for hq in range(Hq):
                 sc = (K[hq // g] @ heads[t, hq].double()) / math.sqrt(d)
                 p = torch.softmax(sc, 0)
-                attn[t, hq * d:(hq + 1) * d] = (p @ V[hq // g]).float()
+                attn[t, hq * d : (hq + 1) * d] = (p @ V[hq // g]).float()
         h += (_bf16(attn) @ Wo.T).float()
         x = _bf16(_rms(h, w[5], eps))
         g_, u_ = (x @ Wg.T).float(), (x @ Wu.T).float()

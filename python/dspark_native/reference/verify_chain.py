@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .sampling import (
@@ -25,14 +23,14 @@ def verify_chain_reference(
     cu_target_rows: torch.Tensor,
     draft_tokens: torch.Tensor,
     *,
-    draft_logits: Optional[torch.Tensor] = None,
-    draft_probs: Optional[torch.Tensor] = None,
+    draft_logits: torch.Tensor | None = None,
+    draft_probs: torch.Tensor | None = None,
     temperature=0.0,
     top_k=None,
     top_p=None,
     seed=None,
     offset=None,
-    max_drafts: Optional[int] = None,
+    max_drafts: int | None = None,
     return_accept_prob: bool = False,
 ):
     """Reference of :func:`dspark_native.ops.verify_chain` (same arguments, same outputs)."""

@@ -3,8 +3,6 @@ with one-hot drafts). Mirrors csrc/include/dspark/verify_tree.h line by line."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .sampling import first_argmax, inverse_cdf, per_request_values, philox_uniform, target_probs
@@ -19,13 +17,16 @@ def _check_tree(r: int, par: list, max_depth: int) -> None:
     for i, p in enumerate(par):
         ok = (p == -1) if i == 0 else (0 <= p < i)
         if not ok:
-            raise ValueError(f"verify_tree: parents of request {r}, node {i} is {p}; expected "
-                             + ("-1 for the root" if i == 0 else "0 <= parent < node index (no cycles)"))
+            raise ValueError(
+                f"verify_tree: parents of request {r}, node {i} is {p}; expected "
+                + ("-1 for the root" if i == 0 else "0 <= parent < node index (no cycles)")
+            )
         if i > 0:
             depth[i] = depth[p] + 1
             if depth[i] > max_depth:
-                raise ValueError(f"verify_tree: parents of request {r} make node {i} deeper than "
-                                 f"max_depth = {max_depth}")
+                raise ValueError(
+                    f"verify_tree: parents of request {r} make node {i} deeper than max_depth = {max_depth}"
+                )
 
 
 def verify_tree_reference(
@@ -39,8 +40,8 @@ def verify_tree_reference(
     top_p=None,
     seed=None,
     offset=None,
-    max_nodes: Optional[int] = None,
-    max_depth: Optional[int] = None,
+    max_nodes: int | None = None,
+    max_depth: int | None = None,
 ):
     """Reference of :func:`dspark_native.ops.verify_tree` (same arguments; returns
     (path, num_accepted, tokens))."""
@@ -65,13 +66,13 @@ def verify_tree_reference(
         n = cu[r + 1] - cu[r]
         if not 1 <= n <= max_nodes:
             raise ValueError(f"verify_tree: request {r} has {n} nodes (cu_nodes), expected 1..{max_nodes} (max_nodes)")
-        _check_tree(r, par_all[cu[r]:cu[r + 1]], max_depth)
+        _check_tree(r, par_all[cu[r] : cu[r + 1]], max_depth)
     out_path = torch.full((R, W), -1, dtype=torch.int64)
     out_tok = torch.full((R, W), -1, dtype=torch.int64)
     out_acc = torch.zeros(R, dtype=torch.int64)
     for r in range(R):
         base, n = cu[r], cu[r + 1] - cu[r]
-        par, tok = par_all[base:base + n], tok_all[base:base + n]
+        par, tok = par_all[base : base + n], tok_all[base : base + n]
         children = [[] for _ in range(n)]
         for i in range(1, n):
             children[par[i]].append(i)  # increasing index order

@@ -21,8 +21,8 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -38,7 +38,7 @@ class DataConfig:
     decoded together; ``sequences_per_shard`` sequences a shard; ``topk`` K of the stored target
     distribution; ``seed`` the prompt-order shuffle."""
 
-    files: List[str]
+    files: list[str]
     limit_per_file: int = 200
     max_prompt_tokens: int = 320
     max_new_tokens: int = 256
@@ -46,10 +46,10 @@ class DataConfig:
     sequences_per_shard: int = 32
     topk: int = 32
     seed: int = 0
-    target_layer_ids: List[int] = field(default_factory=list)
+    target_layer_ids: list[int] = field(default_factory=list)
 
 
-def _read_prompts(path: str) -> List[str]:
+def _read_prompts(path: str) -> list[str]:
     out = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -66,7 +66,7 @@ def _read_prompts(path: str) -> List[str]:
     return out
 
 
-def select_prompts(cfg: DataConfig, encode: Callable[[str], List[int]]) -> List[Tuple[str, List[int]]]:
+def select_prompts(cfg: DataConfig, encode: Callable[[str], list[int]]) -> list[tuple[str, list[int]]]:
     """(domain, prompt ids) in the build order: each file's first ``limit_per_file`` prompts that
     fit ``max_prompt_tokens``, the files interleaved round-robin (any prefix of the data mixes
     the domains), then shuffled within blocks of one shard with ``seed``."""
@@ -88,7 +88,7 @@ def select_prompts(cfg: DataConfig, encode: Callable[[str], List[int]]) -> List[
     n = cfg.sequences_per_shard
     out = []
     for s in range(0, len(order), n):
-        block = order[s:s + n]
+        block = order[s : s + n]
         rng.shuffle(block)
         out += block
     return out
@@ -101,7 +101,7 @@ def _atomic_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def _target_rows(target, seqs: Sequence[List[int]], topk: int):
+def _target_rows(target, seqs: Sequence[list[int]], topk: int):
     """One prefill per sequence: features bf16 [S, k*H], top-k ids/probs of softmax(logits)."""
     feats, ids, probs = [], [], []
     cache = target.new_cache(1, max(len(s) for s in seqs))
@@ -117,8 +117,15 @@ def _target_rows(target, seqs: Sequence[List[int]], topk: int):
     return torch.cat(feats), torch.cat(ids), torch.cat(probs)
 
 
-def build_training_data(target, encode: Callable[[str], List[int]], eos_ids: Sequence[int], cfg: DataConfig,
-                        out_dir: str, max_sequences: Optional[int] = None, progress: bool = True) -> Dict:
+def build_training_data(
+    target,
+    encode: Callable[[str], list[int]],
+    eos_ids: Sequence[int],
+    cfg: DataConfig,
+    out_dir: str,
+    max_sequences: int | None = None,
+    progress: bool = True,
+) -> dict:
     """Generate (or resume) the training data in ``out_dir``; returns the manifest.
 
     ``target``: TargetModel (its target_layer_ids are set to ``cfg.target_layer_ids``);
@@ -141,15 +148,17 @@ def build_training_data(target, encode: Callable[[str], List[int]], eos_ids: Seq
     mpath = os.path.join(out_dir, MANIFEST)
     # Files are compared by name, so the same data can be resumed from another checkout.
     conf = dict(asdict(cfg), files=[os.path.basename(f) for f in cfg.files])
-    want = dict(version=DATA_VERSION, config=conf, hidden_size=target.config.hidden_size,
-                vocab_size=target.config.vocab_size)
+    want = dict(
+        version=DATA_VERSION, config=conf, hidden_size=target.config.hidden_size, vocab_size=target.config.vocab_size
+    )
     if os.path.exists(mpath):
         with open(mpath, encoding="utf-8") as f:
             manifest = json.load(f)
         old = {k: manifest.get(k) for k in want}
         if old != want:
-            raise ValueError(f"{out_dir} holds training data built with another configuration; "
-                             "use a new directory (or delete it)")
+            raise ValueError(
+                f"{out_dir} holds training data built with another configuration; use a new directory (or delete it)"
+            )
     else:
         manifest = dict(want, shards=[])
         _atomic_json(mpath, manifest)
@@ -157,7 +166,7 @@ def build_training_data(target, encode: Callable[[str], List[int]], eos_ids: Seq
     if max_sequences is not None:
         prompts = prompts[:max_sequences]
     n_shard = cfg.sequences_per_shard
-    shards = [prompts[i:i + n_shard] for i in range(0, len(prompts), n_shard)]
+    shards = [prompts[i : i + n_shard] for i in range(0, len(prompts), n_shard)]
     done = {s["file"] for s in manifest["shards"]}
     engine = Engine(target, None, max_batch=cfg.batch, max_seq=cfg.max_prompt_tokens + cfg.max_new_tokens + 1)
     t0, made = time.perf_counter(), 0
@@ -175,20 +184,32 @@ def build_training_data(target, encode: Callable[[str], List[int]], eos_ids: Seq
             tokens=torch.tensor([t for s in seqs for t in s], dtype=torch.int32),
             offsets=torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)]),
             answer_start=torch.tensor([len(p) for _, p in shard], dtype=torch.int64),
-            features=feats.contiguous(), topk_ids=tids.contiguous(), topk_probs=tprobs.contiguous(),
+            features=feats.contiguous(),
+            topk_ids=tids.contiguous(),
+            topk_probs=tprobs.contiguous(),
         )
         tmp = os.path.join(out_dir, name + ".tmp")
         save_file(tensors, tmp, metadata=dict(domains=json.dumps([d for d, _ in shard])))
         os.replace(tmp, os.path.join(out_dir, name))
-        manifest["shards"].append(dict(file=name, sequences=len(seqs), tokens=int(lens.sum()),
-                                       answer_tokens=int(sum(len(o.token_ids) for o in outs)),
-                                       domains=[d for d, _ in shard]))
+        manifest["shards"].append(
+            dict(
+                file=name,
+                sequences=len(seqs),
+                tokens=int(lens.sum()),
+                answer_tokens=int(sum(len(o.token_ids) for o in outs)),
+                domains=[d for d, _ in shard],
+            )
+        )
         _atomic_json(mpath, manifest)
         made += int(sum(len(o.token_ids) for o in outs))
         if progress:
             el = time.perf_counter() - t0
-            print(f"[data] shard {si + 1}/{len(shards)}: {sum(s['sequences'] for s in manifest['shards'])} sequences, "
-                  f"{made} answer tokens generated in {el:.0f} s ({made / el:.1f} tok/s)", file=sys.stderr, flush=True)
+            print(
+                f"[data] shard {si + 1}/{len(shards)}: {sum(s['sequences'] for s in manifest['shards'])} sequences, "
+                f"{made} answer tokens generated in {el:.0f} s ({made / el:.1f} tok/s)",
+                file=sys.stderr,
+                flush=True,
+            )
     return manifest
 
 
@@ -203,22 +224,36 @@ class TrainingData:
     features: torch.Tensor
     topk_ids: torch.Tensor
     topk_probs: torch.Tensor
-    domains: List[str]
+    domains: list[str]
 
     @property
     def num_sequences(self) -> int:
         return self.answer_start.numel()
 
-    def split(self, holdout: int) -> Tuple["TrainingData", "TrainingData"]:
+    def split(self, holdout: int) -> tuple[TrainingData, TrainingData]:
         """(train, held-out): the last ``holdout`` sequences are held out."""
         n = self.num_sequences - holdout
         if n < 1 or holdout < 0:
             raise ValueError(f"cannot hold out {holdout} of {self.num_sequences} sequences")
         cut = int(self.offsets[n])
-        a = TrainingData(self.tokens[:cut], self.offsets[:n + 1], self.answer_start[:n], self.features[:cut],
-                         self.topk_ids[:cut], self.topk_probs[:cut], self.domains[:n])
-        b = TrainingData(self.tokens[cut:], self.offsets[n:] - cut, self.answer_start[n:], self.features[cut:],
-                         self.topk_ids[cut:], self.topk_probs[cut:], self.domains[n:])
+        a = TrainingData(
+            self.tokens[:cut],
+            self.offsets[: n + 1],
+            self.answer_start[:n],
+            self.features[:cut],
+            self.topk_ids[:cut],
+            self.topk_probs[:cut],
+            self.domains[:n],
+        )
+        b = TrainingData(
+            self.tokens[cut:],
+            self.offsets[n:] - cut,
+            self.answer_start[n:],
+            self.features[cut:],
+            self.topk_ids[cut:],
+            self.topk_probs[cut:],
+            self.domains[n:],
+        )
         return a, b
 
 
@@ -234,7 +269,7 @@ def load_training_data(out_dir: str) -> TrainingData:
     if not manifest["shards"]:
         raise ValueError(f"{out_dir}: no finished shard yet")
     parts = {k: [] for k in ("tokens", "offsets", "answer_start", "features", "topk_ids", "topk_probs")}
-    domains: List[str] = []
+    domains: list[str] = []
     base = 0
     for s in manifest["shards"]:
         with safe_open(os.path.join(out_dir, s["file"]), "pt") as f:
@@ -246,6 +281,12 @@ def load_training_data(out_dir: str) -> TrainingData:
             base += int(f.get_tensor("offsets")[-1])
         domains += s["domains"]
     offsets = torch.cat(parts["offsets"] + [torch.tensor([base])])
-    return TrainingData(torch.cat(parts["tokens"]).long(), offsets, torch.cat(parts["answer_start"]),
-                        torch.cat(parts["features"]), torch.cat(parts["topk_ids"]).long(),
-                        torch.cat(parts["topk_probs"]), domains)
+    return TrainingData(
+        torch.cat(parts["tokens"]).long(),
+        offsets,
+        torch.cat(parts["answer_start"]),
+        torch.cat(parts["features"]),
+        torch.cat(parts["topk_ids"]).long(),
+        torch.cat(parts["topk_probs"]),
+        domains,
+    )

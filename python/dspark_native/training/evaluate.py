@@ -14,7 +14,7 @@ accepted [R])`` entry per round), so it measures what speculative decoding actua
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 
@@ -22,7 +22,7 @@ from ..metrics import per_position_metrics
 from ..scheduler import apply_sts
 
 
-def round_metrics(round_log: Sequence, g: int, sts_temperature: Optional[Sequence[float]] = None) -> Dict:
+def round_metrics(round_log: Sequence, g: int, sts_temperature: Sequence[float] | None = None) -> dict:
     """Metrics of a list of rounds (see the module docstring). Returns a dict with ``rounds``,
     ``tau``, ``cond_accept`` [g] (None where no round reached k), ``reached`` [g], and, when the
     rounds carry confidences, ``confidence`` = per-position metrics before STS and, given
@@ -33,7 +33,7 @@ def round_metrics(round_log: Sequence, g: int, sts_temperature: Optional[Sequenc
     if bool((acc > lengths).any()):
         raise ValueError("a round accepted more drafts than it verified")
     n = lengths.numel()
-    out: Dict = dict(rounds=n, tau=float((acc + 1).double().mean()) if n else 0.0)
+    out: dict = dict(rounds=n, tau=float((acc + 1).double().mean()) if n else 0.0)
     reached, cond = [], []
     for k in range(g):
         r = (lengths > k) & (acc >= k)
@@ -50,7 +50,7 @@ def round_metrics(round_log: Sequence, g: int, sts_temperature: Optional[Sequenc
     return out
 
 
-def full_block_confidences(round_log: Sequence, g: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def full_block_confidences(round_log: Sequence, g: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The confidence-head samples of a round log: confidences float64 [N, g] and accepted drafts
     int64 [N] of the rounds that verified the whole block (their survival labels are not censored
     by the policy). Rounds without confidences (EAGLE-3, DFlash, or nothing left to draft) carry
@@ -65,6 +65,6 @@ def full_block_confidences(round_log: Sequence, g: int) -> Tuple[torch.Tensor, t
     return c[full], acc[full]
 
 
-def macro_average(values: List[Optional[float]]) -> Optional[float]:
+def macro_average(values: list[float | None]) -> float | None:
     vals = [v for v in values if v is not None]
     return sum(vals) / len(vals) if vals else None

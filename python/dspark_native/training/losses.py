@@ -11,7 +11,6 @@ the valid rows, so a batch with fewer valid rows is not down-weighted.
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -50,11 +49,11 @@ def dspark_loss(
     valid: torch.Tensor,
     topk_ids: torch.Tensor,
     topk_probs: torch.Tensor,
-    conf_logit: Optional[torch.Tensor] = None,
+    conf_logit: torch.Tensor | None = None,
     ce_weight: float = CE_WEIGHT,
     l1_weight: float = L1_WEIGHT,
     conf_weight: float = CONF_WEIGHT,
-) -> Tuple[torch.Tensor, Dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, float]]:
     """DSpark loss: 0.1 CE(z, label) + 0.9 L1(softmax z, target) + 1.0 BCE(conf, c*).
 
     logits fp32 [N, V] corrected logits z = U + B(prev); labels int64 [N]; conf_logit fp32 [N]
@@ -79,8 +78,9 @@ def dspark_loss(
     return loss, out
 
 
-def ce_loss(logits: torch.Tensor, labels: torch.Tensor, position: torch.Tensor,
-            valid: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:
+def ce_loss(
+    logits: torch.Tensor, labels: torch.Tensor, position: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Position-weighted cross entropy only (DFlash and EAGLE-3): fp32 [N, V], int64 [N] x3."""
     w = position_weights(position) * valid.float()
     ce = _wmean(F.cross_entropy(logits, labels.clamp_min(0), reduction="none"), w)

@@ -21,7 +21,6 @@ import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -63,8 +62,15 @@ class TrainConfig:
     def validate(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
-        for name in ("num_layers", "block_size", "steps", "batch_sequences", "anchors_per_sequence",
-                     "save_every", "log_every"):
+        for name in (
+            "num_layers",
+            "block_size",
+            "steps",
+            "batch_sequences",
+            "anchors_per_sequence",
+            "save_every",
+            "log_every",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.kind == "dspark" and self.markov_rank < 1:
@@ -73,13 +79,12 @@ class TrainConfig:
             raise ValueError("lr and clip must be > 0 and warmup in [0, 1)")
 
 
-def new_drafter(target, cfg: TrainConfig, target_layer_ids: Optional[List[int]] = None) -> nn.Module:
+def new_drafter(target, cfg: TrainConfig, target_layer_ids: list[int] | None = None) -> nn.Module:
     """A freshly initialised fp32 drafter for ``target`` (embedding / lm_head shared, frozen)."""
     cfg.validate()
     tc = target.config
     n = tc.num_hidden_layers
-    ids = list(target_layer_ids) if target_layer_ids else (
-        default_target_layer_ids(n, 5) if n >= 5 else list(range(n)))
+    ids = list(target_layer_ids) if target_layer_ids else (default_target_layer_ids(n, 5) if n >= 5 else list(range(n)))
     raw = tc.to_dict()
     fam = "Qwen3" if tc.qk_norm else "Llama"
     raw.update(num_target_layers=n, target_layer_ids=ids, tie_word_embeddings=False)
@@ -87,10 +92,16 @@ def new_drafter(target, cfg: TrainConfig, target_layer_ids: Optional[List[int]] 
         raw.update(architectures=[f"{fam}Eagle3Model"], num_hidden_layers=1, ttt_length=cfg.block_size)
     else:
         dspark = cfg.kind == "dspark"
-        raw.update(architectures=[f"{fam}DSparkModel"], num_hidden_layers=cfg.num_layers, block_size=cfg.block_size,
-                   mask_token_id=tc.vocab_size - 1, markov_rank=cfg.markov_rank if dspark else 0,
-                   markov_head_type=cfg.markov_head_type, enable_confidence_head=dspark,
-                   confidence_head_with_markov=dspark)
+        raw.update(
+            architectures=[f"{fam}DSparkModel"],
+            num_hidden_layers=cfg.num_layers,
+            block_size=cfg.block_size,
+            mask_token_id=tc.vocab_size - 1,
+            markov_rank=cfg.markov_rank if dspark else 0,
+            markov_head_type=cfg.markov_head_type,
+            enable_confidence_head=dspark,
+            confidence_head_with_markov=dspark,
+        )
     dcfg = DrafterConfig.from_dict(raw)
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(cfg.seed)
@@ -121,6 +132,7 @@ def new_drafter(target, cfg: TrainConfig, target_layer_ids: Optional[List[int]] 
 
 # ----------------------------------------------------------------------------- batches
 
+
 @dataclass
 class Batch:
     """features fp32 [B, S, k*H]; tokens int64 [B, S]; anchors int64 [B, A]; block rows (all
@@ -138,8 +150,7 @@ class Batch:
     topk_probs: torch.Tensor
 
 
-def make_batch(data: TrainingData, seq_ids: List[int], anchors_per_seq: int, g: int,
-               gen: torch.Generator) -> Batch:
+def make_batch(data: TrainingData, seq_ids: list[int], anchors_per_seq: int, g: int, gen: torch.Generator) -> Batch:
     """Pad ``seq_ids`` to one length and sample up to ``anchors_per_seq`` distinct anchors per
     sequence among answer positions s in [answer_start, len - 2]."""
     offs = data.offsets
@@ -152,24 +163,34 @@ def make_batch(data: TrainingData, seq_ids: List[int], anchors_per_seq: int, g: 
     a_ok = torch.zeros(B, A, dtype=torch.bool)
     for b, (i, n) in enumerate(zip(seq_ids, lens, strict=True)):
         o = int(offs[i])
-        feats[b, :n] = data.features[o:o + n].float()
-        tokens[b, :n] = data.tokens[o:o + n]
+        feats[b, :n] = data.features[o : o + n].float()
+        tokens[b, :n] = data.tokens[o : o + n]
         lo, hi = int(data.answer_start[i]), n - 1  # anchors lo..hi-1
         if hi > lo:
             pick = torch.randperm(hi - lo, generator=gen)[:A] + lo
-            anchors[b, :pick.numel()] = pick.sort().values
-            a_ok[b, :pick.numel()] = True
+            anchors[b, : pick.numel()] = pick.sort().values
+            a_ok[b, : pick.numel()] = True
     k = torch.arange(g)
     pos = anchors[:, :, None] + k  # s + k
     n_t = torch.tensor(lens)[:, None, None]
     valid = a_ok[:, :, None] & (pos + 1 < n_t)
     pc = pos.clamp(max=S - 1)
-    labels = torch.where(valid, tokens.gather(1, (pos + 1).clamp(max=S - 1).reshape(B, -1)).reshape(B, A, g),
-                         torch.full_like(pos, -1))
+    labels = torch.where(
+        valid, tokens.gather(1, (pos + 1).clamp(max=S - 1).reshape(B, -1)).reshape(B, A, g), torch.full_like(pos, -1)
+    )
     prev = tokens.gather(1, pc.reshape(B, -1)).reshape(B, A, g)
     glob = torch.tensor([int(offs[i]) for i in seq_ids])[:, None, None] + pc.clamp(max=(n_t - 1))
-    return Batch(feats, tokens, anchors, labels, prev, valid, k.expand(B, A, g).clone(),
-                 data.topk_ids[glob], data.topk_probs[glob])
+    return Batch(
+        feats,
+        tokens,
+        anchors,
+        labels,
+        prev,
+        valid,
+        k.expand(B, A, g).clone(),
+        data.topk_ids[glob],
+        data.topk_probs[glob],
+    )
 
 
 def batch_for_step(data: TrainingData, cfg: TrainConfig, step: int) -> Batch:
@@ -179,6 +200,7 @@ def batch_for_step(data: TrainingData, cfg: TrainConfig, step: int) -> Batch:
 
 
 # ----------------------------------------------------------------------------- forwards
+
 
 def dspark_forward(d: DSparkDrafter, b: Batch):
     """Teacher-forced DSpark / DFlash forward -> (z fp32 [B, A, g, V], conf logit fp32
@@ -211,8 +233,7 @@ def eagle3_forward(d: Eagle3Drafter, b: Batch) -> torch.Tensor:
     G0 = d.fc(b.features)
     nxt = torch.cat([b.tokens[:, 1:], torch.zeros(B, 1, dtype=torch.int64)], 1)
     x0 = torch.cat([layer.input_layernorm(d.embed_tokens(nxt)), layer.hidden_norm(G0)], -1)
-    cos, sin = rope_cos_sin(torch.arange(S).expand(B, S), cfgd.head_dim, cfgd.rope_theta, x0.dtype,
-                           cfgd.rope_scaling)
+    cos, sin = rope_cos_sin(torch.arange(S).expand(B, S), cfgd.head_dim, cfgd.rope_theta, x0.dtype, cfgd.rope_scaling)
     q0 = att.q(x0, cos, sin).transpose(1, 2)
     k0, v0 = att.kv(x0, cos, sin)
     k0, v0 = k0.transpose(1, 2), v0.transpose(1, 2)
@@ -242,7 +263,7 @@ def eagle3_forward(d: Eagle3Drafter, b: Batch) -> torch.Tensor:
     return d.lm_head(d.norm(torch.stack(outs, 2))).float()
 
 
-def step_loss(d, kind: str, b: Batch) -> Tuple[torch.Tensor, Dict[str, float]]:
+def step_loss(d, kind: str, b: Batch) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss of one batch for a drafter of ``kind``; the stats include acc@k (greedy top-1 match
     of the label at block position k, teacher forced)."""
     flat = lambda t: t.reshape(-1, *t.shape[3:])  # noqa: E731
@@ -252,8 +273,15 @@ def step_loss(d, kind: str, b: Batch) -> Tuple[torch.Tensor, Dict[str, float]]:
     else:
         z, conf = dspark_forward(d, b)
         if kind == "dspark":
-            loss, st = dspark_loss(flat(z), flat(b.labels), flat(b.position), flat(b.valid), flat(b.topk_ids),
-                                   flat(b.topk_probs), None if conf is None else conf.reshape(-1))
+            loss, st = dspark_loss(
+                flat(z),
+                flat(b.labels),
+                flat(b.position),
+                flat(b.valid),
+                flat(b.topk_ids),
+                flat(b.topk_probs),
+                None if conf is None else conf.reshape(-1),
+            )
         else:
             loss, st = ce_loss(flat(z), flat(b.labels), flat(b.position), flat(b.valid))
     with torch.no_grad():
@@ -266,7 +294,8 @@ def step_loss(d, kind: str, b: Batch) -> Tuple[torch.Tensor, Dict[str, float]]:
 
 # ----------------------------------------------------------------------------- loop
 
-def _trainable(d) -> List[nn.Parameter]:
+
+def _trainable(d) -> list[nn.Parameter]:
     return [p for p in d.parameters() if p.requires_grad]
 
 
@@ -280,9 +309,16 @@ def _save_checkpoint(d, directory: str) -> None:
     os.replace(tmp, directory)
 
 
-def train(target, data: TrainingData, cfg: TrainConfig, out_dir: str, resume: bool = True,
-          target_layer_ids: Optional[List[int]] = None, progress: bool = True,
-          stop_after: Optional[int] = None) -> nn.Module:
+def train(
+    target,
+    data: TrainingData,
+    cfg: TrainConfig,
+    out_dir: str,
+    resume: bool = True,
+    target_layer_ids: list[int] | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> nn.Module:
     """Train (or resume) a drafter; returns it (fp32, train mode off).
 
     ``stop_after``: return after this many steps of this call (simulates an interruption; used by
@@ -297,8 +333,10 @@ def train(target, data: TrainingData, cfg: TrainConfig, out_dir: str, resume: bo
     if resume and os.path.exists(spath):
         st = torch.load(spath, weights_only=False)
         if st["config"] != asdict(cfg):
-            raise ValueError(f"{out_dir}: its training state has another configuration "
-                             f"({st['config']}); use a new directory or resume=False")
+            raise ValueError(
+                f"{out_dir}: its training state has another configuration "
+                f"({st['config']}); use a new directory or resume=False"
+            )
         d.load_state_dict(st["model"], strict=False)
         opt.load_state_dict(st["optimizer"])
         step = st["step"]
@@ -331,12 +369,19 @@ def train(target, data: TrainingData, cfg: TrainConfig, out_dir: str, resume: bo
                 if progress:
                     extra = "".join(f" {k} {st[k]:.3f}" for k in ("ce", "l1", "bce") if k in st)
                     eta = (cfg.steps - step) * el / ran
-                    print(f"[train {cfg.kind}] step {step}/{cfg.steps} loss {st['loss']:.3f}{extra} "
-                          f"acc@0 {st['acc'][0]:.2f} lr {lr:.2e} {rows0 / el:.0f} tok/s eta {eta / 60:.1f} min",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"[train {cfg.kind}] step {step}/{cfg.steps} loss {st['loss']:.3f}{extra} "
+                        f"acc@0 {st['acc'][0]:.2f} lr {lr:.2e} {rows0 / el:.0f} tok/s eta {eta / 60:.1f} min",
+                        file=sys.stderr,
+                        flush=True,
+                    )
             if step % cfg.save_every == 0 or step == cfg.steps:
-                state = dict(step=step, config=asdict(cfg), optimizer=opt.state_dict(),
-                             model={k: v for k, v in d.state_dict().items() if k not in d.shared_keys})
+                state = dict(
+                    step=step,
+                    config=asdict(cfg),
+                    optimizer=opt.state_dict(),
+                    model={k: v for k, v in d.state_dict().items() if k not in d.shared_keys},
+                )
                 torch.save(state, spath + ".tmp")
                 os.replace(spath + ".tmp", spath)
                 _save_checkpoint(d, os.path.join(out_dir, f"checkpoint-{step:06d}"))
