@@ -322,3 +322,15 @@ def ref_eagle3_layer(W, c, toks, g_in):
     allowed = torch.ones(n, n, dtype=torch.bool).tril()
     h = g_in.double() + attend(q, k, v, allowed) @ W[p + "self_attn.o_proj.weight"].double().T
     return h + mlp(rms(h, W[p + "post_attention_layernorm.weight"], eps), W, p)
+
+
+def ancestor_mask(parents):
+    """bool [n, n] tree mask from parent indices (-1 = root): node i sees itself and its ancestors."""
+    n = len(parents)
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    for i, p in enumerate(parents):
+        mask[i, i] = True
+        while p >= 0:
+            mask[i, p] = True
+            p = parents[p]
+    return mask

@@ -9,7 +9,14 @@ import torch
 
 _sys.path.insert(0, _os.path.dirname(_os.path.abspath(__file__)))  # helpers live beside the tests
 
-from models_helpers import random_tensors, ref_target_forward, target_raw_config, target_shapes, write_checkpoint
+from models_helpers import (
+    ancestor_mask,
+    random_tensors,
+    ref_target_forward,
+    target_raw_config,
+    target_shapes,
+    write_checkpoint,
+)
 
 from dspark_native.models import load_target
 from dspark_native.models.fused import cpu_has_bf16_matmul, resolve_weight_format
@@ -93,12 +100,7 @@ def test_fused_tree_and_rollback(ckpt):
     parents = [-1, 0, 0, 1, 1, 2, 5]
     nodes = torch.randint(0, raw["vocab_size"], (len(parents),), generator=g)
     n = len(parents)
-    mask = torch.zeros(n, n, dtype=torch.bool)
-    for i, p in enumerate(parents):
-        mask[i, i] = True
-        while p >= 0:
-            mask[i, p] = True
-            p = parents[p]
+    mask = ancestor_mask(parents)
     cache = model.new_cache(2, 32)
     model(ctx, _t([0, 5]), _t([1]), cache)
     base = cache.clone()

@@ -9,6 +9,7 @@ import torch
 _sys.path.insert(0, _os.path.dirname(_os.path.abspath(__file__)))  # helpers live beside the tests
 
 from models_helpers import (
+    ancestor_mask,
     random_tensors,
     ref_target_forward,
     target_raw_config,
@@ -105,12 +106,7 @@ def test_tree_block_equals_chain_forwards(ckpt):
     parents = [-1, 0, 0, 1, 1, 2, 5]
     nodes = torch.randint(0, raw["vocab_size"], (len(parents),), generator=g)
     n = len(parents)
-    mask = torch.zeros(n, n, dtype=torch.bool)
-    for i, p in enumerate(parents):
-        mask[i, i] = True
-        while p >= 0:
-            mask[i, p] = True
-            p = parents[p]
+    mask = ancestor_mask(parents)
     cache = model.new_cache(3, 32)
     model(ctx, _t([0, 5]), _t([1]), cache)
     base = cache.clone()
