@@ -288,3 +288,90 @@ def test_round_metrics_on_scripted_rounds():
     assert m2["confidence_sts"][0]["brier_cum"] == pytest.approx(c[0]["brier_cum"])
     with pytest.raises(ValueError, match="accepted more"):
         round_metrics([(None, torch.tensor([1]), torch.tensor([2]))], g)
+
+
+# ----------------------------------------------------------------------------- draft vocabulary
+
+
+def test_draft_vocab_from_data_picks_the_most_frequent_answer_tokens(tiny_data):
+    from dspark_native.training.trainer import draft_vocab_from_data, vocab_coverage
+
+    offs, starts = tiny_data.offsets.tolist(), tiny_data.answer_start.tolist()
+    ans = torch.cat([tiny_data.tokens[o + a : e] for o, a, e in zip(offs, starts, offs[1:], strict=False)])
+    V = 128
+    counts = torch.bincount(ans, minlength=V)
+    n = 5
+    ids = draft_vocab_from_data(tiny_data, n, V)
+    assert ids.tolist() == sorted(ids.tolist()) and ids.unique().numel() == n
+    # every chosen token is at least as frequent as every token left out
+    left = torch.ones(V, dtype=torch.bool)
+    left[ids] = False
+    assert int(counts[ids].min()) >= int(counts[left].max())
+    assert vocab_coverage(tiny_data, ids) == pytest.approx(float(counts[ids].sum()) / ans.numel())
+    assert vocab_coverage(tiny_data, torch.arange(V)) == 1.0
+    with pytest.raises(ValueError, match="draft vocabulary size"):
+        draft_vocab_from_data(tiny_data, 0, V)
+
+
+def test_dspark_loss_ignores_labels_outside_the_draft_vocabulary():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4, 6, generator=g)
+    pos = torch.zeros(4, dtype=torch.long)
+    valid = torch.ones(4, dtype=torch.bool)
+    tk = torch.tensor([[0, 1], [2, -1], [3, 4], [-1, 5]])
+    tp = torch.tensor([[0.5, 0.3], [0.6, 0.2], [0.7, 0.1], [0.4, 0.4]])
+    _, a = dspark_loss(z, torch.tensor([0, -1, 3, -1]), pos, valid, tk, tp)
+    _, b = dspark_loss(z[[0, 2]], torch.tensor([0, 3]), pos[:2], valid[:2], tk[[0, 2]], tp[[0, 2]])
+    assert a["ce"] == pytest.approx(b["ce"], rel=1e-6), "rows with label -1 carry no CE"
+    # L1 counts a top-k token the drafter cannot hold (-1) as |0 - p|
+    q = torch.softmax(z[1], -1)
+    want = (q[2] - 0.6).abs() + 0.2 + (1 - q[2] - 0.2).abs()
+    assert float(l1_to_target(torch.softmax(z, -1), tk, tp)[1]) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_training_with_a_draft_vocabulary_resumes_bit_exactly_and_loads(tiny_target, tiny_data, tmp_path):
+    cfg = TrainConfig(
+        kind="dspark",
+        num_layers=1,
+        markov_rank=8,
+        block_size=4,
+        steps=6,
+        batch_sequences=2,
+        anchors_per_sequence=3,
+        save_every=3,
+        log_every=1,
+        draft_vocab=20,
+        bf16=True,
+        init_from_target=True,
+    )
+    kw = dict(target_layer_ids=[1, 2, 3, 4, 5], progress=False)
+    full = train(tiny_target, tiny_data, cfg, str(tmp_path / "a"), **kw)
+    assert full.config.draft_vocab_size == 20 and full.lm_head.weight.shape == (20, tiny_target.config.hidden_size)
+    torch.testing.assert_close(full.lm_head.weight, tiny_target.lm_head.weight[full.draft_to_target])
+    train(tiny_target, tiny_data, cfg, str(tmp_path / "b"), stop_after=4, **kw)
+    resumed = train(tiny_target, tiny_data, cfg, str(tmp_path / "b"), **kw)
+    for k, v in full.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[k], v, atol=0, rtol=0, msg=k)
+    loaded = load_drafter(str(tmp_path / "a" / "final"), target=tiny_target, dtype=torch.float32)
+    assert torch.equal(loaded.draft_to_target, full.draft_to_target)
+    torch.testing.assert_close(loaded.lm_head.weight, full.lm_head.weight)
+
+
+def test_init_from_target_copies_the_last_layers(tiny_target):
+    cfg = TrainConfig(kind="dspark", num_layers=2, markov_rank=8, block_size=4, init_from_target=True)
+    d = new_drafter(tiny_target, cfg, [1, 2, 3, 4, 5])
+    for dl, tl in zip(d.layers, list(tiny_target.layers)[-2:], strict=True):
+        for k, v in tl.state_dict().items():
+            torch.testing.assert_close(dl.state_dict()[k], v.float(), atol=0, rtol=0, msg=k)
+
+
+def test_dev_metrics_tau_is_one_plus_leading_hits(tiny_target, tiny_data):
+    from dspark_native.training.trainer import dev_metrics
+
+    cfg = TrainConfig(kind="dspark", num_layers=1, markov_rank=8, block_size=4, batch_sequences=2)
+    d = new_drafter(tiny_target, cfg, [1, 2, 3, 4, 5])
+    m = dev_metrics(d, cfg, tiny_data, batches=2)
+    assert 1.0 <= m["tau"] <= 1.0 + cfg.block_size and m["blocks"] > 0
+    assert len(m["acc"]) == cfg.block_size
+    # an upper bound: tau - 1 <= sum of per-position accuracies
+    assert m["tau"] - 1 <= sum(m["acc"]) + 1e-6

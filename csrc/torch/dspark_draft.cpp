@@ -27,7 +27,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dspark_draft(
     const std::optional<at::Tensor>& joint_bias, const std::optional<at::Tensor>& conf_weight,
     const std::optional<at::Tensor>& conf_bias, const std::optional<at::Tensor>& sts_temperature,
     const at::Tensor& temperature, const std::optional<at::Tensor>& seed, const std::optional<at::Tensor>& offset,
-    int64_t head_type) {
+    int64_t head_type, const std::optional<at::Tensor>& draft_to_target) {
   const at::Device dev = base_logits.device();
   TORCH_CHECK(base_logits.dim() == 3, kOp, ": base_logits must be 3-D [R, g, V], got ", base_logits.sizes());
   const int64_t R = base_logits.size(0), G = base_logits.size(1), V = base_logits.size(2);
@@ -38,8 +38,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dspark_draft(
   check_dtype(anchor_tokens, at::kLong, kOp, "anchor_tokens");
   check_device(anchor_tokens, dev, kOp, "anchor_tokens");
   check_shape_1d(anchor_tokens, R, kOp, "anchor_tokens");
-  TORCH_CHECK(markov_w1.dim() == 2 && markov_w1.size(0) == V, kOp, ": markov_w1 must have shape [V, r] with V = ", V,
-              ", got ", markov_w1.sizes());
+  // With a draft vocabulary W1 covers the target vocabulary (the anchor and every prev are target
+  // tokens); U, W2 and z cover the subset.
+  const bool subset = draft_to_target.has_value();
+  if (subset) {
+    check_dtype(*draft_to_target, at::kLong, kOp, "draft_to_target");
+    check_device(*draft_to_target, dev, kOp, "draft_to_target");
+    check_shape_1d(*draft_to_target, V, kOp, "draft_to_target");
+  }
+  const int64_t Vw1 = subset && markov_w1.dim() == 2 ? markov_w1.size(0) : V;
+  if (subset) {
+    TORCH_CHECK(markov_w1.dim() == 2 && markov_w1.size(0) >= V && markov_w1.size(0) < (int64_t{1} << 31), kOp,
+                ": with draft_to_target, markov_w1 must have shape [V_target, r] over the target vocabulary "
+                "(V_target >= the draft vocabulary ",
+                V, "), got ", markov_w1.sizes());
+  } else {
+    TORCH_CHECK(markov_w1.dim() == 2 && markov_w1.size(0) == V, kOp, ": markov_w1 must have shape [V, r] with V = ", V,
+                ", got ", markov_w1.sizes());
+  }
   const int64_t Rk = markov_w1.size(1);
   TORCH_CHECK(Rk >= 1 && Rk <= 4096, kOp, ": markov rank r (markov_w1.size(1)) must be in [1, 4096], got ", Rk);
   TORCH_CHECK(markov_w2.dim() == 2 && markov_w2.size(0) == V && markov_w2.size(1) == Rk, kOp,
@@ -105,7 +121,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dspark_draft(
   const at::Tensor U = base_logits.contiguous(), anc = anchor_tokens.contiguous(), w1 = markov_w1.contiguous(),
                    w2 = markov_w2.contiguous(), temp = temperature.contiguous();
   const auto h = contig(hidden), gw = contig(gate_weight), gb = contig(gate_bias), jw = contig(joint_weight),
-             jb = contig(joint_bias), sts = contig(sts_temperature), sd = contig(seed), of = contig(offset);
+             jb = contig(joint_bias), sts = contig(sts_temperature), sd = contig(seed), of = contig(offset),
+             d2t = contig(draft_to_target);
 
   auto opts = at::TensorOptions().device(dev);
   at::Tensor out_tokens = at::empty({R, G}, opts.dtype(at::kLong));
@@ -127,6 +144,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dspark_draft(
     p.hidden_dtype = to_dspark_dtype(*h, kOp, "hidden");
   }
   p.anchor_tokens = anc.data_ptr<int64_t>();
+  if (d2t) {
+    p.draft_to_target = d2t->data_ptr<int64_t>();
+    p.target_vocab_size = static_cast<int32_t>(Vw1);
+  }
   p.weight_dtype = wdt;
   p.markov_w1 = w1.data_ptr();
   p.markov_w2 = w2.data_ptr();
@@ -175,7 +196,8 @@ TORCH_LIBRARY_FRAGMENT(dspark, m) {
   m.def(
       "dspark_draft(Tensor base_logits, Tensor? hidden, Tensor anchor_tokens, Tensor markov_w1, Tensor markov_w2, "
       "Tensor? gate_weight, Tensor? gate_bias, Tensor? joint_weight, Tensor? joint_bias, Tensor? conf_weight, "
-      "Tensor? conf_bias, Tensor? sts_temperature, Tensor temperature, Tensor? seed, Tensor? offset, int head_type) "
+      "Tensor? conf_bias, Tensor? sts_temperature, Tensor temperature, Tensor? seed, Tensor? offset, int head_type, "
+      "Tensor? draft_to_target=None) "
       "-> (Tensor tokens, Tensor logits, Tensor confidence)");
 }
 

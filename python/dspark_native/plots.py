@@ -145,7 +145,10 @@ def read_training_log(path: str) -> list[dict]:
 def training_curves_figure(records: Sequence[dict], title: str | None = None, max_positions: int = 4):
     """Training curves as a matplotlib Figure: total loss and its parts (``ce``, ``l1``, ``bce``
     where logged), accuracy of the first ``max_positions`` block positions (``acc``), and the
-    learning rate, each against the step. Axes: loss, accuracy, lr."""
+    learning rate, each against the step; held-out records (``dev_tau``, logged at checkpoints)
+    add the teacher-forced tau on the accuracy axis's twin. Axes: loss, accuracy, lr."""
+    dev = [r for r in records if "dev_tau" in r]
+    records = [r for r in records if "loss" in r]
     if not records:
         raise ValueError("no training record to plot")
     steps = [r["step"] for r in records]
@@ -163,7 +166,12 @@ def training_curves_figure(records: Sequence[dict], title: str | None = None, ma
     ax_acc.set_ylabel("accuracy")
     ax_acc.set_ylim(0, 1)
     if npos:
-        ax_acc.legend(fontsize=7, frameon=False, ncol=npos)
+        ax_acc.legend(fontsize=7, frameon=False, ncol=npos, loc="upper left")
+    if dev:
+        ax_tau = ax_acc.twinx()
+        ax_tau.plot([r["step"] for r in dev], [r["dev_tau"] for r in dev], "k.-", label="held-out tau", linewidth=1.2)
+        ax_tau.set_ylabel("held-out tau (greedy, teacher forced)")
+        ax_tau.legend(fontsize=7, frameon=False, loc="lower right")
     ax_lr.plot(steps, [r["lr"] for r in records], color="0.3", linewidth=1)
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("step")

@@ -42,6 +42,9 @@ dspark_status check_dspark_draft_params(const dspark_dspark_draft_params* p, boo
   DSPARK_CHECK_ARG(valid_dtype(p->weight_dtype), "dspark_draft: weight_dtype must be FLOAT32, FLOAT16 or BFLOAT16");
   DSPARK_CHECK_ARG(p->anchor_tokens != nullptr, "dspark_draft: anchor_tokens is NULL (expected [R] int64)");
   DSPARK_CHECK_ARG(p->markov_w1 != nullptr, "dspark_draft: markov_w1 is NULL (expected [V, r])");
+  if (p->draft_to_target != nullptr)
+    DSPARK_CHECK_ARG(p->target_vocab_size >= 1,
+                     "dspark_draft: target_vocab_size must be >= 1 when draft_to_target is given");
   DSPARK_CHECK_ARG(p->markov_w2 != nullptr, "dspark_draft: markov_w2 is NULL (expected [V, r])");
   const bool need_hidden = p->head_type != DSPARK_MARKOV_VANILLA || p->conf_weight != nullptr;
   if (need_hidden) {
@@ -266,6 +269,7 @@ struct Drafter {
     const W* w1 = static_cast<const W*>(p.markov_w1);
     const W* w2 = static_cast<const W*>(p.markov_w2);
     const U* base = static_cast<const U*>(p.base_logits);
+    const int64_t* map = p.draft_to_target;
     const bool gated = p.head_type == DSPARK_MARKOV_GATED, rnn = p.head_type == DSPARK_MARKOV_RNN;
     const bool conf = p.conf_weight != nullptr;
     const bool need_h = gated || rnn || conf;
@@ -405,6 +409,7 @@ struct Drafter {
               d = sample_from(z, V, inv_t, dist, u);
             }
           }
+          if (d >= 0 && map) d = map[d];  // the draft as a target token (map checked on entry)
           *tok = d;
           if (d < 0) {
             valid[r] = 0;
@@ -441,12 +446,31 @@ extern "C" dspark_status dspark_dspark_draft_cpu(const dspark_dspark_draft_param
   const dspark_status st = check_dspark_draft_params(params, false);
   if (st != DSPARK_OK || params->num_requests == 0) return st;
   const dspark_dspark_draft_params& p = *params;
+  const int64_t v_anchor = p.draft_to_target ? p.target_vocab_size : p.vocab_size;
+  if (p.draft_to_target) {
+    // every column must name a distinct target token: a repeat would give that token the summed
+    // mass of two columns, which q (one column per draft) would not show
+    std::vector<char> seen(static_cast<size_t>(p.target_vocab_size), 0);
+    for (int32_t j = 0; j < p.vocab_size; ++j) {
+      const int64_t t = p.draft_to_target[j];
+      if (t < 0 || t >= p.target_vocab_size)
+        return fail(DSPARK_ERR_INVALID_ARGUMENT, "dspark_draft: draft_to_target[" + std::to_string(j) + "] = " +
+                                                     std::to_string(t) + " is outside [0, target_vocab_size = " +
+                                                     std::to_string(p.target_vocab_size) + ")");
+      if (seen[t])
+        return fail(DSPARK_ERR_INVALID_ARGUMENT, "dspark_draft: draft_to_target repeats target token " +
+                                                     std::to_string(t) + " (at column " + std::to_string(j) +
+                                                     "); entries must be distinct");
+      seen[t] = 1;
+    }
+  }
   for (int32_t r = 0; r < p.num_requests; ++r) {
     const int64_t a = p.anchor_tokens[r];
-    if (a < 0 || a >= p.vocab_size)
+    if (a < 0 || a >= v_anchor)
       return fail(DSPARK_ERR_INVALID_ARGUMENT, "dspark_draft: anchor_tokens[" + std::to_string(r) + "] = " +
-                                                   std::to_string(a) + " is outside [0, vocab_size = " +
-                                                   std::to_string(p.vocab_size) + ")");
+                                                   std::to_string(a) + " is outside [0, " +
+                                                   (p.draft_to_target ? "target_vocab_size" : "vocab_size") +
+                                                   " = " + std::to_string(v_anchor) + ")");
     const float t = p.temperature[r];
     if (!(t >= 0.0f))
       return fail(DSPARK_ERR_INVALID_ARGUMENT, "dspark_draft: temperature[" + std::to_string(r) + "] = " +

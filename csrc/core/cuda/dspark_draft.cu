@@ -72,6 +72,14 @@ __device__ T block_sum(T x, T* scratch) {
 // ---------------------------------------------------------------------------------------------
 // head_kernel<W, H>: grid R, block kHeadThreads, dynamic shared 2 * rank floats (e, s)
 // ---------------------------------------------------------------------------------------------
+// Column j of z as a target token: draft_to_target[j] with a draft vocabulary (an entry outside
+// [0, V_t) becomes -1: no draft, see the header), j itself without.
+__device__ __forceinline__ int64_t draft_token(const dspark_dspark_draft_params& p, int64_t j) {
+  if (j < 0 || !p.draft_to_target) return j;
+  const int64_t t = p.draft_to_target[j];
+  return t >= 0 && t < p.target_vocab_size ? t : -1;
+}
+
 template <typename W, typename H>
 __global__ void head_kernel(dspark_dspark_draft_params p, Workspace ws, int32_t k) {
   extern __shared__ float sh[];
@@ -82,7 +90,8 @@ __global__ void head_kernel(dspark_dspark_draft_params p, Workspace ws, int32_t 
   float* e = sh;
   float* s = sh + Rk;
   int64_t prev = k == 0 ? p.anchor_tokens[r] : p.out_tokens[static_cast<int64_t>(r) * G + k - 1];
-  const bool valid = (k == 0 || ws.valid[r]) && prev >= 0 && prev < p.vocab_size;
+  const int64_t w1_rows = p.draft_to_target ? p.target_vocab_size : p.vocab_size;
+  const bool valid = (k == 0 || ws.valid[r]) && prev >= 0 && prev < w1_rows;
   __syncthreads();
   if (tid == 0) ws.valid[r] = valid ? 1 : 0;
   if (!valid) {
@@ -225,7 +234,7 @@ __global__ void __launch_bounds__(kSampleThreads) sample_kernel(dspark_dspark_dr
     __syncthreads();
     if (arg >= 0 && best == gm && gm > kNegInf) atomicMin(&s_arg, static_cast<long long>(arg));
     __syncthreads();
-    if (tid == 0) *tok = (gm > kNegInf) ? static_cast<int64_t>(s_arg) : -1;
+    if (tid == 0) *tok = (gm > kNegInf) ? draft_token(p, static_cast<int64_t>(s_arg)) : -1;
     return;
   }
   const float inv_t = detail::inverse_temperature(t);
@@ -297,7 +306,7 @@ __global__ void __launch_bounds__(kSampleThreads) sample_kernel(dspark_dspark_dr
   if (tid == 0) {
     long long last = -1;
     for (int i = 0; i < (nt >> 5); ++i) last = max(last, s_last[i]);
-    *tok = s_found ? static_cast<int64_t>(s_arg) : static_cast<int64_t>(last);
+    *tok = draft_token(p, s_found ? static_cast<int64_t>(s_arg) : static_cast<int64_t>(last));
   }
 }
 

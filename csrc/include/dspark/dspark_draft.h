@@ -18,6 +18,14 @@
  *                                                           is 0; T_k = sts_temperature[k] or 1)
  *     prev_{k+1} = d_k
  *
+ * Draft vocabulary (draft_to_target != NULL): the drafter proposes from a subset of N = vocab_size
+ * of the target's V_t = target_vocab_size tokens (EAGLE-3 / FR-Spec style). U, W2, z and the sampler
+ * run over the N subset columns; column j stands for target token draft_to_target[j]. W1 stays over
+ * the target vocabulary ([V_t, r]), the anchor is a target token in [0, V_t), and
+ * prev_{k+1} = draft_to_target[d_k]: out_tokens holds target token ids, out_logits the N-column
+ * rows the sampler read (q is zero outside the subset; the caller scatters it to V_t columns for
+ * verify_chain, or passes no q at temperature 0).
+ *
  * All arithmetic is fp32 (weights and activations are widened on load); c_k does not depend on the
  * sampling temperature. The logits row written to out_logits is exactly the row the sampler read:
  * verify_chain(draft_logits = out_logits, temperature = T) evaluates q_k with the same numbers.
@@ -32,7 +40,11 @@
  * Hostile input:
  *  - z_k with no finite or +inf entry (all NaN / -inf): d_k = -1; every later position j > k of
  *    that request gets d_j = -1, c_j = 0 and a logit row of -inf (no distribution to draft from).
- *  - anchor outside [0, V): CPU fails with DSPARK_ERR_INVALID_ARGUMENT naming anchor_tokens; CUDA
+ *  - draft_to_target with an entry outside [0, V_t) or a repeated entry: CPU fails naming
+ *    draft_to_target (checked on every call: O(N + V_t) bytes); CUDA does not check for repeats
+ *    (the caller validates the map once, as the torch wrapper's drafter loader does) and turns a
+ *    draft whose entry is out of range into -1 (handled as above from the next position).
+ *  - anchor outside [0, V) (V_t with a draft vocabulary): CPU fails with DSPARK_ERR_INVALID_ARGUMENT naming anchor_tokens; CUDA
  *    (where the check runs on the device) treats the request as above from position 0: all drafts
  *    -1, confidences 0, logit rows -inf.
  *  - temperature negative or NaN: CPU fails naming temperature; CUDA drafts greedily.
@@ -58,7 +70,7 @@ typedef struct dspark_dspark_draft_params {
   /* --- sizes --- */
   int32_t num_requests;  /* R >= 0 (0 is a no-op) */
   int32_t num_positions; /* g >= 1: drafts per request */
-  int32_t vocab_size;    /* V >= 1 */
+  int32_t vocab_size;    /* V >= 1: columns of U, W2 and z (N, the subset size, with draft_to_target) */
   int32_t hidden_size;   /* d >= 1 (may be anything >= 1 when hidden is NULL) */
   int32_t rank;          /* r, 1 <= r <= 4096 */
   dspark_markov_head head_type;
@@ -71,9 +83,15 @@ typedef struct dspark_dspark_draft_params {
   dspark_dtype hidden_dtype;
   const int64_t* anchor_tokens; /* [R] int64: prev_0, the last committed token */
 
+  /* --- draft vocabulary (optional) --- */
+  const int64_t* draft_to_target; /* [V] int64 target token of each subset column, distinct, in
+                                     [0, target_vocab_size); NULL = full vocabulary (identity) */
+  int32_t target_vocab_size;      /* V_t >= 1: rows of markov_w1 when draft_to_target is given
+                                     (ignored, = V, without it) */
+
   /* --- weights (DeepSpec layout), all of dtype weight_dtype, contiguous --- */
   dspark_dtype weight_dtype;
-  const void* markov_w1;   /* [V, r] embedding table W1 */
+  const void* markov_w1;   /* [V, r] embedding table W1 ([V_t, r] with draft_to_target) */
   const void* markov_w2;   /* [V, r] W2 (linear r -> V, no bias): b_v = sum_i W2[v, i] x_i */
   const void* gate_weight; /* [r, d + r] G (GATED only, else ignored), input [h ; e] */
   const void* gate_bias;   /* [r] (GATED only) */
@@ -91,7 +109,7 @@ typedef struct dspark_dspark_draft_params {
   const int64_t* offset;    /* [R] int64 Philox counter offset, or NULL (0) */
 
   /* --- outputs --- */
-  int64_t* out_tokens;   /* [R, g] int64 drafts d_k (-1: none, see hostile input) */
+  int64_t* out_tokens;   /* [R, g] int64 drafts d_k as target token ids (-1: none, see hostile input) */
   float* out_logits;     /* [R, g, V] float32 z_k, exactly what the sampler used; NULL allowed on
                             CPU (then a per-thread scratch row is used); required on CUDA */
   float* out_confidence; /* [R, g] float32 c_k, or NULL (must be NULL without conf_weight) */

@@ -47,7 +47,24 @@ def _train(parser: argparse.ArgumentParser):
     parser.add_argument("--lr", type=float, default=6e-4)
     parser.add_argument("--train-seed", type=int, default=0)
     parser.add_argument("--save-every", type=int, default=50)
-    parser.add_argument("--holdout", type=int, default=0, help="last N sequences are not trained on")
+    parser.add_argument(
+        "--draft-vocab",
+        type=int,
+        default=0,
+        metavar="N",
+        help="DSpark/DFlash: propose from the N most frequent answer tokens of the data (a draft "
+        "vocabulary; LM head, Markov W2 and loss over N columns). Default 0 = full vocabulary",
+    )
+    parser.add_argument(
+        "--init-from-target", action="store_true", help="start the backbone layers from the target's last layers"
+    )
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast forward (fp32 weights and optimiser)")
+    parser.add_argument(
+        "--holdout",
+        type=int,
+        default=0,
+        help="last N sequences are not trained on; their teacher-forced tau is logged at every checkpoint",
+    )
     parser.add_argument("--no-resume", action="store_true", help="start over even if --out has a training state")
     add_model_args(parser, drafter=False)
     add_prompt_args(parser)
@@ -81,6 +98,9 @@ def _train(parser: argparse.ArgumentParser):
             lr=args.lr,
             seed=args.train_seed,
             save_every=args.save_every,
+            draft_vocab=args.draft_vocab,
+            init_from_target=args.init_from_target,
+            bf16=args.bf16,
         )
         try:
             cfg.validate()
@@ -117,10 +137,11 @@ def _train(parser: argparse.ArgumentParser):
                 raise UserError(str(exc)) from None
         try:
             data = load_training_data(args.data_dir)
+            dev = None
             if args.holdout:
-                data, _ = data.split(args.holdout)
+                data, dev = data.split(args.holdout)
             print(f"training data: {data.num_sequences} sequences, {data.tokens.numel()} tokens", file=sys.stderr)
-            train(target, data, cfg, args.out, resume=not args.no_resume, target_layer_ids=ids)
+            train(target, data, cfg, args.out, resume=not args.no_resume, target_layer_ids=ids, dev=dev)
         except (ValueError, FileNotFoundError) as exc:
             raise UserError(str(exc)) from None
         print(f"wrote {os.path.join(args.out, 'final')} (DeepSpec layout; load with --drafter)")

@@ -325,6 +325,14 @@ class DrafterConfig(ModelConfig):
     enable_confidence_head: bool = False
     confidence_head_with_markov: bool = True
     ttt_length: int = 7
+    #: N tokens the drafter proposes from (a draft vocabulary: tensors ``d2t`` / ``t2d`` in the
+    #: checkpoint, as in EAGLE-3); 0 = the whole target vocabulary.
+    draft_vocab_size: int = 0
+
+    @property
+    def draft_vocab(self) -> int:
+        """Columns of the drafter's LM head and Markov W2: N with a draft vocabulary, else V."""
+        return self.draft_vocab_size or self.vocab_size
 
     @property
     def confidence_input_dim(self) -> int:
@@ -391,6 +399,14 @@ class DrafterConfig(ModelConfig):
                 )
             cfg.enable_confidence_head = _get(raw, "enable_confidence_head", bool, False, where)
             cfg.confidence_head_with_markov = _get(raw, "confidence_head_with_markov", bool, cfg.markov_rank > 0, where)
+            n = _get(raw, "draft_vocab_size", int, 0, where)
+            if not 0 <= n <= cfg.vocab_size:
+                raise CheckpointError(
+                    f"{where}: field 'draft_vocab_size' = {n} must be in [1, vocab_size = {cfg.vocab_size}] "
+                    "(0 or absent: no draft vocabulary)"
+                )
+            # a "subset" of the whole vocabulary is the full vocabulary: no index map needed
+            cfg.draft_vocab_size = 0 if n == cfg.vocab_size else n
         else:
             cfg.ttt_length = _get(raw, "ttt_length", int, 7, where)
             if cfg.num_hidden_layers != 1:
@@ -412,6 +428,10 @@ class DrafterConfig(ModelConfig):
                 enable_confidence_head=self.enable_confidence_head,
                 confidence_head_with_markov=self.confidence_head_with_markov,
             )
+            if self.draft_vocab_size:
+                _merge(out, draft_vocab_size=self.draft_vocab_size)
+            else:
+                out.pop("draft_vocab_size", None)
         else:
             _merge(out, ttt_length=self.ttt_length)
         return out

@@ -45,14 +45,16 @@ class MarkovHead(nn.Module):
     reference sampler and the fused op can share it bit for bit.
     """
 
-    def __init__(self, vocab_size: int, hidden_size: int, rank: int, head_type: str):
+    def __init__(self, vocab_size: int, hidden_size: int, rank: int, head_type: str, draft_vocab: int | None = None):
         super().__init__()
         if rank <= 0:
             raise ValueError("MarkovHead needs rank > 0")
         self.rank = rank
         self.head_type = head_type
+        # W1 embeds the previous token, which may be any target token (the anchor); W2 produces
+        # the bias over the columns the drafter proposes from (the draft vocabulary, if any).
         self.markov_w1 = nn.Embedding(vocab_size, rank)
-        self.markov_w2 = nn.Linear(rank, vocab_size, bias=False)
+        self.markov_w2 = nn.Linear(rank, draft_vocab or vocab_size, bias=False)
         if head_type == "gated":
             self.gate_proj = nn.Linear(hidden_size + rank, rank)
         elif head_type == "rnn":
@@ -77,7 +79,7 @@ class MarkovHead(nn.Module):
 
         Args: prev int64 [N] previous token, h [N, H] backbone hidden of this position,
             state fp32 [N, r] (rnn only; None means s = 0).
-        Returns: bias fp32 [N, V], e = W1[prev] fp32 [N, r], new state (rnn) or None.
+        Returns: bias fp32 [N, V'] (V' = draft vocabulary size), e = W1[prev] fp32 [N, r], new state (rnn) or None.
         """
         e = self.embed(prev)
         w2 = self.markov_w2.weight.float()
@@ -138,12 +140,35 @@ class ConfidenceHead(nn.Module):
         return torch.sigmoid(self.logit(h, e))
 
 
+def check_draft_vocab(ids, vocab_size: int, what: str = "draft vocabulary") -> torch.Tensor:
+    """int64 [N] target ids of a draft vocabulary, checked: 1-D, 1 <= N <= V, distinct, in
+    [0, V), ascending (ascending keeps greedy ties on the lowest target id, as over the full
+    vocabulary). ValueError naming ``what`` otherwise."""
+    t = torch.as_tensor(ids)
+    if t.dim() != 1 or t.numel() < 1 or t.numel() > vocab_size:
+        raise ValueError(f"{what}: expected 1-D [N] token ids with 1 <= N <= {vocab_size}, got shape {tuple(t.shape)}")
+    if t.is_floating_point() or t.dtype == torch.bool:
+        raise ValueError(f"{what}: token ids must be integers, got {t.dtype}")
+    t = t.to(torch.int64).cpu()
+    if int(t.min()) < 0 or int(t.max()) >= vocab_size:
+        raise ValueError(f"{what}: token ids must be in [0, {vocab_size}), got [{int(t.min())}, {int(t.max())}]")
+    if t.numel() > 1 and not bool((t[1:] > t[:-1]).all()):
+        if t.unique().numel() != t.numel():
+            raise ValueError(f"{what}: token ids must be distinct")
+        raise ValueError(f"{what}: token ids must be in ascending order")
+    return t
+
+
 class DSparkDrafter(nn.Module):
     """DSpark drafter (DFlash when markov_rank == 0 and no confidence head).
 
     State per request slot: a KV cache of the projected target context, one entry per draft
     layer. Per round the engine calls :meth:`ingest` (new context features), then
     :meth:`propose` (one block; block K/V are never kept), and :meth:`crop` to roll back.
+
+    Draft vocabulary (``config.draft_vocab_size`` = N > 0): the LM head and Markov W2 have N rows,
+    for the target tokens ``draft_to_target`` (int64 [N], ascending). Stored as EAGLE-3 does:
+    buffer ``d2t`` int64 [N] offsets (target id = j + d2t[j]) and ``t2d`` bool [V] (membership).
     """
 
     def __init__(self, cfg: DrafterConfig):
@@ -157,10 +182,15 @@ class DSparkDrafter(nn.Module):
         self.norm = RMSNorm(H, cfg.rms_norm_eps)
         self.fc = nn.Linear(len(cfg.target_layer_ids) * H, H, bias=False)
         self.hidden_norm = RMSNorm(H, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(H, cfg.vocab_size, bias=False)
+        N = cfg.draft_vocab
+        self.lm_head = nn.Linear(H, N, bias=False)
         self.markov_head = (
-            MarkovHead(cfg.vocab_size, H, cfg.markov_rank, cfg.markov_head_type) if cfg.markov_rank > 0 else None
+            MarkovHead(cfg.vocab_size, H, cfg.markov_rank, cfg.markov_head_type, N) if cfg.markov_rank > 0 else None
         )
+        if cfg.draft_vocab_size:
+            self.register_buffer("d2t", torch.zeros(N, dtype=torch.int64))
+            self.register_buffer("t2d", torch.zeros(cfg.vocab_size, dtype=torch.bool))
+        self._vocab_cache = None
         self.confidence_head = ConfidenceHead(cfg.confidence_input_dim) if cfg.enable_confidence_head else None
         self.cache: KVCache | None = None
         # Keys taken from the target at load time (not written back by save_drafter).
@@ -169,6 +199,43 @@ class DSparkDrafter(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.fc.weight.dtype
+
+    @property
+    def draft_to_target(self) -> torch.Tensor | None:
+        """int64 [N] target token of each draft column (on the drafter's device), or None for the
+        full vocabulary."""
+        if not self.config.draft_vocab_size:
+            return None
+        d2t = self.d2t
+        key = (d2t.data_ptr(), d2t._version, d2t.device)
+        if self._vocab_cache is None or self._vocab_cache[0] != key:
+            ids = torch.arange(d2t.numel(), device=d2t.device) + d2t
+            inv = torch.full((self.config.vocab_size,), -1, dtype=torch.int64, device=d2t.device)
+            inv[ids] = torch.arange(ids.numel(), device=d2t.device)
+            self._vocab_cache = (key, ids, inv)
+        return self._vocab_cache[1]
+
+    @property
+    def target_to_draft(self) -> torch.Tensor | None:
+        """int64 [V]: the draft column of each target token, -1 outside the draft vocabulary
+        (None for the full vocabulary)."""
+        return None if self.draft_to_target is None else self._vocab_cache[2]
+
+    @torch.no_grad()
+    def set_draft_vocab(self, token_ids) -> None:
+        """Fill ``d2t`` / ``t2d`` from the N ascending target ids (the LM head and W2 rows are the
+        caller's: see :func:`restrict_drafter`)."""
+        if not self.config.draft_vocab_size:
+            raise ValueError("set_draft_vocab: this drafter has no draft vocabulary (config.draft_vocab_size = 0)")
+        ids = check_draft_vocab(token_ids, self.config.vocab_size)
+        if ids.numel() != self.config.draft_vocab_size:
+            raise ValueError(
+                f"set_draft_vocab: {ids.numel()} token ids for a draft vocabulary of {self.config.draft_vocab_size}"
+            )
+        ids = ids.to(self.d2t.device)
+        self.d2t.copy_(ids - torch.arange(ids.numel(), device=ids.device))
+        self.t2d.zero_()
+        self.t2d[ids] = True
 
     @property
     def device(self) -> torch.device:
@@ -270,7 +337,8 @@ class DSparkDrafter(nn.Module):
 
         request_ids int64 [R] (host bookkeeping: a host tensor or list); anchor_tokens int64 [R]
         (last committed token, position = cached context length; host or device). Returns base
-        logits U fp32 [R, g, V] and hidden h [R, g, H] (= norm(last layer output), model dtype;
+        logits U fp32 [R, g, V'] (V' = the draft vocabulary size; column j is target token
+        ``draft_to_target[j]``) and hidden h [R, g, H] (= norm(last layer output), model dtype;
         U = lm_head(h)). The cache is unchanged: block K/V are attended to but never stored (the
         "crop").
         """
@@ -312,7 +380,8 @@ class DSparkDrafter(nn.Module):
             block_ids: int64 [B, A, g] block inputs (anchor then mask tokens).
             anchor_positions: int64 [B, A] position s of each anchor; block a sees context
                 positions < s and its own g rows (at positions s..s+g-1).
-        Returns: U fp32 [B, A, g, V], h [B, A, g, H] (normed, as in :meth:`propose`).
+        Returns: U fp32 [B, A, g, V'] (V' = draft vocabulary), h [B, A, g, H] (normed, as in
+        :meth:`propose`).
         """
         B, S, _ = ctx_features.shape
         _, A, g = block_ids.shape
@@ -345,13 +414,13 @@ class DSparkDrafter(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """One Markov step (see :meth:`MarkovHead.step`); zeros when markov_rank == 0."""
         if self.markov_head is None:
-            return (torch.zeros(prev.shape[0], self.config.vocab_size, device=self.device), None, None)
+            return (torch.zeros(prev.shape[0], self.config.draft_vocab, device=self.device), None, None)
         return self.markov_head.step(prev, h, state)
 
     def heads_teacher_forced(
         self, U: torch.Tensor, h: torch.Tensor, prev: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Corrected logits z = U + B(prev) fp32 [..., g, V] and confidence fp32 [..., g]
+        """Corrected logits z = U + B(prev) fp32 [..., g, V'] and confidence fp32 [..., g]
         (None without a confidence head), for known prev tokens int64 [..., g]
         (prev[..., 0] = anchor, prev[..., k] = token k-1 of the block)."""
         e = None
@@ -363,3 +432,36 @@ class DSparkDrafter(nn.Module):
         if self.confidence_head is not None:
             conf = self.confidence_head(h, e if self.config.confidence_head_with_markov else None)
         return z, conf
+
+
+@torch.no_grad()
+def restrict_drafter(drafter: DSparkDrafter, token_ids) -> DSparkDrafter:
+    """A copy of a full-vocabulary DSpark/DFlash drafter that proposes only from ``token_ids``
+    (N ascending target ids): the LM head and Markov W2 keep those rows, every other weight is
+    shared (same tensors). The draft distribution is the full one renormalised over the subset."""
+    import copy
+
+    if drafter.config.draft_vocab_size:
+        raise ValueError("restrict_drafter: the drafter already has a draft vocabulary")
+    ids = check_draft_vocab(token_ids, drafter.config.vocab_size)
+    cfg = copy.deepcopy(drafter.config)
+    cfg.draft_vocab_size = 0 if ids.numel() == cfg.vocab_size else ids.numel()
+    if not cfg.draft_vocab_size:
+        return drafter
+    cfg.raw = dict(cfg.raw, draft_vocab_size=cfg.draft_vocab_size)
+    with torch.device("meta"):
+        out = DSparkDrafter(cfg)
+    dev = drafter.device
+    state = {}
+    for k, v in drafter.state_dict().items():
+        state[k] = v[ids.to(v.device)].clone() if k in ("lm_head.weight", "markov_head.markov_w2.weight") else v
+    state["d2t"] = (ids - torch.arange(ids.numel())).to(dev)
+    t2d = torch.zeros(cfg.vocab_size, dtype=torch.bool, device=dev)
+    t2d[ids.to(dev)] = True
+    state["t2d"] = t2d
+    out.load_state_dict(state, strict=True, assign=True)
+    out.embed_tokens.weight.requires_grad_(False)
+    out.shared_keys = drafter.shared_keys
+    if hasattr(drafter, "sts_temperature"):
+        out.sts_temperature = drafter.sts_temperature
+    return out.train(drafter.training)

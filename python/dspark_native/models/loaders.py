@@ -23,6 +23,8 @@ from .target import TargetModel
 
 Drafter = DSparkDrafter | Eagle3Drafter
 SHARED_DRAFTER_KEYS = ("embed_tokens.weight", "lm_head.weight")
+# Integer tensors of a draft vocabulary (EAGLE-3 names): d2t int64 [N] offsets, t2d bool [V].
+VOCAB_KEYS = {"d2t": (torch.int64, torch.int32), "t2d": (torch.bool,)}
 # Buffers some HF exports carry; they are recomputed, never loaded.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -100,12 +102,24 @@ def check_tensors(
             raise CheckpointError(
                 f"{what}: tensor {k!r} has shape {list(tensors[k].shape)}, the config implies {list(expected[k])}"
             )
-        if not tensors[k].is_floating_point():
+        if k in VOCAB_KEYS:
+            if tensors[k].dtype not in VOCAB_KEYS[k]:
+                raise CheckpointError(
+                    f"{what}: tensor {k!r} has dtype {tensors[k].dtype}, expected one of {list(VOCAB_KEYS[k])}"
+                )
+        elif not tensors[k].is_floating_point():
             raise CheckpointError(f"{what}: tensor {k!r} has non-float dtype {tensors[k].dtype}")
 
 
 def _assign(module: nn.Module, state: dict[str, torch.Tensor], dtype, device) -> None:
-    state = {k: v.to(device=device, dtype=dtype).contiguous() for k, v in state.items()}
+    state = {
+        k: (
+            v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device=device, dtype=torch.int64)
+        ).contiguous()
+        for k, v in state.items()
+    }
+    if "t2d" in state:
+        state["t2d"] = state["t2d"].bool()
     module.load_state_dict(state, strict=False, assign=True)
 
 
@@ -261,7 +275,7 @@ def build_drafter(
         device = device or target.device
     device = device or "cpu"
     if dtype is None:
-        dtype = next(iter(tensors.values())).dtype if tensors else torch.bfloat16
+        dtype = next((v.dtype for v in tensors.values() if v.is_floating_point()), torch.bfloat16)
     cls = _drafter_class(cfg)
     expected = _meta_shapes(lambda: cls(cfg))
     check_tensors(tensors, expected, SHARED_DRAFTER_KEYS, "drafter checkpoint")
@@ -276,16 +290,39 @@ def build_drafter(
     with torch.device("meta"):
         model = cls(cfg)
     _assign(model, tensors, dtype, device)
+    d2t = _check_vocab_tensors(cfg, tensors)
     for key in shared:
         src = target.embed_tokens if key.startswith("embed_tokens") else target.lm_head
         dst = model.embed_tokens if key.startswith("embed_tokens") else model.lm_head
         w = src.weight
-        if w.dtype != dtype or w.device != torch.device(device):
+        if key.startswith("lm_head") and d2t is not None:
+            # the drafter's head covers its draft vocabulary: the target's rows of those tokens
+            w = nn.Parameter(w.detach()[d2t.to(w.device)].to(device=device, dtype=dtype), requires_grad=False)
+        elif w.dtype != dtype or w.device != torch.device(device):
             w = nn.Parameter(w.detach().to(device=device, dtype=dtype), requires_grad=False)
         dst.weight = w
     model.shared_keys = tuple(shared)
     model.eval()
     return model
+
+
+def _check_vocab_tensors(cfg: DrafterConfig, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The draft vocabulary's target ids (int64 [N], host) from ``d2t`` / ``t2d``, checked for
+    range, order, repeats and agreement of the two tensors; None without a draft vocabulary."""
+    if cfg.kind != "dspark" or not cfg.draft_vocab_size:
+        return None
+    from .drafter import check_draft_vocab
+
+    d2t = tensors["d2t"].to("cpu", torch.int64)
+    ids = torch.arange(d2t.numel()) + d2t
+    try:
+        ids = check_draft_vocab(ids, cfg.vocab_size, "drafter checkpoint: tensor 'd2t' (target id = index + d2t)")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    t2d = tensors["t2d"].to("cpu").bool()
+    if int(t2d.sum()) != ids.numel() or not bool(t2d[ids].all()):
+        raise CheckpointError("drafter checkpoint: tensors 't2d' and 'd2t' name different draft vocabularies")
+    return ids
 
 
 def load_drafter(
@@ -326,7 +363,9 @@ def save_drafter(
     if include_shared is False:
         skip = set(SHARED_DRAFTER_KEYS)
     tensors = {
-        k: v.detach().to(dtype or v.dtype).contiguous() for k, v in drafter.state_dict().items() if k not in skip
+        k: v.detach().to(dtype if dtype is not None and v.is_floating_point() else v.dtype).contiguous()
+        for k, v in drafter.state_dict().items()
+        if k not in skip
     }
     save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
     cfg = drafter.config.to_dict()

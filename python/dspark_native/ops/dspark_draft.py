@@ -53,6 +53,7 @@ def dspark_draft(
     temperature: Number | torch.Tensor = 0.0,
     seed: int | torch.Tensor | None = None,
     offset: int | torch.Tensor | None = None,
+    draft_to_target: torch.Tensor | None = None,
 ) -> DSparkDraftOutput:
     """DSpark sequential stage (Markov head) + confidence head for a batch, fused.
 
@@ -78,6 +79,10 @@ def dspark_draft(
         sts_temperature: [g] per-position STS temperatures (> 0), None = 1.
         temperature: scalar or [R] float32, 0 = greedy, > 0 sampled; negative/NaN is an error on CPU.
         seed, offset: scalar or [R] int64 Philox key / counter offset (default 0).
+        draft_to_target: [V] int64, the target token of each of the V draft columns (a draft
+            vocabulary; distinct entries in [0, V_target)). Then ``markov_w1`` is [V_target, r],
+            anchors are target tokens, and ``tokens`` are target ids while ``logits`` stay over
+            the V draft columns (zero probability elsewhere). None: full vocabulary.
 
     Returns:
         DSparkDraftOutput(tokens [R, g] int64, logits [R, g, V] float32, confidence [R, g] float32).
@@ -124,6 +129,7 @@ def dspark_draft(
         sd,
         of,
         _head_code(head_type),
+        draft_to_target,
     )
     return DSparkDraftOutput(*out)
 
@@ -146,6 +152,7 @@ def _dspark_draft_fake(
     seed,
     offset,
     head_type,
+    draft_to_target=None,
 ):
     R, g, V = base_logits.shape
     dev = base_logits.device

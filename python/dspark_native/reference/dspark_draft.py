@@ -32,12 +32,24 @@ def dspark_draft_reference(
     temperature=0.0,
     seed=None,
     offset=None,
+    draft_to_target=None,
 ):
     """Reference of :func:`dspark_native.ops.dspark_draft` (same arguments, same outputs:
-    tokens [R, g] int64, logits [R, g, V] float32, confidence [R, g] float32 or empty)."""
+    tokens [R, g] int64 (target token ids), logits [R, g, V] float32 over the V draft columns,
+    confidence [R, g] float32 or empty)."""
     head = _HEADS[head_type] if isinstance(head_type, str) else int(head_type)
     R, g, V = base_logits.shape
     rank = markov_w1.shape[1]
+    d2t = None
+    v_anchor = V
+    if draft_to_target is not None:
+        d2t = [int(t) for t in draft_to_target.tolist()]
+        v_anchor = markov_w1.shape[0]
+        if len(d2t) != V:
+            raise ValueError(f"dspark_draft_reference: draft_to_target must have {V} entries, got {len(d2t)}")
+        bad = [t for t in d2t if not 0 <= t < v_anchor]
+        if bad or len(set(d2t)) != V:
+            raise ValueError("dspark_draft_reference: draft_to_target must hold distinct tokens in [0, V_target)")
 
     def per(x, default):
         return per_request_values(x, R, default)
@@ -45,8 +57,8 @@ def dspark_draft_reference(
     temps, seeds, offs = per(temperature, 0.0), per(seed, 0), per(offset, 0)
     anchors = anchor_tokens.tolist() if isinstance(anchor_tokens, torch.Tensor) else [int(anchor_tokens)] * R
     for r, a in enumerate(anchors):
-        if not 0 <= a < V:
-            raise ValueError(f"dspark_draft_reference: anchor_tokens[{r}] = {a} is outside [0, {V})")
+        if not 0 <= a < v_anchor:
+            raise ValueError(f"dspark_draft_reference: anchor_tokens[{r}] = {a} is outside [0, {v_anchor})")
         if not temps[r] >= 0:
             raise ValueError(f"dspark_draft_reference: temperature[{r}] = {temps[r]} must be >= 0")
     sts = [1.0] * g if sts_temperature is None else [float(t) for t in torch.as_tensor(sts_temperature).tolist()]
@@ -92,6 +104,8 @@ def dspark_draft_reference(
                 else:
                     u = philox_uniform(int(seeds[r]), int(offs[r]), k, RNG_DRAFT_SAMPLE)
                     d = inverse_cdf(p, u)
+            if d >= 0 and d2t is not None:
+                d = d2t[d]
             tokens[r, k] = d
             if d < 0:
                 break  # later positions: token -1, confidence 0, logits -inf

@@ -36,7 +36,8 @@ def l1_to_target(q: torch.Tensor, topk_ids: torch.Tensor, topk_probs: torch.Tens
     bound otherwise, off by at most 2 * p_rest).
     """
     p = topk_probs.float()
-    qk = q.gather(-1, topk_ids)
+    # an id of -1 is a token the drafter cannot propose (outside a draft vocabulary): q = 0 there
+    qk = q.gather(-1, topk_ids.clamp_min(0)) * (topk_ids >= 0)
     q_rest = (1.0 - qk.sum(-1)).clamp_min(0.0)
     p_rest = (1.0 - p.sum(-1)).clamp_min(0.0)
     return (qk - p).abs().sum(-1) + (q_rest - p_rest).abs()
@@ -56,19 +57,21 @@ def dspark_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """DSpark loss: 0.1 CE(z, label) + 0.9 L1(softmax z, target) + 1.0 BCE(conf, c*).
 
-    logits fp32 [N, V] corrected logits z = U + B(prev); labels int64 [N]; conf_logit fp32 [N]
+    logits fp32 [N, V] corrected logits z = U + B(prev); labels int64 [N] (-1: no CE term, e.g.
+    a token outside the draft vocabulary); conf_logit fp32 [N]
     (None: no confidence term). c* = clamp(1 - L1 / 2, 0, 1) = sum_v min(p, q), the
     acceptance probability of the draft at this position, detached. Returns the scalar loss
     and the per-term (unweighted-by-coefficient) values for logging.
     """
     w = position_weights(position) * valid.float()
+    wc = w * (labels >= 0)  # a label outside a draft vocabulary has no CE term
     # One log-softmax serves CE and q (a separate softmax and its backward cost twice as much).
     logq = torch.log_softmax(logits, -1)
     ce = -logq.gather(-1, labels.clamp_min(0)[:, None]).squeeze(-1)
     q = logq.exp()
     l1 = l1_to_target(q, topk_ids, topk_probs)
-    loss = ce_weight * _wmean(ce, w) + l1_weight * _wmean(l1, w)
-    out = dict(ce=float(_wmean(ce.detach(), w)), l1=float(_wmean(l1.detach(), w)))
+    loss = ce_weight * _wmean(ce, wc) + l1_weight * _wmean(l1, w)
+    out = dict(ce=float(_wmean(ce.detach(), wc)), l1=float(_wmean(l1.detach(), w)))
     if conf_logit is not None:
         target = (1.0 - l1.detach() / 2).clamp(0.0, 1.0)
         bce = F.binary_cross_entropy_with_logits(conf_logit.float(), target, reduction="none")
@@ -82,7 +85,7 @@ def ce_loss(
     logits: torch.Tensor, labels: torch.Tensor, position: torch.Tensor, valid: torch.Tensor
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Position-weighted cross entropy only (DFlash and EAGLE-3): fp32 [N, V], int64 [N] x3."""
-    w = position_weights(position) * valid.float()
+    w = position_weights(position) * valid.float() * (labels >= 0)
     ce = _wmean(F.cross_entropy(logits, labels.clamp_min(0), reduction="none"), w)
     return ce, dict(ce=float(ce.detach()), loss=float(ce.detach()))
 

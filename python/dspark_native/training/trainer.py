@@ -58,6 +58,14 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 100
     log_every: int = 10
+    #: N > 0: a draft vocabulary of the N most frequent answer tokens of the training data
+    #: (DSpark / DFlash); the LM head, W2 and the loss run over N columns. 0 = full vocabulary.
+    draft_vocab: int = 0
+    #: start the backbone from the target's last ``num_layers`` layers instead of random weights
+    init_from_target: bool = False
+    #: bf16 autocast for the forward (fp32 master weights and optimiser); faster where the CPU has
+    #: bf16 matrix instructions
+    bf16: bool = False
 
     def validate(self) -> None:
         if self.kind not in KINDS:
@@ -77,11 +85,47 @@ class TrainConfig:
             raise ValueError("markov_rank must be >= 1 for a DSpark drafter (use kind='dflash' for none)")
         if not self.lr > 0 or self.clip <= 0 or not 0 <= self.warmup < 1:
             raise ValueError("lr and clip must be > 0 and warmup in [0, 1)")
+        if self.draft_vocab < 0:
+            raise ValueError(f"draft_vocab must be >= 0 (0 = full vocabulary), got {self.draft_vocab}")
+        if self.draft_vocab and self.kind == "eagle3":
+            raise ValueError("draft_vocab: only DSpark and DFlash drafters support a draft vocabulary here")
 
 
-def new_drafter(target, cfg: TrainConfig, target_layer_ids: list[int] | None = None) -> nn.Module:
-    """A freshly initialised fp32 drafter for ``target`` (embedding / lm_head shared, frozen)."""
+def draft_vocab_from_data(data: TrainingData, n: int, vocab_size: int) -> torch.Tensor:
+    """The ``n`` most frequent answer tokens of the training data (the target's own generations,
+    i.e. what greedy verification accepts), ties to the lower id; int64 [n] ascending. With fewer
+    than ``n`` distinct answer tokens the rest is filled with the most frequent prompt tokens,
+    then the lowest ids."""
+    if not 1 <= n <= vocab_size:
+        raise ValueError(f"draft vocabulary size must be in [1, {vocab_size}], got {n}")
+    offs, starts = data.offsets.tolist(), data.answer_start.tolist()
+    ans = torch.cat([data.tokens[o + a : e] for o, a, e in zip(offs, starts, offs[1:], strict=False)])
+    counts = torch.bincount(ans, minlength=vocab_size).double() * (data.tokens.numel() + 1)
+    counts += torch.bincount(data.tokens, minlength=vocab_size).double()  # prompt frequency breaks ties
+    # stable descending sort: equal counts keep ascending ids
+    order = torch.sort(-counts, stable=True).indices
+    return order[:n].sort().values
+
+
+def vocab_coverage(data: TrainingData, ids: torch.Tensor) -> float:
+    """Fraction of answer tokens of ``data`` inside the draft vocabulary ``ids``."""
+    offs, starts = data.offsets.tolist(), data.answer_start.tolist()
+    ans = torch.cat([data.tokens[o + a : e] for o, a, e in zip(offs, starts, offs[1:], strict=False)])
+    member = torch.zeros(int(max(int(ans.max()), int(ids.max())) + 1), dtype=torch.bool)
+    member[ids] = True
+    return float(member[ans].double().mean()) if ans.numel() else 0.0
+
+
+def new_drafter(
+    target, cfg: TrainConfig, target_layer_ids: list[int] | None = None, draft_vocab_ids: torch.Tensor | None = None
+) -> nn.Module:
+    """A freshly initialised fp32 drafter for ``target`` (embedding / lm_head shared, frozen).
+    ``draft_vocab_ids``: int64 [cfg.draft_vocab] ascending target ids (required when
+    cfg.draft_vocab > 0); the head is then the target's rows of those tokens."""
     cfg.validate()
+    subset = 0 < cfg.draft_vocab < target.config.vocab_size
+    if subset and (draft_vocab_ids is None or draft_vocab_ids.numel() != cfg.draft_vocab):
+        raise ValueError(f"new_drafter: draft_vocab = {cfg.draft_vocab} needs that many draft_vocab_ids")
     tc = target.config
     n = tc.num_hidden_layers
     ids = list(target_layer_ids) if target_layer_ids else (default_target_layer_ids(n, 5) if n >= 5 else list(range(n)))
@@ -102,6 +146,8 @@ def new_drafter(target, cfg: TrainConfig, target_layer_ids: list[int] | None = N
             enable_confidence_head=dspark,
             confidence_head_with_markov=dspark,
         )
+        if subset:
+            raw["draft_vocab_size"] = cfg.draft_vocab
     dcfg = DrafterConfig.from_dict(raw)
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(cfg.seed)
@@ -123,9 +169,18 @@ def new_drafter(target, cfg: TrainConfig, target_layer_ids: list[int] | None = N
         if ch is not None:
             ch.proj.weight.zero_()
             ch.proj.bias.zero_()
+        if cfg.init_from_target and cfg.kind != "eagle3":
+            # the target's last layers: a start that already maps hidden states to hidden states
+            src = list(target.layers)[-len(d.layers) :]
+            for dst, sl in zip(d.layers, src, strict=True):
+                dst.load_state_dict({k: v.detach().float() for k, v in sl.state_dict().items()})
     d = d.float()
+    head = target.lm_head.weight.detach().float()
+    if dcfg.draft_vocab_size:
+        d.set_draft_vocab(draft_vocab_ids)
+        head = head[draft_vocab_ids]
     d.embed_tokens.weight = nn.Parameter(target.embed_tokens.weight.detach().float(), requires_grad=False)
-    d.lm_head.weight = nn.Parameter(target.lm_head.weight.detach().float(), requires_grad=False)
+    d.lm_head.weight = nn.Parameter(head.clone(), requires_grad=False)
     d.shared_keys = ("embed_tokens.weight", "lm_head.weight")
     return d
 
@@ -272,27 +327,61 @@ def step_loss(d, kind: str, b: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         loss, st = ce_loss(flat(z), flat(b.labels), flat(b.position), flat(b.valid))
     else:
         z, conf = dspark_forward(d, b)
+        # with a draft vocabulary the loss runs over the N draft columns: labels and the target's
+        # top-K ids become columns, -1 outside (no CE for such a row; its target mass counts in L1)
+        t2d = d.target_to_draft
+        labels = b.labels if t2d is None else torch.where(b.labels >= 0, t2d[b.labels.clamp_min(0)], -1)
         if kind == "dspark":
+            topk = b.topk_ids if t2d is None else t2d[b.topk_ids]
             loss, st = dspark_loss(
                 flat(z),
-                flat(b.labels),
+                flat(labels),
                 flat(b.position),
                 flat(b.valid),
-                flat(b.topk_ids),
+                flat(topk),
                 flat(b.topk_probs),
                 None if conf is None else conf.reshape(-1),
             )
         else:
-            loss, st = ce_loss(flat(z), flat(b.labels), flat(b.position), flat(b.valid))
+            loss, st = ce_loss(flat(z), flat(labels), flat(b.position), flat(b.valid))
     with torch.no_grad():
-        hit = (z.argmax(-1) == b.labels) & b.valid
+        pred = z.argmax(-1)
+        if kind != "eagle3" and d.draft_to_target is not None:
+            pred = d.draft_to_target[pred]
+        hit = (pred == b.labels) & b.valid
         n = b.valid.sum((0, 1)).clamp_min(1)
         st["acc"] = (hit.sum((0, 1)).float() / n).tolist()
         st["rows"] = int(b.valid.sum())
+        # greedy tau of these blocks, teacher forced: 1 + leading hits (the training data is the
+        # target's greedy output, so this is what a greedy decoding round would accept)
+        lead = torch.cumprod(hit.long(), -1).sum(-1)
+        ok = b.valid[:, :, 0]
+        st["tau"] = float((lead[ok] + 1).float().mean()) if bool(ok.any()) else 0.0
     return loss, st
 
 
 # ----------------------------------------------------------------------------- loop
+
+
+@torch.no_grad()
+def dev_metrics(d, cfg: TrainConfig, dev: TrainingData, batches: int = 8) -> dict:
+    """Teacher-forced greedy tau (1 + leading exact matches per block) and acc@k over ``batches``
+    fixed batches of held-out sequences (the same batches at every call: seed 12345)."""
+    was = d.training
+    d.eval()
+    dc = TrainConfig(**{**asdict(cfg), "seed": 12345})
+    taus, accs, rows = [], [], []
+    for i in range(batches):
+        b = batch_for_step(dev, dc, i)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            _, st = step_loss(d, cfg.kind, b)
+        n = int(b.valid[:, :, 0].sum())
+        taus.append(st["tau"] * n)
+        accs.append(torch.tensor(st["acc"]) * n)
+        rows.append(n)
+    d.train(was)
+    total = max(1, sum(rows))
+    return dict(tau=sum(taus) / total, acc=(sum(accs) / total).tolist(), blocks=sum(rows))
 
 
 def _trainable(d) -> list[nn.Parameter]:
@@ -318,18 +407,19 @@ def train(
     target_layer_ids: list[int] | None = None,
     progress: bool = True,
     stop_after: int | None = None,
+    dev: TrainingData | None = None,
 ) -> nn.Module:
     """Train (or resume) a drafter; returns it (fp32, train mode off).
 
     ``stop_after``: return after this many steps of this call (simulates an interruption; used by
     tests). The final drafter is written to ``out_dir/final`` when ``cfg.steps`` are done.
+    ``dev``: held-out sequences; at every checkpoint the log gets their teacher-forced greedy tau
+    and acc@k (:func:`dev_metrics`).
     """
     cfg.validate()
     os.makedirs(out_dir, exist_ok=True)
-    d = new_drafter(target, cfg, target_layer_ids)
-    opt = torch.optim.AdamW(_trainable(d), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    step = 0
     spath = os.path.join(out_dir, STATE)
+    st = None
     if resume and os.path.exists(spath):
         st = torch.load(spath, weights_only=False)
         if st["config"] != asdict(cfg):
@@ -337,6 +427,23 @@ def train(
                 f"{out_dir}: its training state has another configuration "
                 f"({st['config']}); use a new directory or resume=False"
             )
+    vocab_ids = None
+    if cfg.draft_vocab and cfg.draft_vocab < target.config.vocab_size:
+        # a resumed run keeps the vocabulary it started with, even if the data has grown since
+        if st is not None and st.get("draft_vocab_ids") is not None:
+            vocab_ids = st["draft_vocab_ids"]
+        else:
+            vocab_ids = draft_vocab_from_data(data, cfg.draft_vocab, target.config.vocab_size)
+        if progress:
+            print(
+                f"[train] draft vocabulary: {vocab_ids.numel()} of {target.config.vocab_size} tokens, "
+                f"{100 * vocab_coverage(data, vocab_ids):.2f}% of the training answer tokens",
+                file=sys.stderr,
+            )
+    d = new_drafter(target, cfg, target_layer_ids, vocab_ids)
+    opt = torch.optim.AdamW(_trainable(d), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    step = 0
+    if st is not None:
         d.load_state_dict(st["model"], strict=False)
         opt.load_state_dict(st["optimizer"])
         step = st["step"]
@@ -353,7 +460,8 @@ def train(
             for gr in opt.param_groups:
                 gr["lr"] = lr
             b = batch_for_step(data, cfg, step)
-            loss, st = step_loss(d, cfg.kind, b)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                loss, st = step_loss(d, cfg.kind, b)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = float(torch.nn.utils.clip_grad_norm_(_trainable(d), cfg.clip))
@@ -371,7 +479,8 @@ def train(
                     eta = (cfg.steps - step) * el / ran
                     print(
                         f"[train {cfg.kind}] step {step}/{cfg.steps} loss {st['loss']:.3f}{extra} "
-                        f"acc@0 {st['acc'][0]:.2f} lr {lr:.2e} {rows0 / el:.0f} tok/s eta {eta / 60:.1f} min",
+                        f"acc@0 {st['acc'][0]:.2f} tau {st['tau']:.2f} lr {lr:.2e} {rows0 / el:.0f} rows/s "
+                        f"eta {eta / 60:.1f} min",
                         file=sys.stderr,
                         flush=True,
                     )
@@ -381,10 +490,22 @@ def train(
                     config=asdict(cfg),
                     optimizer=opt.state_dict(),
                     model={k: v for k, v in d.state_dict().items() if k not in d.shared_keys},
+                    draft_vocab_ids=vocab_ids,
                 )
                 torch.save(state, spath + ".tmp")
                 os.replace(spath + ".tmp", spath)
                 _save_checkpoint(d, os.path.join(out_dir, f"checkpoint-{step:06d}"))
+                if dev is not None and dev.num_sequences:
+                    dm = dev_metrics(d, cfg, dev)
+                    d.train()
+                    log.write(json.dumps(dict(step=step, **{f"dev_{k}": v for k, v in dm.items()})) + "\n")
+                    log.flush()
+                    if progress:
+                        print(
+                            f"[train {cfg.kind}] step {step} dev tau {dm['tau']:.3f} acc@0 {dm['acc'][0]:.3f}",
+                            file=sys.stderr,
+                            flush=True,
+                        )
                 for old in sorted(x for x in os.listdir(out_dir) if x.startswith("checkpoint-"))[:-2]:
                     shutil.rmtree(os.path.join(out_dir, old), ignore_errors=True)
     finally:
