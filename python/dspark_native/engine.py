@@ -21,6 +21,8 @@ request's Philox counter ``offset`` starts at 0 and advances by 1 per round it t
 
 from __future__ import annotations
 
+import contextlib
+
 import importlib
 import math
 import threading
@@ -341,6 +343,19 @@ def sequential_stage(drafter: DSparkDrafter, U, h, anchors, temperature, seed, o
     return out.tokens, out.logits, conf
 
 
+@contextlib.contextmanager
+def _torch_threads(n: int | None):
+    if not n or n == torch.get_num_threads():
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def q_over_target_vocab(q: torch.Tensor, draft_to_target: torch.Tensor | None, vocab_size: int) -> torch.Tensor:
     """Draft logits over the draft vocabulary fp32 [..., N] -> over the target vocabulary
     [..., V]: column j goes to token draft_to_target[j], every other token gets -inf (probability
@@ -438,6 +453,10 @@ class Engine:
         self._inbox: deque[tuple] = deque()
         self._work = threading.Event()
         self.time = {p: 0.0 for p in PHASES}
+        # torch threads for the drafter's rounds (None: as set). On a CPU target, one: OpenMP
+        # workers woken for the drafter's small GEMMs spin for milliseconds afterwards and take the
+        # cores the target's own kernel team needs for the verification that follows.
+        self.drafter_threads = 1 if (self.drafter is not None and target.device.type == "cpu") else None
         self.rounds = 0
         #: set to a list to record every round's (confidences [R, g] or None, lengths [R],
         #: num_accepted [R]) -- the data STS calibration needs
@@ -667,7 +686,8 @@ class Engine:
         t0 = time.perf_counter()
         drafts = q = conf = None
         if self.kind in ("dspark", "dflash") and max(caps_l) > 0:
-            U, h = self.drafter.propose(slots_l, anchors)
+            with _torch_threads(self.drafter_threads):
+                U, h = self.drafter.propose(slots_l, anchors)
             # A draft of -1 (the drafter's logits had no finite entry) is never accepted by
             # verify_chain, which then emits the target's own token there: lossless, no check needed.
             drafts, q, conf = sequential_stage(self.drafter, U[:, :g], h[:, :g], anchors, temp, seed, offset)
@@ -811,9 +831,11 @@ class Engine:
             sel = upload(torch.tensor(rows_kept, dtype=torch.int64), dev)
             kslots = [slots_l[i] for i in cont]
             if self.kind == "eagle3":
-                self.drafter.ingest(kslots, hidden.index_select(0, sel), kcu, ids.index_select(0, sel))
+                with _torch_threads(self.drafter_threads):
+                    self.drafter.ingest(kslots, hidden.index_select(0, sel), kcu, ids.index_select(0, sel))
             else:
-                self.drafter.ingest(kslots, hidden.index_select(0, sel), kcu)
+                with _torch_threads(self.drafter_threads):
+                    self.drafter.ingest(kslots, hidden.index_select(0, sel), kcu)
         times["rollback"] = time.perf_counter() - t0
         self.rounds += 1
         for p in ("draft", "schedule", "verify", "rollback"):

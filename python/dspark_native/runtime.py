@@ -231,6 +231,17 @@ def load_sts_temperatures(path: str) -> list[float]:
         raise SetupError(f"cannot read STS temperatures ({exc})") from None
 
 
+def drafter_dtype(target_model) -> torch.dtype:
+    """The dtype a trained drafter runs in beside ``target_model``: bf16 (DeepSpec checkpoints'
+    own dtype) on a CPU target computing in fp32, else the target's dtype. Why: at batch 1 the
+    drafter's GEMMs have 7 rows, and this CPU runs them at ~4 GB/s of weights in fp32 against
+    ~22 GB/s in bf16 (docs/benchmarks.md); the drafter's precision can change tau, never the
+    output (verification uses the exact q the drafts were sampled from)."""
+    if target_model.device.type == "cpu" and target_model.dtype == torch.float32:
+        return torch.bfloat16
+    return target_model.dtype
+
+
 def load_drafter_for(
     target: ChatTarget, path: str | None = None, *, sts_temperature: Sequence[float] | None = None
 ) -> LoadedDrafter:
@@ -250,12 +261,12 @@ def load_drafter_for(
         if not os.path.isdir(path):
             raise SetupError("not a directory")
         try:
-            d = load_drafter(path, target=target.model, dtype=target.model.dtype)
+            d = load_drafter(path, target=target.model, dtype=drafter_dtype(target.model))
         except CheckpointError as exc:
             raise SetupError(str(exc)) from None
         name = path
     elif target.embedded and shipped_drafter_dir() is not None:
-        d = load_embedded_drafter(target.model)
+        d = load_embedded_drafter(target.model, dtype=drafter_dtype(target.model))
         name = "shipped DSpark drafter for SmolLM2 (trained; model card: " + shipped_drafter_dir() + "/README.md)"
     else:
         d = default_drafter(target.model)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from .cache import ContextLengthError, KVCache, upload
 from .config import DrafterConfig
-from .layers import DecoderLayer, RMSNorm, rope_cos_sin, sdpa
+from .layers import DecoderLayer, RMSNorm, apply_rope, rope_cos_sin, sdpa
 from .target import _host_long_1d
 
 
@@ -359,16 +359,53 @@ class DSparkDrafter(nn.Module):
         mask = ((j[None, :] < ctx_len[:, None]) | (j[None, :] >= L))[:, None, None, :]
         h = self.embed_tokens(ids)
         cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, h.dtype, self.config.rope_scaling)
-        for li, layer in enumerate(self.layers):
-            x = layer.input_layernorm(h)
-            q = layer.self_attn.q(x, cos, sin).transpose(1, 2)
-            k, v = layer.self_attn.kv(x, cos, sin)
+        for li, (layer, fw) in enumerate(zip(self.layers, self._fused_weights(), strict=True)):
+            at = layer.self_attn
+            # one GEMM for q|k|v and one for gate|up (the same products as the separate
+            # projections; at batch 1 each GEMM call costs more in overhead than in FLOPs)
+            qkv = F.linear(layer.input_layernorm(h), fw[0], fw[1])
+            q, k, v = qkv.split(fw[2], dim=-1)
+            q = q.unflatten(-1, (at.num_heads, at.head_dim))
+            k = k.unflatten(-1, (at.num_kv_heads, at.head_dim))
+            v = v.unflatten(-1, (at.num_kv_heads, at.head_dim))
+            if at.q_norm is not None:
+                q, k = at.q_norm(q), at.k_norm(k)
+            q = apply_rope(q, cos, sin).transpose(1, 2)
+            k = apply_rope(k, cos, sin)
             K = torch.cat([cache.k_cache[li, req, :, :L], k.transpose(1, 2)], dim=2)
             V = torch.cat([cache.v_cache[li, req, :, :L], v.transpose(1, 2)], dim=2)
             attn = sdpa(q, K, V, mask).transpose(1, 2).flatten(2)
-            h = layer.finish(h, attn)
+            h = h + at.o_proj(attn)
+            gate, up = F.linear(layer.post_attention_layernorm(h), fw[3]).chunk(2, dim=-1)
+            h = h + layer.mlp.down_proj(F.silu(gate) * up)
         h = self.norm(h)
         return self.lm_head(h).float(), h
+
+    def _fused_weights(self) -> list:
+        """Per layer (W_qkv, b_qkv or None, split sizes, W_gate_up), concatenated once and rebuilt
+        whenever a source weight changes (training, loading, ``.to()``)."""
+        srcs = []
+        for layer in self.layers:
+            at, mlp = layer.self_attn, layer.mlp
+            srcs += [at.q_proj.weight, at.k_proj.weight, at.v_proj.weight, mlp.gate_proj.weight, mlp.up_proj.weight]
+            if at.q_proj.bias is not None:
+                srcs += [at.q_proj.bias, at.k_proj.bias, at.v_proj.bias]
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in srcs)
+        cached = getattr(self, "_fused_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        out = []
+        with torch.no_grad():
+            for layer in self.layers:
+                at, mlp = layer.self_attn, layer.mlp
+                w = torch.cat([at.q_proj.weight, at.k_proj.weight, at.v_proj.weight])
+                b = None
+                if at.q_proj.bias is not None:
+                    b = torch.cat([at.q_proj.bias, at.k_proj.bias, at.v_proj.bias])
+                sizes = [at.q_proj.out_features, at.k_proj.out_features, at.v_proj.out_features]
+                out.append((w, b, sizes, torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])))
+        self._fused_cache = (key, out)
+        return out
 
     def forward_train(
         self, ctx_features: torch.Tensor, block_ids: torch.Tensor, anchor_positions: torch.Tensor

@@ -50,6 +50,9 @@ def rope_inv_freq(head_dim: int, theta: float, scaling=None, device=None) -> tor
     return (1 - s) * inv_freq / scaling.factor + s * inv_freq
 
 
+_INV_FREQ: dict = {}
+
+
 def rope_cos_sin(
     positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype, scaling=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,7 +61,11 @@ def rope_cos_sin(
     Frequencies from :func:`rope_inv_freq` (``scaling``: the config's ``rope_scaling``, None for
     plain RoPE). Angles are computed in fp32 (as HF does) and cast afterwards.
     """
-    inv_freq = rope_inv_freq(head_dim, theta, scaling, positions.device)
+    key = (head_dim, float(theta), scaling, positions.device)
+    inv_freq = _INV_FREQ.get(key)
+    if inv_freq is None:
+        # a few small ops per call add up in a drafter round at batch 1: cache the frequencies
+        inv_freq = _INV_FREQ[key] = rope_inv_freq(head_dim, theta, scaling, positions.device)
     freqs = positions.float().unsqueeze(-1) * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
