@@ -68,7 +68,9 @@ def main(argv=None) -> int:
                 tau_loss_pct=100 * (base["tau"] - m["tau"]) / base["tau"],
             )
         )
-    print(f"drafter {path}; held-out: {dev.num_sequences} sequences, {base['blocks']} blocks; subsets from {train.num_sequences} sequences")
+    print(
+        f"drafter {path}; held-out: {dev.num_sequences} sequences, {base['blocks']} blocks; subsets from {train.num_sequences} sequences"
+    )
     print(f"{'N':>6} {'coverage':>9} {'tau':>6} {'acc@0':>6} {'tau loss %':>10}")
     for r in rows:
         print(f"{r['N']:>6} {r['coverage']:>9.4f} {r['tau']:>6.3f} {r['acc0']:>6.3f} {r['tau_loss_pct']:>10.2f}")

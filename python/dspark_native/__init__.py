@@ -8,6 +8,23 @@ policies, references) import without it. C/C++ users find the torch-free core wi
 
 from __future__ import annotations
 
+import os as _os
+import sys as _sys
+
+
+def _is_cli_process() -> bool:
+    a0 = _sys.argv[0] if _sys.argv and _sys.argv[0] else ""
+    base = _os.path.basename(a0)
+    return base == "dspark-native" or (base == "__main__.py" and "dspark_native" in a0)
+
+
+if "torch" not in _sys.modules and _is_cli_process():
+    # The `dspark-native` command, before torch loads libgomp: OpenMP workers otherwise spin
+    # for milliseconds (GOMP_SPINCOUNT 300k) after every parallel torch op and take the 2 cores
+    # a CPU target's own kernel team needs next; a short spin made speculative decoding 20%
+    # faster here (docs/engine.md). A value the user set is kept. Library users may export it.
+    _os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+
 from ._native import cmake_prefix_path, get_include, get_library_dir, has_cuda, has_native, load_library
 
 __version__ = "0.1.0"

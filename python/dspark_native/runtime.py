@@ -291,6 +291,78 @@ def load_sps_table(path: str):
         raise SetupError(str(exc)) from None
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def sps_cache_dir() -> str:
+    """Where profiled SPS tables are cached: $DSPARK_NATIVE_CACHE, else ~/.cache/dspark-native."""
+    return os.environ.get("DSPARK_NATIVE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dspark-native")
+
+
+def cached_sps_table(target_model, max_tokens: int, *, model_name: str, progress: bool = True):
+    """The target's SPS table for B = 1..max_tokens batch tokens, profiled on this machine once
+    (a progress line on stderr, a few seconds) and cached as JSON under :func:`sps_cache_dir`,
+    keyed by model, forward path, dtype, device, threads, CPU/GPU name and versions: what the
+    causal and async policies use when no --sps table is given."""
+    import hashlib
+    import json
+    import sys
+    import time
+
+    from . import __version__
+    from .engine import target_forward_fn
+    from .scheduler import SPSTable, profile_sps
+
+    dev = target_model.device
+    hw = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
+    key = dict(
+        model=model_name,
+        weights=getattr(target_model, "weights", ""),
+        dtype=str(target_model.dtype),
+        device=str(dev),
+        hardware=hw,
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        dspark_native=__version__,
+    )
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(sps_cache_dir(), f"sps-{digest}.json")
+    if os.path.isfile(path):
+        try:
+            table = SPSTable.load(path)
+            if len(table.sps) >= max_tokens:
+                return table
+        except (OSError, ValueError, TypeError, KeyError):
+            pass  # unreadable or too short: profile again
+    if progress:
+        print(
+            f"[sps] profiling the target's steps/s for 1..{max_tokens} batch tokens (once for this "
+            f"machine and setup; cached at {path}; --sps JSON overrides)",
+            file=sys.stderr,
+            flush=True,
+        )
+    t0 = time.perf_counter()
+    fn = target_forward_fn(target_model, 128, max_tokens)
+    pts = sorted({1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256, max_tokens} & set(range(1, max_tokens + 1)))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    table = profile_sps(fn, max_tokens, points=pts, repeats=3, model=model_name, path=tmp)
+    os.replace(tmp, path)
+    if progress:
+        print(f"[sps] profiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    return table
+
+
 def build_engine(
     target_model,
     drafter,

@@ -335,6 +335,10 @@ def build_engine(args, target: runtime.ChatTarget, drafter):
     """The speculative engine from the decoding flags (--policy, --threshold, --sps, --num-drafts,
     --max-batch, --max-seq)."""
     table = sps_table(args)
+    if table is None and args.policy in ("causal", "async") and drafter is not None:
+        # the scheduler must see this machine's costs: profile once, cached on disk
+        gamma = runtime.build_engine(target.model, drafter, num_drafts=args.num_drafts, max_batch=1, max_seq=2).gamma
+        table = runtime.cached_sps_table(target.model, args.max_batch * (gamma + 1), model_name=target.name)
     try:
         return runtime.build_engine(
             target.model,
