@@ -25,7 +25,7 @@ if "torch" not in _sys.modules and _is_cli_process():
     # faster here (docs/engine.md). A value the user set is kept. Library users may export it.
     _os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
-from ._native import cmake_prefix_path, get_include, get_library_dir, has_cuda, has_native, load_library
+from ._native import cmake_prefix_path, get_include, get_library_dir, has_cuda, has_native, load_library  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -22,7 +22,6 @@ request's Philox counter ``offset`` starts at 0 and advances by 1 per round it t
 from __future__ import annotations
 
 import contextlib
-
 import importlib
 import math
 import threading
