@@ -69,7 +69,8 @@ def main(argv=None) -> int:
             )
         )
     print(
-        f"drafter {path}; held-out: {dev.num_sequences} sequences, {base['blocks']} blocks; subsets from {train.num_sequences} sequences"
+        f"drafter {path}; held-out: {dev.num_sequences} sequences, {base['blocks']} blocks; "
+        f"subsets from {train.num_sequences} sequences"
     )
     print(f"{'N':>6} {'coverage':>9} {'tau':>6} {'acc@0':>6} {'tau loss %':>10}")
     for r in rows:
