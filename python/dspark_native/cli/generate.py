@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from .. import runtime
 from .common import (
     UserError,
     add_decode_args,
@@ -75,6 +76,9 @@ def _generate(parser: argparse.ArgumentParser):
             f"policy {args.policy})",
             file=sys.stderr,
         )
+        runtime.warm_up(spec, prompts[0])
+        if plain is not None:
+            runtime.warm_up(plain, prompts[0])
         stream = None
         if len(prompts) == 1:
             # the answer is printed as it is generated; RequestText holds back incomplete
