@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import math
+import os
 import threading
 import time
 from collections import deque
@@ -342,6 +343,16 @@ def sequential_stage(drafter: DSparkDrafter, U, h, anchors, temperature, seed, o
     return out.tokens, out.logits, conf
 
 
+def _default_drafter_threads(target) -> int | None:
+    if target.device.type != "cpu":
+        return None
+    try:
+        spin = int(os.environ.get("GOMP_SPINCOUNT", ""))
+    except ValueError:
+        spin = None
+    return None if spin is not None and spin <= 10000 else 1
+
+
 @contextlib.contextmanager
 def _torch_threads(n: int | None):
     if not n or n == torch.get_num_threads():
@@ -452,10 +463,12 @@ class Engine:
         self._inbox: deque[tuple] = deque()
         self._work = threading.Event()
         self.time = {p: 0.0 for p in PHASES}
-        # torch threads for the drafter's rounds (None: as set). On a CPU target, one: OpenMP
-        # workers woken for the drafter's small GEMMs spin for milliseconds afterwards and take the
-        # cores the target's own kernel team needs for the verification that follows.
-        self.drafter_threads = 1 if (self.drafter is not None and target.device.type == "cpu") else None
+        # torch threads for the drafter's rounds (None: as set). On a CPU target whose libgomp
+        # spins for the default 300k iterations, one: OpenMP workers woken for the drafter's small
+        # GEMMs would spin for milliseconds afterwards on the cores the target's own kernel team
+        # needs for the verification. With a short spin (GOMP_SPINCOUNT <= 10000, which the
+        # dspark-native command sets) all threads are faster (docs/engine.md).
+        self.drafter_threads = _default_drafter_threads(target) if self.drafter is not None else None
         self.rounds = 0
         #: set to a list to record every round's (confidences [R, g] or None, lengths [R],
         #: num_accepted [R]) -- the data STS calibration needs

@@ -147,8 +147,12 @@ def training_curves_figure(records: Sequence[dict], title: str | None = None, ma
     where logged), accuracy of the first ``max_positions`` block positions (``acc``), and the
     learning rate, each against the step; held-out records (``dev_tau``, logged at checkpoints)
     add the teacher-forced tau on the accuracy axis's twin. Axes: loss, accuracy, lr."""
-    dev = [r for r in records if "dev_tau" in r]
-    records = [r for r in records if "loss" in r]
+    # a resumed run logs again the steps after its last checkpoint: keep the last record per step
+    last_train, last_dev = {}, {}
+    for r in records:
+        (last_dev if "dev_tau" in r else last_train if "loss" in r else {})[r["step"]] = r
+    dev = [last_dev[k] for k in sorted(last_dev)]
+    records = [last_train[k] for k in sorted(last_train)]
     if not records:
         raise ValueError("no training record to plot")
     steps = [r["step"] for r in records]
