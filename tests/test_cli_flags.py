@@ -281,8 +281,11 @@ def test_generate_refuses_flags_its_policy_does_not_read(d, capsys, tmp_path):
     sts = tmp_path / "sts.json"
     sts.write_text(json.dumps({"sts_temperature": [1.0] * 5}))
     _err(*_gen(capsys, d, "--threshold", "0.3")[::2], "--threshold", "--policy threshold")
-    _err(*_gen(capsys, d, "--sps", str(sts))[::2], "--sps", "causal")
-    _err(*_gen(capsys, d, "--sts", str(sts))[::2], "--sts", "static")
+    _err(*_gen(capsys, d, "--sps", str(sts), "--policy", "static")[::2], "--sps", "causal")
+    _err(*_gen(capsys, d, "--sts", str(sts), "--policy", "static")[::2], "--sts", "static")
+    # without --policy the causal scheduler runs (it reads --sts; an SPS table is profiled and cached)
+    rc, out, err = _gen(capsys, d, "--sts", str(sts))
+    assert rc == 0 and "policy causal" in err, err
     rc, out, err = _gen(capsys, d, "--sts", str(sts), "--policy", "threshold", "--threshold", "0.3")
     assert rc == 0, err
 
