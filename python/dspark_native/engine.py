@@ -52,6 +52,7 @@ __all__ = [
     "default_drafter",
     "sequential_stage",
     "q_over_target_vocab",
+    "drafts_per_round",
 ]
 
 PHASES = ("prefill", "draft", "schedule", "verify", "rollback")
@@ -275,6 +276,17 @@ def drafter_kind(drafter) -> str:
     raise TypeError(f"unsupported drafter type {type(drafter).__name__}")
 
 
+def drafts_per_round(drafter, num_drafts: int | None = None) -> int:
+    """Drafts one round proposes with ``drafter`` (0 for None): EAGLE-3 ``num_drafts``, else its
+    ttt_length (7 when unset); DSpark/DFlash the block, capped to ``num_drafts``. What
+    ``Engine.gamma`` is, known without building an engine (the SPS table's size needs it)."""
+    if drafter is None:
+        return 0
+    if drafter_kind(drafter) == "eagle3":
+        return int(num_drafts or drafter.config.ttt_length or 7)
+    return min(int(num_drafts), drafter.block_size) if num_drafts else drafter.block_size
+
+
 def _sts_tensor(drafter, sts, g: int, device) -> torch.Tensor:
     """The first g STS temperatures as a float32 tensor on ``device``, validated and uploaded once
     per (values, g, device) rather than every round."""
@@ -439,12 +451,7 @@ class Engine:
             if list(target.target_layer_ids) != ids:
                 target.set_target_layer_ids(ids)
             self.drafter.allocate_cache(max_batch, max_seq)
-        if self.kind == "eagle3":
-            self.gamma = int(num_drafts or self.drafter.config.ttt_length or 7)
-        elif self.drafter is not None:
-            self.gamma = min(int(num_drafts), self.drafter.block_size) if num_drafts else self.drafter.block_size
-        else:
-            self.gamma = 0
+        self.gamma = drafts_per_round(self.drafter, num_drafts)
         if isinstance(policy, str) or policy is None:
             kw = dict(policy_kwargs or {})
             kw.setdefault("max_tokens", max_batch * (self.gamma + 1))

@@ -309,6 +309,20 @@ def sps_cache_dir() -> str:
     return os.environ.get("DSPARK_NATIVE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dspark-native")
 
 
+def profile_sps_table(
+    target_model, max_tokens: int, *, points, context: int = 128, repeats: int = 2, model: str = "", path=None
+):
+    """The target's SPS table for B = 1..max_tokens, timing one forward of B new tokens after
+    ``context`` cached ones at the batch sizes in ``points`` (those above max_tokens dropped;
+    the rest interpolated), median of ``repeats``; saved to ``path`` when given."""
+    from .engine import target_forward_fn
+    from .scheduler import profile_sps
+
+    fn = target_forward_fn(target_model, context, max_tokens)
+    pts = sorted(set(points) & set(range(1, max_tokens + 1)))
+    return profile_sps(fn, max_tokens, points=pts, repeats=repeats, model=model, path=path)
+
+
 def cached_sps_table(target_model, max_tokens: int, *, model_name: str, progress: bool = True):
     """The target's SPS table for B = 1..max_tokens batch tokens, profiled on this machine once
     (a progress line on stderr, a few seconds) and cached as JSON under :func:`sps_cache_dir`,
@@ -320,8 +334,7 @@ def cached_sps_table(target_model, max_tokens: int, *, model_name: str, progress
     import time
 
     from . import __version__
-    from .engine import target_forward_fn
-    from .scheduler import SPSTable, profile_sps
+    from .scheduler import SPSTable
 
     dev = target_model.device
     hw = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
@@ -352,11 +365,10 @@ def cached_sps_table(target_model, max_tokens: int, *, model_name: str, progress
             flush=True,
         )
     t0 = time.perf_counter()
-    fn = target_forward_fn(target_model, 128, max_tokens)
-    pts = sorted({1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256, max_tokens} & set(range(1, max_tokens + 1)))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
-    table = profile_sps(fn, max_tokens, points=pts, repeats=3, model=model_name, path=tmp)
+    pts = {1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256, max_tokens}
+    table = profile_sps_table(target_model, max_tokens, points=pts, repeats=3, model=model_name, path=tmp)
     os.replace(tmp, path)
     if progress:
         print(f"[sps] profiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)

@@ -1168,12 +1168,10 @@ class ServerThread:
 def profile_sps_table(target_model, max_tokens: int, *, context: int = 128, repeats: int = 2):
     """An SPSTable for the causal/async policies, profiled on ``target_model`` now (one forward over
     B = 1, 2, 4, ... max_tokens new tokens after ``context`` cached ones; median of ``repeats``)."""
-    from .engine import target_forward_fn
-    from .scheduler import profile_sps
+    from .runtime import profile_sps_table as profile
 
-    fn = target_forward_fn(target_model, context, max_tokens)
-    pts = sorted({1, 2, 4, 8, 16, 32, 64, 128, 256, max_tokens} & set(range(1, max_tokens + 1)))
-    return profile_sps(fn, max_tokens, points=pts, repeats=repeats, model="serve")
+    pts = {1, 2, 4, 8, 16, 32, 64, 128, 256, max_tokens}
+    return profile(target_model, max_tokens, points=pts, context=context, repeats=repeats, model="serve")
 
 
 def format_startup(target, drafter_name: str, engine, policy: str, url: str) -> tuple[str, ...]:

@@ -146,7 +146,7 @@ def refuse(args, flags: dict[str, str]) -> None:
 
 def refuse_unused_sts(args) -> None:
     """--sts changes the confidences, which only the confidence-driven policies read."""
-    if getattr(args, "sts", None) and (args.policy or "causal") == "static":
+    if getattr(args, "sts", None) and args.policy == "static":
         raise UserError(
             f"--sts {args.sts}: the static policy verifies every draft and never reads the "
             "confidences; use --policy threshold, causal or async"
@@ -348,7 +348,9 @@ def build_engine(args, target: runtime.ChatTarget, drafter):
     table = sps_table(args)
     if table is None and args.policy in ("causal", "async") and drafter is not None:
         # the scheduler must see this machine's costs: profile once, cached on disk
-        gamma = runtime.build_engine(target.model, drafter, num_drafts=args.num_drafts, max_batch=1, max_seq=2).gamma
+        from dspark_native.engine import drafts_per_round
+
+        gamma = drafts_per_round(drafter, args.num_drafts)
         table = runtime.cached_sps_table(target.model, args.max_batch * (gamma + 1), model_name=target.name)
     try:
         return runtime.build_engine(

@@ -97,13 +97,9 @@ def _serve(parser: argparse.ArgumentParser):
         else:
             drafter = load_drafter(args, target)
             if args.policy in ("causal", "async") and not args.sps:
-                from dspark_native import runtime
+                from dspark_native.engine import drafts_per_round
 
-                # drafts per round as the engine will see them (a 1-slot probe allocates next to nothing)
-                gamma = runtime.build_engine(
-                    target.model, drafter.model, num_drafts=args.num_drafts, max_batch=1, max_seq=2
-                ).gamma
-                need = args.max_batch * (gamma + 1)
+                need = args.max_batch * (drafts_per_round(drafter.model, args.num_drafts) + 1)
                 print(
                     f"profiling the SPS table on the target (B = 1..{need} tokens; --sps JSON skips this)",
                     file=sys.stderr,

@@ -492,11 +492,10 @@ def restrict_drafter(drafter: DSparkDrafter, token_ids) -> DSparkDrafter:
     state = {}
     for k, v in drafter.state_dict().items():
         state[k] = v[ids.to(v.device)].clone() if k in ("lm_head.weight", "markov_head.markov_w2.weight") else v
-    state["d2t"] = (ids - torch.arange(ids.numel())).to(dev)
-    t2d = torch.zeros(cfg.vocab_size, dtype=torch.bool, device=dev)
-    t2d[ids.to(dev)] = True
-    state["t2d"] = t2d
+    state["d2t"] = torch.zeros(ids.numel(), dtype=torch.int64, device=dev)
+    state["t2d"] = torch.zeros(cfg.vocab_size, dtype=torch.bool, device=dev)
     out.load_state_dict(state, strict=True, assign=True)
+    out.set_draft_vocab(ids)
     out.embed_tokens.weight.requires_grad_(False)
     out.shared_keys = drafter.shared_keys
     if hasattr(drafter, "sts_temperature"):

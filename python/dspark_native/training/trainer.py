@@ -91,6 +91,12 @@ class TrainConfig:
             raise ValueError("draft_vocab: only DSpark and DFlash drafters support a draft vocabulary here")
 
 
+def _answer_tokens(data: TrainingData) -> torch.Tensor:
+    """int64 [n]: every sequence's answer tokens (prompt tokens left out), concatenated."""
+    offs, starts = data.offsets.tolist(), data.answer_start.tolist()
+    return torch.cat([data.tokens[o + a : e] for o, a, e in zip(offs, starts, offs[1:], strict=False)])
+
+
 def draft_vocab_from_data(data: TrainingData, n: int, vocab_size: int) -> torch.Tensor:
     """The ``n`` most frequent answer tokens of the training data (the target's own generations,
     i.e. what greedy verification accepts), ties to the lower id; int64 [n] ascending. With fewer
@@ -98,8 +104,7 @@ def draft_vocab_from_data(data: TrainingData, n: int, vocab_size: int) -> torch.
     then the lowest ids."""
     if not 1 <= n <= vocab_size:
         raise ValueError(f"draft vocabulary size must be in [1, {vocab_size}], got {n}")
-    offs, starts = data.offsets.tolist(), data.answer_start.tolist()
-    ans = torch.cat([data.tokens[o + a : e] for o, a, e in zip(offs, starts, offs[1:], strict=False)])
+    ans = _answer_tokens(data)
     counts = torch.bincount(ans, minlength=vocab_size).double() * (data.tokens.numel() + 1)
     counts += torch.bincount(data.tokens, minlength=vocab_size).double()  # prompt frequency breaks ties
     # stable descending sort: equal counts keep ascending ids
@@ -109,8 +114,7 @@ def draft_vocab_from_data(data: TrainingData, n: int, vocab_size: int) -> torch.
 
 def vocab_coverage(data: TrainingData, ids: torch.Tensor) -> float:
     """Fraction of answer tokens of ``data`` inside the draft vocabulary ``ids``."""
-    offs, starts = data.offsets.tolist(), data.answer_start.tolist()
-    ans = torch.cat([data.tokens[o + a : e] for o, a, e in zip(offs, starts, offs[1:], strict=False)])
+    ans = _answer_tokens(data)
     member = torch.zeros(int(max(int(ans.max()), int(ids.max())) + 1), dtype=torch.bool)
     member[ids] = True
     return float(member[ans].double().mean()) if ans.numel() else 0.0
