@@ -2,6 +2,7 @@
 on every GEMM micro-kernel this CPU has, row independence, packing round trip, hostile input,
 opcheck, and the model-level path (TargetModel.set_weights("native"))."""
 
+import functools
 import json
 import os
 import subprocess
@@ -117,6 +118,51 @@ def test_matches_reference(arch, hidden, inter, layers):
             assert ((a - b).norm() / b.norm()).item() < 5e-3
 
 
+@pytest.mark.parametrize("arch,hidden,inter", [("Qwen3ForCausalLM", 32, 48), ("LlamaForCausalLM", 64, 64)])
+def test_block_attention_matches_reference(arch, hidden, inter):
+    """block_attention (a drafter's parallel block): every row of a request attends to its
+    cached context and its whole block, later rows included; checked against the fp64
+    reference, and against the causal call (which must differ)."""
+    c, args, _ = _case(arch, hidden, inter)
+    h, pos, cu, base, k, v = _batch(c, [4, 7], [5, 0])
+    slots = torch.tensor([1, 3])
+    rows = torch.arange(11)
+    hr, kr, vr, hc, kc, vc = h.clone(), k.clone(), v.clone(), h.clone(), k.clone(), v.clone()
+    lg, _ = _call(
+        functools.partial(target_forward, block_attention=True), c, args, h, pos, cu, slots, base, k, v, rows, []
+    )
+    ref = functools.partial(target_forward_reference, block_attention=True)
+    rl, _ = _call(ref, c, args, hr, pos, cu, slots, base, kr, vr, rows, [])
+    torch.testing.assert_close(lg, rl, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h, hr, atol=1e-5, rtol=1e-5)
+    causal, _ = _call(target_forward, c, args, hc, pos, cu, slots, base, kc, vc, rows, [])
+    differs = (causal - lg).abs().amax(-1) > 1e-4
+    # every row but a block's last sees rows the causal call hides (the last row differs too once
+    # a layer's input has mixed in its earlier rows' whole-block view)
+    assert differs[[0, 1, 2, 4, 5, 6, 7, 8, 9]].all()
+    with pytest.raises(RuntimeError, match="block_attention"):
+        target_forward(
+            h,
+            pos,
+            cu,
+            slots,
+            base,
+            k,
+            v,
+            [],
+            args["lm_head"],
+            args["final_norm"],
+            args["inv_freq"],
+            rows,
+            [],
+            num_heads=c["Hq"],
+            intermediate_size=c["I"],
+            vocab_size=c["V"],
+            eps=1e-6,
+            block_attention="yes",
+        )
+
+
 def test_rows_independent_of_batch():
     """A row's logits do not depend on the other rows of the call (fixed reduction order): a
     block verified in one call equals its rows decoded one at a time."""
@@ -148,16 +194,22 @@ def test_rows_independent_of_batch():
 
 def test_every_isa_agrees():
     """Each GEMM micro-kernel (forced with DSPARK_CPU_ISA in a fresh process, since the choice is
-    made once per process) gives the same result up to fp32 summation rounding."""
+    made once per process) gives the same result up to fp32 summation rounding, for every row
+    count 1-11 (the AVX2 path blocks 4 rows x 1 panel, 2 x 2, 1 x 4 and 3 x 1)."""
     code = r"""
 import json, sys, torch
 sys.path.insert(0, sys.argv[1])
 from test_target_forward import _case, _batch, _call
 from dspark_native.ops import target_forward, target_forward_isa
 c, args, _ = _case("LlamaForCausalLM", 64, 64)
-h, pos, cu, base, k, v = _batch(c, [3, 8], [4, 2])
-lg, f = _call(target_forward, c, args, h, pos, cu, torch.tensor([1, 0]), base, k, v, torch.arange(11), [1])
-print(json.dumps(dict(isa=target_forward_isa(), logits=lg.tolist(), h=h.tolist())))
+logits, hs = [], []
+for blocks, base in (([3, 8], [4, 2]), ([1], [5]), ([2], [3]), ([5], [0]), ([6], [9]), ([7], [1])):
+    h, pos, cu, base, k, v = _batch(c, blocks, base)
+    slots = torch.arange(len(blocks)).flip(0)
+    lg, f = _call(target_forward, c, args, h, pos, cu, slots, base, k, v, torch.arange(sum(blocks)), [1])
+    logits += lg.tolist()
+    hs += h.tolist()
+print(json.dumps(dict(isa=target_forward_isa(), logits=logits, h=hs)))
 """
     here = os.path.dirname(os.path.abspath(__file__))
     out = {}

@@ -36,7 +36,7 @@ std::tuple<at::Tensor, at::Tensor> target_forward(
     const at::Tensor& base, const at::Tensor& k_cache, const at::Tensor& v_cache, at::TensorList layer_weights,
     const at::Tensor& lm_head, const at::Tensor& final_norm, const at::Tensor& inv_freq, const at::Tensor& logit_rows,
     at::IntArrayRef feature_layers, int64_t num_heads, int64_t intermediate_size, int64_t vocab_size, double eps,
-    int64_t num_threads) {
+    int64_t num_threads, bool block_attention) {
   check_cpu_contig(h, at::kFloat, "h");
   TORCH_CHECK(h.dim() == 2, kOp, ": h must be [T, H], got ", h.sizes());
   const int64_t T = h.size(0), H = h.size(1);
@@ -136,6 +136,7 @@ std::tuple<at::Tensor, at::Tensor> target_forward(
   p.logit_rows = logit_rows.data_ptr<int64_t>();
   p.logits = n ? logits.data_ptr<float>() : nullptr;
   p.num_threads = static_cast<int32_t>(num_threads);
+  p.block_attention = block_attention ? 1 : 0;
   throw_on_error(dspark_target_forward_cpu(&p), kOp);
   return {logits, features};
 }
@@ -150,7 +151,8 @@ TORCH_LIBRARY_FRAGMENT(dspark, m) {
       "target_forward(Tensor(a!) h, Tensor positions, Tensor cu_seqlens, Tensor slots, Tensor base, "
       "Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor[] layer_weights, Tensor lm_head, Tensor final_norm, "
       "Tensor inv_freq, Tensor logit_rows, int[] feature_layers, int num_heads, int intermediate_size, "
-      "int vocab_size, float eps, int num_threads=0) -> (Tensor logits, Tensor features)");
+      "int vocab_size, float eps, int num_threads=0, bool block_attention=False) -> (Tensor logits, "
+      "Tensor features)");
   m.def("target_forward_isa() -> str", &dspark_torch::target_forward_isa);
 }
 

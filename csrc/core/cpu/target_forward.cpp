@@ -165,6 +165,128 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))) void ti
   for (int m = 0; m < MB; ++m) _mm512_storeu_ps(tile[m], acc[m]);
 }
 
+// AVX2 register blocking: MB rows x NP panels at once. An accumulator's FMA chain is 2 FMAs per
+// pair (4-cycle latency each), so each accumulator has one FMA in flight: 8 accumulators (4 rows
+// x one panel, 2 x 2 or 1 x 4) are what both FMA pipes need. The activation comes pre-widened
+// to fp32 (xf: [rows][2 * K2], even then odd element of each pair), so a broadcast is one load
+// rather than scalar shifts and a move per row and pair. The products and their order per output
+// are those of tile_avx2_mb (and of tile_generic): bit-identical results.
+//
+// pf / npf: npf cache lines from pf on are prefetched, spread evenly over the k2 steps, so the
+// weight stream from memory keeps going while a row block re-reads panels from cache.
+constexpr int kAvx2Rows = 4;  // rows of the widest block (6 spills: GCC keeps 12 accumulators on the stack)
+
+template <int MB, int NP>
+__attribute__((target("avx2,fma"))) void tiles_avx2(const float* xf, int64_t xfs, const uint16_t* panel0,
+                                                    int64_t pe, int64_t k2, float (*tiles)[kAvx2Rows][kPanel],
+                                                    const char* pf, int64_t npf) {
+  __m256 lo[NP][MB], hi[NP][MB];
+  for (int q = 0; q < NP; ++q)
+    for (int m = 0; m < MB; ++m) lo[q][m] = hi[q][m] = _mm256_setzero_ps();
+  const __m256i mask = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+  int64_t credit = 0;
+  for (int64_t j = 0; j < k2; ++j) {
+    for (credit += npf; credit >= k2; credit -= k2, pf += 64) _mm_prefetch(pf, _MM_HINT_T0);
+    for (int q = 0; q < NP; ++q) {
+      const uint16_t* wp = panel0 + q * pe + j * 32;
+      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp));       // cols 0-7
+      const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + 16));  // cols 8-15
+      const __m256 e0 = _mm256_castsi256_ps(_mm256_slli_epi32(w0, 16));
+      const __m256 o0 = _mm256_castsi256_ps(_mm256_and_si256(w0, mask));
+      const __m256 e1 = _mm256_castsi256_ps(_mm256_slli_epi32(w1, 16));
+      const __m256 o1 = _mm256_castsi256_ps(_mm256_and_si256(w1, mask));
+      for (int m = 0; m < MB; ++m) {
+        const __m256 x0 = _mm256_broadcast_ss(xf + m * xfs + 2 * j);
+        const __m256 x1 = _mm256_broadcast_ss(xf + m * xfs + 2 * j + 1);
+        lo[q][m] = _mm256_fmadd_ps(x1, o0, _mm256_fmadd_ps(x0, e0, lo[q][m]));
+        hi[q][m] = _mm256_fmadd_ps(x1, o1, _mm256_fmadd_ps(x0, e1, hi[q][m]));
+      }
+    }
+  }
+  for (int q = 0; q < NP; ++q)
+    for (int m = 0; m < MB; ++m) {
+      _mm256_storeu_ps(tiles[q][m], lo[q][m]);
+      _mm256_storeu_ps(tiles[q][m] + 8, hi[q][m]);
+    }
+}
+
+// xf = the bf16 pairs of x widened to fp32, in a per-thread buffer that only ever grows.
+__attribute__((target("avx2,fma"))) const float* widen_pairs(const uint32_t* x, int64_t xs, int64_t M, int64_t k2) {
+  thread_local std::vector<float> buf;
+  const size_t need = static_cast<size_t>(M) * 2 * k2;
+  if (buf.size() < need) buf.resize(need);
+  float* xf = buf.data();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < k2; ++j) {
+      const uint32_t xp = x[m * xs + j];
+      xf[(m * k2 + j) * 2] = detail::bits_to_float(xp << 16);
+      xf[(m * k2 + j) * 2 + 1] = detail::bits_to_float(xp & 0xffff0000u);
+    }
+  return xf;
+}
+
+// Rows of a block of mb <= 4 rows over np <= 4 panels: the kernel calls it takes (for the
+// prefetch share) and the calls themselves. 4 and 3 rows take one panel per call, 2 rows two
+// panels, 1 row four, so every call keeps 6-8 accumulators.
+inline int avx2_calls(int mb, int np) {
+  if (mb >= 3) return np;
+  if (mb == 2) return (np + 1) / 2;
+  return np / 4 + (np % 4) / 2 + np % 2;
+}
+
+template <class Next>
+void avx2_block(int mb, const float* xr, int64_t xfs, const uint16_t* base, int64_t pe, int64_t k2, int np,
+                float (*tiles)[kAvx2Rows][kPanel], Next&& next) {
+  const char* at;
+  int64_t n;
+  int q = 0;
+  switch (mb) {
+    case 4:
+      for (; q < np; ++q) next(at, n), tiles_avx2<4, 1>(xr, xfs, base + q * pe, pe, k2, tiles + q, at, n);
+      break;
+    case 3:
+      for (; q < np; ++q) next(at, n), tiles_avx2<3, 1>(xr, xfs, base + q * pe, pe, k2, tiles + q, at, n);
+      break;
+    case 2:
+      for (; q + 2 <= np; q += 2) next(at, n), tiles_avx2<2, 2>(xr, xfs, base + q * pe, pe, k2, tiles + q, at, n);
+      for (; q < np; ++q) next(at, n), tiles_avx2<2, 1>(xr, xfs, base + q * pe, pe, k2, tiles + q, at, n);
+      break;
+    default:
+      for (; q + 4 <= np; q += 4) next(at, n), tiles_avx2<1, 4>(xr, xfs, base + q * pe, pe, k2, tiles + q, at, n);
+      for (; q + 2 <= np; q += 2) next(at, n), tiles_avx2<1, 2>(xr, xfs, base + q * pe, pe, k2, tiles + q, at, n);
+      for (; q < np; ++q) next(at, n), tiles_avx2<1, 1>(xr, xfs, base + q * pe, pe, k2, tiles + q, at, n);
+  }
+}
+
+// For panels [p, p + np) (np <= 4) and every row block of x: tiles[q][0:mb] = rows m0..m0+mb of
+// x . panel(p + q), then emit(m0, mb, tiles, np). Rows go in blocks of 4 (the remainder as one
+// block of 1-3). The next group's panels (`ahead` of them, contiguous after this group's) are
+// prefetched, an equal share in each kernel call of this group.
+template <class Emit>
+void avx2_panel_group(const float* xf, int64_t k2, int64_t M, const uint16_t* w, int64_t p, int np, int64_t ahead,
+                      Emit&& emit) {
+  alignas(32) float tiles[4][kAvx2Rows][kPanel];
+  const int64_t pe = k2 * 2 * kPanel, xfs = 2 * k2;
+  const uint16_t* base = w + p * pe;
+  const int r = static_cast<int>(M % kAvx2Rows);
+  const int64_t calls = (M / kAvx2Rows) * np + (r ? avx2_calls(r, np) : 0);
+  const int64_t lines = ahead * k2;  // one 64-byte line per pair step of a panel
+  const char* pf = reinterpret_cast<const char*>(base + np * pe);
+  const int64_t per_call = (lines + calls - 1) / calls;
+  int64_t left = lines;
+  auto next = [&](const char*& at, int64_t& n) {
+    n = std::min(per_call, left);
+    at = pf;
+    pf += 64 * n;
+    left -= n;
+  };
+  for (int64_t m0 = 0; m0 < M; m0 += kAvx2Rows) {
+    const int mb = static_cast<int>(std::min<int64_t>(kAvx2Rows, M - m0));
+    avx2_block(mb, xf + m0 * xfs, xfs, base, pe, k2, np, tiles, next);
+    emit(m0, mb, tiles, np);
+  }
+}
+
 #define DSPARK_TF_TILE_SWITCH(fn, mb, ...) \
   switch (mb) {                            \
     case 1: fn<1>(__VA_ARGS__); break;     \
@@ -353,6 +475,20 @@ void gemm_panels(Isa which, const uint32_t* x, int64_t xs, int64_t M, const uint
                  int64_t n_out, int64_t p0, int64_t p1, float* y, int64_t ys, Epilogue ep) {
 #if DSPARK_TF_X86
   if (which == Isa::kAmx && k2 % 16 == 0) return gemm_panels_amx(x, xs, M, w, k2, n_out, p0, p1, y, ys, ep);
+  if (which == Isa::kAvx2) {
+    const float* xf = widen_pairs(x, xs, M, k2);
+    for (int64_t p = p0; p < p1; p += 4) {
+      const int np = static_cast<int>(std::min<int64_t>(4, p1 - p));
+      const int64_t ahead = M >= 3 ? std::min<int64_t>(4, p1 - p - np) : 0;  // M < 4: one pass, streamed
+      avx2_panel_group(xf, k2, M, w, p, np, ahead, [&](int64_t m0, int mb, const float (*tiles)[kAvx2Rows][kPanel], int n) {
+        for (int q = 0; q < n; ++q) {
+          const int64_t c0 = (p + q) * kPanel;
+          apply_tile(tiles[q], mb, y + m0 * ys + c0, ys, static_cast<int>(std::min<int64_t>(kPanel, n_out - c0)), ep);
+        }
+      });
+    }
+    return;
+  }
 #endif
   float tile[kMaxRowsPerTile][kPanel];
   for (int64_t p = p0; p < p1; ++p) {
@@ -433,6 +569,17 @@ void gemm_swiglu(Isa which, const uint32_t* x, int64_t xs, int64_t M, const uint
         amx_tile1(xm, xs, mb, w + (2 * q + 1) * pe, k2, tiles[1]);
         swiglu_tile(tiles[0], tiles[1], mb, am, as, q);
       }
+    }
+    return;
+  }
+  if (which == Isa::kAvx2) {  // gate q and up q are panels 2q and 2q + 1: two pairs per group
+    const float* xf = widen_pairs(x, xs, M, k2);
+    for (int64_t q = q0; q < q1; q += 2) {
+      const int nq = static_cast<int>(std::min<int64_t>(2, q1 - q));
+      const int64_t ahead = M >= 3 ? 2 * std::min<int64_t>(2, q1 - q - nq) : 0;
+      avx2_panel_group(xf, k2, M, w, 2 * q, 2 * nq, ahead, [&](int64_t m0, int mb, const float (*tiles)[kAvx2Rows][kPanel], int) {
+        for (int i = 0; i < nq; ++i) swiglu_tile(tiles[2 * i], tiles[2 * i + 1], mb, act + m0 * as, as, q + i);
+      });
     }
     return;
   }
@@ -517,6 +664,59 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))) bool attend_av
 }
 #endif
 
+#if DSPARK_TF_X86
+// AVX2 version of the same (row, KV head) unit. Scores go 8 keys at a time: 8 independent dot
+// products (8 FMA chains) reduced together by a horizontal-add tree into one vector of 8 scores,
+// so no score pays a serial 8-lane reduction. The weighted sum keeps d / 8 accumulators per head.
+__attribute__((target("avx2,fma"))) bool attend_avx2(const float* q0, int64_t g, int64_t d, const float* K,
+                                                    const float* V, int64_t span, float scale, float* sc,
+                                                    float* out) {
+  const int64_t nc = d / 8;
+  if (d % 8 != 0 || nc > 16) return false;
+  const __m256 vscale = _mm256_set1_ps(scale);
+  for (int64_t hh = 0; hh < g; ++hh) {
+    const float* q = q0 + hh * d;
+    float* s = sc + hh * span;
+    int64_t j = 0;
+    for (; j + 8 <= span; j += 8) {
+      __m256 a[8];
+      for (int u = 0; u < 8; ++u) a[u] = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(K + (j + u) * d));
+      for (int64_t c = 1; c < nc; ++c)
+        for (int u = 0; u < 8; ++u)
+          a[u] = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * c), _mm256_loadu_ps(K + (j + u) * d + 8 * c), a[u]);
+      const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+      const __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+      const __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
+      _mm256_storeu_ps(s + j, _mm256_mul_ps(sum, vscale));
+    }
+    for (; j < span; ++j) {
+      __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(K + j * d));
+      for (int64_t c = 1; c < nc; ++c) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * c), _mm256_loadu_ps(K + j * d + 8 * c), acc);
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, acc);
+      s[j] = (((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))) * scale;
+    }
+    float mx = -INFINITY;
+    for (int64_t i = 0; i < span; ++i) mx = std::max(mx, s[i]);
+    float total = 0.0f;
+    for (int64_t i = 0; i < span; ++i) {
+      s[i] = detail::exp_nonpos(s[i] - mx);
+      total += s[i];
+    }
+    const float inv = 1.0f / total;
+    for (int64_t i = 0; i < span; ++i) s[i] *= inv;
+    __m256 o[16];
+    for (int64_t c = 0; c < nc; ++c) o[c] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < span; ++i) {
+      const __m256 w = _mm256_broadcast_ss(s + i);
+      for (int64_t c = 0; c < nc; ++c) o[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(V + i * d + 8 * c), o[c]);
+    }
+    for (int64_t c = 0; c < nc; ++c) _mm256_storeu_ps(out + hh * d + 8 * c, o[c]);
+  }
+  return true;
+}
+#endif
+
 struct Plan {
   std::vector<int64_t> row_req, row_pos_in_cache;  // [T]
   int64_t span_max = 0;
@@ -539,12 +739,15 @@ class Forward {
     sin_.assign(static_cast<size_t>(T) * (d / 2), 0.0f);
     row_req_.resize(T);
     row_cache_pos_.resize(T);
+    row_span_.resize(T);
     int64_t span = 0;
     for (int32_t r = 0; r < p.num_requests; ++r)
       for (int64_t t = p.cu_seqlens[r]; t < p.cu_seqlens[r + 1]; ++t) {
         row_req_[t] = r;
         row_cache_pos_[t] = p.base[r] + (t - p.cu_seqlens[r]);
-        span = std::max(span, row_cache_pos_[t] + 1);
+        // causal: the cached context and the block up to t; block attention: the whole block
+        row_span_[t] = p.block_attention ? p.base[r] + (p.cu_seqlens[r + 1] - p.cu_seqlens[r]) : row_cache_pos_[t] + 1;
+        span = std::max(span, row_span_[t]);
       }
     group_ = Hq_ / Hkv_;
     scratch_per_thread_ = group_ * (std::max<int64_t>(span, 1) + p.head_dim);
@@ -670,7 +873,7 @@ class Forward {
     const dspark_target_forward_params& p = p_;
     const int64_t d = p.head_dim, g = group_;
     const int64_t r = row_req_[t];
-    const int64_t span = row_cache_pos_[t] + 1;  // causal: cached context + own block up to t
+    const int64_t span = row_span_[t];
     const int64_t off = l * layer_stride + (p.slots[r] * Hkv_ + kvh) * p.max_seq * d;
     const float* K = p.k_cache + off;
     const float* V = p.v_cache + off;
@@ -684,6 +887,9 @@ class Forward {
         for (int64_t hh = 0; hh < g; ++hh) to_pairs(out + hh * d, d, &xb_[t * k2a_ + (kvh * g + hh) * (d / 2)]);
         return;
       }
+    } else if (which_ == Isa::kAvx2 && attend_avx2(q0, g, d, K, V, span, scale, sc, out)) {
+      for (int64_t hh = 0; hh < g; ++hh) to_pairs(out + hh * d, d, &xb_[t * k2a_ + (kvh * g + hh) * (d / 2)]);
+      return;
     }
 #endif
     for (int64_t j = 0; j < span; ++j) {
@@ -719,7 +925,7 @@ class Forward {
   int64_t Hq_, Hkv_, nqkv_, k2h_, k2a_, k2i_, group_ = 1, scratch_per_thread_ = 0;
   std::vector<uint32_t> xb_, act_;
   std::vector<float> qkv_, cos_, sin_, scores_;
-  std::vector<int64_t> row_req_, row_cache_pos_;
+  std::vector<int64_t> row_req_, row_cache_pos_, row_span_;
   std::vector<int32_t> feature_slot_;
 };
 
@@ -774,6 +980,7 @@ dspark_status check(const dspark_target_forward_params* p) {
                "base[" + rs + "] + rows = " + std::to_string(p->base[r] + n) + " exceeds max_seq = " +
                    std::to_string(p->max_seq));
   }
+  TF_REQUIRE(p->block_attention == 0 || p->block_attention == 1, "block_attention must be 0 or 1");
   TF_REQUIRE(p->num_feature_layers >= 0, "num_feature_layers must be >= 0");
   if (p->num_feature_layers > 0) {
     TF_REQUIRE(p->feature_layers && (p->features || p->num_rows == 0), "feature_layers and features are required");

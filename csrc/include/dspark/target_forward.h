@@ -14,7 +14,9 @@
  *   q,k,v = x W_qkv^T (+ qkv_bias)                         (bf16 x bf16 -> fp32)
  *   q,k  = rmsnorm_per_head(q,k) * {q,k}_norm  (Qwen3 only), then rotate-half RoPE at positions[t]
  *   K/V of row t -> cache slot slots[r], position base[r] + (t - cu[r])
- *   a    = softmax(q K^T / sqrt(d)) V over cached positions 0 .. base[r] + (t - cu[r]) (causal)
+ *   a    = softmax(q K^T / sqrt(d)) V over cached positions 0 .. base[r] + (t - cu[r]) (causal),
+ *          or with block_attention over 0 .. base[r] + rows(r) - 1: every row of a request sees
+ *          its whole block (the parallel block of a DFlash / DSpark drafter's backbone)
  *   h   += bf16(a) W_o^T
  *   x    = rmsnorm(h) * post_norm;  h += bf16(silu(x W_gate^T) * (x W_up^T)) W_down^T
  * then logits[i] = bf16(rmsnorm(h[logit_rows[i]]) * final_norm) W_head^T (fp32 out).
@@ -29,8 +31,13 @@
  * the size). The gate/up weight of a layer is one panel array whose panels alternate gate panel
  * p, up panel p (2 * ceil(I / 16) panels, I a multiple of 16).
  *
- * Restrictions: fp32 residual stream, KV cache and logits; head_dim even and <= 256; causal chain
- * blocks (no tree masks); intermediate_size a multiple of 16.
+ * Restrictions: fp32 residual stream, KV cache and logits; head_dim even and <= 256; chain blocks,
+ * causal or whole-block (no tree masks); intermediate_size a multiple of 16.
+ *
+ * A drafter's block: with block_attention = 1 the same call is the backbone forward of a
+ * DFlash-style drafter over [anchor, mask, ...] rows whose context K/V the caller has cached.
+ * Its block K/V are still written at base[r] .. (past the cached length), which the caller
+ * treats as scratch: its next append overwrites them.
  */
 #ifndef DSPARK_TARGET_FORWARD_H_
 #define DSPARK_TARGET_FORWARD_H_
@@ -93,6 +100,7 @@ typedef struct dspark_target_forward_params {
   float* logits;                   /* [n, V] fp32, or NULL if n = 0 */
 
   int32_t num_threads;       /* threads to use, 0 = dspark_set_num_threads' value / all cores */
+  int32_t block_attention;   /* 0: causal rows; 1: each row attends to its request's whole block */
 } dspark_target_forward_params;
 
 /* Elements (uint16) of the panel array of a [n, k] weight (16-row panels of k/2 bf16 pairs). */

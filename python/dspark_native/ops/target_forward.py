@@ -67,6 +67,7 @@ def target_forward(
     vocab_size: int,
     eps: float,
     num_threads: int = 0,
+    block_attention: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole target forward over a ragged batch of chain blocks (CPU).
 
@@ -75,7 +76,9 @@ def target_forward(
         positions: [T] int64 RoPE positions. cu_seqlens: [R + 1] int64. slots, base: [R] int64
             cache slot and cached length (before this call) of each request.
         k_cache, v_cache: [L, max_requests, Hkv, max_seq, d] fp32; row t of request r is written
-            at position base[r] + (t - cu[r]) and attends causally up to it.
+            at position base[r] + (t - cu[r]) and attends causally up to it, or, with
+            ``block_attention``, to the whole block of its request (a DFlash-style drafter's
+            parallel block: :meth:`DSparkDrafter.propose` on the CPU).
         layer_weights: 9 tensors per layer: qkv, o, gate_up, down panels (bf16, from
             :func:`pack_panels` / :func:`pack_gate_up_panels`), input_norm, post_norm [H] fp32,
             q_norm, k_norm [d] fp32, qkv_bias [(Hq + 2 Hkv) d] fp32 (empty tensors when the model
@@ -105,6 +108,7 @@ def target_forward(
         vocab_size,
         eps,
         num_threads,
+        block_attention,
     )
 
 
@@ -133,6 +137,7 @@ def _fake(
     vocab_size,
     eps,
     num_threads=0,
+    block_attention=False,
 ):
     T, H = h.shape
     return (h.new_empty(logit_rows.shape[0], vocab_size), h.new_empty(T, len(feature_layers) * H))

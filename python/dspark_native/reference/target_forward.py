@@ -53,6 +53,7 @@ def target_forward_reference(
     vocab_size: int,
     eps: float,
     num_threads: int = 0,
+    block_attention: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     T, H = h.shape
     L, _, Hkv, _, d = k_cache.shape
@@ -61,6 +62,8 @@ def target_forward_reference(
     cu = cu_seqlens.tolist()
     row_req = [r for r in range(len(cu) - 1) for _ in range(cu[r], cu[r + 1])]
     row_pos = [int(base[r]) + t - cu[r] for t, r in enumerate(row_req)]
+    # last position each row attends to: itself (causal) or its request's last block row
+    row_end = [int(base[r]) + cu[r + 1] - 1 - cu[r] if block_attention else row_pos[t] for t, r in enumerate(row_req)]
     ang = positions.float()[:, None] * inv_freq.float()[None, :]
     cos, sin = torch.cos(ang), torch.sin(ang)
     feats = {}
@@ -87,8 +90,8 @@ def target_forward_reference(
             v_cache[li, slots[r], :, row_pos[t]] = v[t]
         attn = torch.empty(T, Hq * d)
         for t, r in enumerate(row_req):
-            K = k_cache[li, slots[r], :, : row_pos[t] + 1].double()  # [Hkv, span, d]
-            V = v_cache[li, slots[r], :, : row_pos[t] + 1].double()
+            K = k_cache[li, slots[r], :, : row_end[t] + 1].double()  # [Hkv, span, d]
+            V = v_cache[li, slots[r], :, : row_end[t] + 1].double()
             g = Hq // Hkv
             for hq in range(Hq):
                 sc = (K[hq // g] @ heads[t, hq].double()) / math.sqrt(d)
