@@ -17,6 +17,7 @@ from test_engine_helpers import expected_output, greedy_reference, scripted_draf
 
 from dspark_native.engine import POLICIES, Engine, SamplingParams, default_drafter
 from dspark_native.models import ContextLengthError
+from dspark_native.models.fused import cpu_runs_onednn_bf16
 
 V = 64
 
@@ -311,6 +312,17 @@ def test_default_drafter_is_deterministic(target):
     assert a.block_size == 7 and a.config.target_layer_ids
 
 
+def test_default_drafter_in_another_dtype_leaves_the_target_alone(target):
+    """A bf16 default drafter beside an fp32 target gets bf16 copies of the shared embedding and
+    head; converting it must not convert the target's own weights (it once did)."""
+    emb, head = target.embed_tokens.weight, target.lm_head.weight
+    d = default_drafter(target, num_layers=1, dtype=torch.bfloat16)
+    assert target.embed_tokens.weight is emb and emb.dtype == torch.float32 and head.dtype == torch.float32
+    assert d.embed_tokens.weight.dtype == torch.bfloat16 and torch.equal(d.embed_tokens.weight, emb.bfloat16())
+    same = default_drafter(target, num_layers=1)
+    assert same.embed_tokens.weight is emb and same.lm_head.weight is head  # same dtype: shared
+
+
 @pytest.mark.slow
 def test_smollm2_greedy_lossless_with_default_drafter():
     pytest.importorskip("tokenizers")
@@ -404,6 +416,8 @@ def test_sts_with_fewer_drafts_than_the_block(target):
 def test_greedy_lossless_on_fast_target_paths(weights, kind, block, batch, policy):
     """Speculative output equals plain output on each fast forward path (the paths differ from
     the reference by rounding, so the plain run uses the same path)."""
+    if weights == "bf16" and not cpu_runs_onednn_bf16():
+        pytest.skip("oneDNN's bf16 GEMM cannot run on this CPU (no AVX512BW/VL/DQ, no AVX-NE-CONVERT)")
     target = tiny_target(V)
     assert target.set_weights(weights) == weights
     prompts = _prompts(batch, seed=block * 7 + batch)

@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn as nn
 
 from .models.cache import ContextLengthError, KVCache, upload
 from .models.drafter import DSparkDrafter
@@ -450,7 +451,9 @@ class Engine:
             ids = list(self.drafter.config.target_layer_ids)
             if list(target.target_layer_ids) != ids:
                 target.set_target_layer_ids(ids)
-            self.drafter.allocate_cache(max_batch, max_seq)
+            # + one block: scratch past the longest context for the native propose's block K/V
+            scratch = self.drafter.block_size if isinstance(self.drafter, DSparkDrafter) else 0
+            self.drafter.allocate_cache(max_batch, max_seq + scratch)
         self.gamma = drafts_per_round(self.drafter, num_drafts)
         if isinstance(policy, str) or policy is None:
             kw = dict(policy_kwargs or {})
@@ -927,10 +930,12 @@ def default_drafter(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         d = DSparkDrafter(cfg)
-    d.embed_tokens.weight = target.embed_tokens.weight
-    d.lm_head.weight = target.lm_head.weight
-    d.shared_keys = ("embed_tokens.weight", "lm_head.weight")
     d = d.to(device=target.device, dtype=dtype).eval()
+    # shared with the target, or copies in the drafter's dtype: converting the drafter must never
+    # convert the target's own embedding and head
+    for mod, src in ((d.embed_tokens, target.embed_tokens.weight), (d.lm_head, target.lm_head.weight)):
+        mod.weight = src if src.dtype == dtype else nn.Parameter(src.detach().to(dtype), requires_grad=False)
+    d.shared_keys = ("embed_tokens.weight", "lm_head.weight")
     d.untrained = True
     return d
 

@@ -195,6 +195,9 @@ class DSparkDrafter(nn.Module):
         self.cache: KVCache | None = None
         # Keys taken from the target at load time (not written back by save_drafter).
         self.shared_keys: tuple[str, ...] = ()
+        #: backbone of :meth:`propose` on the CPU: None = the native whole-forward kernel where it
+        #: can run (:meth:`native_propose_ok`), False = always the torch layers
+        self.native_propose: bool | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -246,7 +249,10 @@ class DSparkDrafter(nn.Module):
         return self.config.block_size
 
     def allocate_cache(self, max_requests: int, max_seq: int) -> KVCache:
-        """Create (and keep in ``self.cache``) the context KV cache."""
+        """Create (and keep in ``self.cache``) the context KV cache: fp32 when :meth:`propose`
+        runs the native kernel (which reads an fp32 cache), else in the model dtype.
+        ``max_seq`` should leave ``block_size`` positions past the longest context: the native
+        propose uses them as scratch for the block's own K/V (the torch path is taken otherwise)."""
         c = self.config
         self.cache = KVCache(
             c.num_hidden_layers,
@@ -254,10 +260,21 @@ class DSparkDrafter(nn.Module):
             c.num_key_value_heads,
             max_seq,
             c.head_dim,
-            dtype=self.dtype,
+            dtype=torch.float32 if self.native_propose_ok() else self.dtype,
             device=self.device,
         )
         return self.cache
+
+    def native_propose_ok(self) -> bool:
+        """True when :meth:`propose` can run its backbone as one native call
+        (``dspark_native.ops.target_forward`` with whole-block attention): a CPU drafter, the
+        compiled extension, an MLP width that is a multiple of 16 and ``native_propose`` not False."""
+        if self.native_propose is False or self.device.type != "cpu":
+            return False
+        from .fused import _has_native_op
+
+        c = self.config
+        return _has_native_op() and c.intermediate_size % 16 == 0 and c.head_dim % 2 == 0 and c.head_dim <= 256
 
     def _need_cache(self) -> KVCache:
         if self.cache is None:
@@ -316,8 +333,8 @@ class DSparkDrafter(nn.Module):
         for li, layer in enumerate(self.layers):
             # Context rows bypass input_layernorm (DFlash KV injection): k/v come from C directly.
             k, v = layer.self_attn.kv(C, cos, sin)
-            cache.k_cache[li, slot_t, :, pos_t] = k
-            cache.v_cache[li, slot_t, :, pos_t] = v
+            cache.k_cache[li, slot_t, :, pos_t] = k.to(cache.dtype)
+            cache.v_cache[li, slot_t, :, pos_t] = v.to(cache.dtype)
         cache.advance(req, counts, req_l, counts_l)
 
     def crop(self, request_ids, lengths) -> None:
@@ -350,6 +367,8 @@ class DSparkDrafter(nn.Module):
         R, g = len(req_l), self.block_size
         base_l = cache.host_lengths()[req_l].tolist() if R else []
         L = max(base_l) if R else 0
+        if R and cache.k_cache.dtype == torch.float32 and L + g <= cache.max_seq and self.native_propose_ok():
+            return self._propose_native(req_l, base_l, anchor)
         meta = upload(torch.tensor([req_l, base_l], dtype=torch.int64).reshape(2, R), self.device)
         req, ctx_len = meta[0], meta[1]
         ids = self.block_input_ids(anchor)
@@ -372,14 +391,66 @@ class DSparkDrafter(nn.Module):
                 q, k = at.q_norm(q), at.k_norm(k)
             q = apply_rope(q, cos, sin).transpose(1, 2)
             k = apply_rope(k, cos, sin)
-            K = torch.cat([cache.k_cache[li, req, :, :L], k.transpose(1, 2)], dim=2)
-            V = torch.cat([cache.v_cache[li, req, :, :L], v.transpose(1, 2)], dim=2)
+            K = torch.cat([cache.k_cache[li, req, :, :L].to(k.dtype), k.transpose(1, 2)], dim=2)
+            V = torch.cat([cache.v_cache[li, req, :, :L].to(v.dtype), v.transpose(1, 2)], dim=2)
             attn = sdpa(q, K, V, mask).transpose(1, 2).flatten(2)
             h = h + at.o_proj(attn)
             gate, up = F.linear(layer.post_attention_layernorm(h), fw[3]).chunk(2, dim=-1)
             h = h + layer.mlp.down_proj(F.silu(gate) * up)
         h = self.norm(h)
         return self.lm_head(h).float(), h
+
+    def _propose_native(self, req_l: list[int], base_l: list[int], anchor: torch.Tensor):
+        """:meth:`propose`'s backbone as one ``target_forward`` call: rows [anchor, mask, ...] of
+        each request attend to its cached context and their whole block (block_attention). The
+        block's K/V land past the cached length, positions the next :meth:`ingest` overwrites."""
+        from ..ops.target_forward import target_forward
+
+        c, cache = self.config, self.cache
+        R, g = len(req_l), self.block_size
+        nw = self._native_weights()
+        ids = self.block_input_ids(anchor).reshape(-1)
+        h = self.embed_tokens(ids).float().contiguous()
+        base = torch.tensor(base_l, dtype=torch.int64)
+        pos = (base[:, None] + torch.arange(g)).reshape(-1)
+        logits, _ = target_forward(
+            h,
+            pos,
+            torch.arange(0, R * g + 1, g),
+            torch.tensor(req_l, dtype=torch.int64),
+            base,
+            cache.k_cache,
+            cache.v_cache,
+            nw[0].layer_weights,
+            nw[0].lm_head,
+            nw[1],
+            nw[0].inv_freq,
+            torch.arange(R * g),
+            [],
+            num_heads=c.num_attention_heads,
+            intermediate_size=c.intermediate_size,
+            vocab_size=self.lm_head.out_features,
+            eps=c.rms_norm_eps,
+            block_attention=True,
+        )
+        # norm(h) in the model dtype, normalised in fp32 from the fp32 residual (RMSNorm's numerics)
+        hn = self.norm.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + c.rms_norm_eps)).to(self.dtype)
+        return logits.view(R, g, -1), hn.view(R, g, -1)
+
+    def _native_weights(self):
+        """(packed weights for target_forward, final norm fp32), packed once and again whenever a
+        source weight changes."""
+        srcs = [p for n, p in self.named_parameters() if n.startswith(("layers.", "norm.", "lm_head."))]
+        key = tuple((t.data_ptr(), t._version) for t in srcs)
+        cached = getattr(self, "_native_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        from .fused import _pack_native
+
+        with torch.no_grad():
+            out = (_pack_native(self), self.norm.weight.detach().float().contiguous())
+        self._native_cache = (key, out)
+        return out
 
     def _fused_weights(self) -> list:
         """Per layer (W_qkv, b_qkv or None, split sizes, W_gate_up), concatenated once and rebuilt
