@@ -44,6 +44,29 @@ WEIGHT_FORMATS = ("reference", "fused", "bf16", "native", "auto")
 NATIVE_MAX_ROWS = 64
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_runs_onednn_bf16() -> bool:
+    """True when oneDNN can pack and run bf16 GEMMs on this CPU at all (its bf16 path needs
+    AVX512BW/VL/DQ or AVX-NE-CONVERT; an AVX2-only CPU has neither). Off Linux: assumed."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    flags = _cpu_flags()
+    if not flags:
+        return True
+    return {"avx512bw", "avx512vl", "avx512dq"} <= flags or "avx_ne_convert" in flags
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_has_bf16_matmul() -> bool:
     """True when this CPU has native bf16 dot-product instructions (AMX-BF16 or AVX512-BF16) and
@@ -53,15 +76,7 @@ def cpu_has_bf16_matmul() -> bool:
         return False
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         return False
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool({"amx_bf16", "avx512_bf16"} & flags)
-    except OSError:
-        pass
-    return False
+    return bool({"amx_bf16", "avx512_bf16"} & _cpu_flags())
 
 
 def _has_native_op() -> bool:
@@ -76,7 +91,8 @@ def resolve_weight_format(weights: str, device: torch.device, dtype: torch.dtype
     "auto": on the CPU "native" (the whole-forward kernel, dspark_native.ops.target_forward) when
     the compiled extension is available and the model is fp32, else "bf16" on a CPU with native
     bf16 matmul, else "fused"; off the CPU "fused". "bf16" on a CPU without bf16 instructions is
-    allowed (correct, just slow); "bf16" and "native" on a non-CPU device are refused.
+    allowed (correct, just slow) where oneDNN can run it (:func:`cpu_runs_onednn_bf16`);
+    "bf16" and "native" on a non-CPU device are refused.
     """
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
@@ -101,6 +117,11 @@ def resolve_weight_format(weights: str, device: torch.device, dtype: torch.dtype
         )
     if weights in ("bf16", "native") and not torch.backends.mkldnn.is_available():
         raise ValueError("weights='bf16' needs a torch build with oneDNN (mkldnn)")
+    if weights == "bf16" and not cpu_runs_onednn_bf16():
+        raise ValueError(
+            "weights='bf16': oneDNN's bf16 GEMM needs a CPU with AVX512BW/VL/DQ or AVX-NE-CONVERT, "
+            "which this one lacks; use weights='native' (bf16 weights in our own kernel) or 'fused'"
+        )
     return weights
 
 
