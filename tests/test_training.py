@@ -1,6 +1,7 @@
 """Drafter training and evaluation: losses against hand-computed values, optimisation on a tiny
 random target, checkpoint round trip, resume, data build/resume, evaluation metrics."""
 
+import dataclasses
 import json
 import math
 
@@ -355,6 +356,28 @@ def test_training_with_a_draft_vocabulary_resumes_bit_exactly_and_loads(tiny_tar
     loaded = load_drafter(str(tmp_path / "a" / "final"), target=tiny_target, dtype=torch.float32)
     assert torch.equal(loaded.draft_to_target, full.draft_to_target)
     torch.testing.assert_close(loaded.lm_head.weight, full.lm_head.weight)
+
+
+def test_init_from_a_saved_drafter_starts_from_its_weights(tiny_target, tiny_data, tmp_path):
+    cfg = TrainConfig(
+        kind="dspark", num_layers=1, markov_rank=8, block_size=4, steps=3, batch_sequences=2,
+        anchors_per_sequence=3, save_every=3, draft_vocab=20,
+    )  # fmt: skip
+    kw = dict(target_layer_ids=[1, 2, 3, 4, 5], progress=False)
+    train(tiny_target, tiny_data, cfg, str(tmp_path / "a"), **kw)
+    src = load_drafter(str(tmp_path / "a" / "final"), target=tiny_target, dtype=torch.float32)
+    warm = dataclasses.replace(cfg, init_from=str(tmp_path / "a" / "final"), steps=5)
+    d = train(tiny_target, tiny_data, warm, str(tmp_path / "b"), stop_after=0, **kw)
+    assert torch.equal(d.draft_to_target, src.draft_to_target)
+    for k, v in src.state_dict().items():
+        torch.testing.assert_close(d.state_dict()[k], v, atol=0, rtol=0, msg=k)
+    moved = train(tiny_target, tiny_data, warm, str(tmp_path / "b"), **kw)  # and it trains on from there
+    assert not torch.equal(moved.layers[0].mlp.up_proj.weight, src.layers[0].mlp.up_proj.weight)
+    for bad, field in ((dict(markov_rank=4), "markov_rank"), (dict(num_layers=2), "num_hidden_layers")):
+        with pytest.raises(ValueError, match=field):
+            train(tiny_target, tiny_data, dataclasses.replace(warm, **bad), str(tmp_path / field), **kw)
+    with pytest.raises(ValueError, match="exclusive"):
+        dataclasses.replace(warm, init_from_target=True).validate()
 
 
 def test_init_from_target_copies_the_last_layers(tiny_target):

@@ -58,6 +58,13 @@ def _train(parser: argparse.ArgumentParser):
     parser.add_argument(
         "--init-from-target", action="store_true", help="start the backbone layers from the target's last layers"
     )
+    parser.add_argument(
+        "--init-from",
+        metavar="DIR",
+        default=None,
+        help="start from this saved drafter's weights (e.g. the shipped one: same architecture, target "
+        "layers and draft vocabulary); the schedule and optimiser start fresh",
+    )
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast forward (fp32 weights and optimiser)")
     parser.add_argument(
         "--holdout",
@@ -101,6 +108,7 @@ def _train(parser: argparse.ArgumentParser):
             draft_vocab=args.draft_vocab,
             init_from_target=args.init_from_target,
             bf16=args.bf16,
+            init_from=os.path.abspath(args.init_from) if args.init_from else None,
         )
         try:
             cfg.validate()

@@ -66,6 +66,9 @@ class TrainConfig:
     #: bf16 autocast for the forward (fp32 master weights and optimiser); faster where the CPU has
     #: bf16 matrix instructions
     bf16: bool = False
+    #: start from this saved drafter's trained weights (a DeepSpec directory, e.g. the shipped
+    #: drafter); its architecture, target layers and draft vocabulary must match this config
+    init_from: str | None = None
 
     def validate(self) -> None:
         if self.kind not in KINDS:
@@ -89,6 +92,8 @@ class TrainConfig:
             raise ValueError(f"draft_vocab must be >= 0 (0 = full vocabulary), got {self.draft_vocab}")
         if self.draft_vocab and self.kind == "eagle3":
             raise ValueError("draft_vocab: only DSpark and DFlash drafters support a draft vocabulary here")
+        if self.init_from is not None and self.init_from_target:
+            raise ValueError("init_from and init_from_target are exclusive: start from one of them")
 
 
 def _answer_tokens(data: TrainingData) -> torch.Tensor:
@@ -187,6 +192,40 @@ def new_drafter(
     d.lm_head.weight = nn.Parameter(head.clone(), requires_grad=False)
     d.shared_keys = ("embed_tokens.weight", "lm_head.weight")
     return d
+
+
+def _init_checkpoint(target, cfg: TrainConfig, target_layer_ids) -> tuple[dict, torch.Tensor | None]:
+    """(fp32 state dict of the trained tensors, draft-vocabulary target ids or None) of the drafter
+    at ``cfg.init_from``, after checking that it is the drafter ``cfg`` describes."""
+    from ..models.loaders import load_drafter
+
+    src = load_drafter(cfg.init_from, target, dtype=torch.float32, set_target_layers=False)
+    c = src.config
+    kind = "eagle3" if c.kind == "eagle3" else ("dspark" if c.markov_rank > 0 else "dflash")
+    n = target.config.num_hidden_layers
+    ids = list(target_layer_ids) if target_layer_ids else (default_target_layer_ids(n, 5) if n >= 5 else list(range(n)))
+    checks = [("kind", kind, cfg.kind), ("target_layer_ids", list(c.target_layer_ids), ids)]
+    if cfg.kind != "eagle3":
+        checks += [
+            ("num_hidden_layers", c.num_hidden_layers, cfg.num_layers),
+            ("block_size", c.block_size, cfg.block_size),
+            (
+                "draft_vocab_size",
+                c.draft_vocab_size or 0,
+                cfg.draft_vocab if cfg.draft_vocab < target.config.vocab_size else 0,
+            ),
+        ]
+    if cfg.kind == "dspark":
+        checks += [
+            ("markov_rank", c.markov_rank, cfg.markov_rank),
+            ("markov_head_type", c.markov_head_type, cfg.markov_head_type),
+        ]
+    for name, have, want in checks:
+        if have != want:
+            raise ValueError(f"init_from: {cfg.init_from} has {name} = {have!r}, this run wants {want!r}")
+    shared = set(getattr(src, "shared_keys", ())) | {"embed_tokens.weight", "lm_head.weight"}
+    state = {k: v.detach().float().clone() for k, v in src.state_dict().items() if k not in shared}
+    return state, src.draft_to_target if c.draft_vocab_size else None
 
 
 # ----------------------------------------------------------------------------- batches
@@ -432,10 +471,13 @@ def train(
                 f"({st['config']}); use a new directory or resume=False"
             )
     vocab_ids = None
+    start = _init_checkpoint(target, cfg, target_layer_ids) if cfg.init_from is not None and st is None else None
     if cfg.draft_vocab and cfg.draft_vocab < target.config.vocab_size:
         # a resumed run keeps the vocabulary it started with, even if the data has grown since
         if st is not None and st.get("draft_vocab_ids") is not None:
             vocab_ids = st["draft_vocab_ids"]
+        elif start is not None:
+            vocab_ids = start[1]
         else:
             vocab_ids = draft_vocab_from_data(data, cfg.draft_vocab, target.config.vocab_size)
         if progress:
@@ -445,6 +487,11 @@ def train(
                 file=sys.stderr,
             )
     d = new_drafter(target, cfg, target_layer_ids, vocab_ids)
+    if start is not None:
+        with torch.no_grad():
+            d.load_state_dict(start[0], strict=False)
+        if progress:
+            print(f"[train] starting from the weights of {cfg.init_from}", file=sys.stderr)
     opt = torch.optim.AdamW(_trainable(d), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     step = 0
     if st is not None:
