@@ -323,11 +323,24 @@ def profile_sps_table(
     return profile_sps(fn, max_tokens, points=pts, repeats=repeats, model=model, path=path)
 
 
+def _native_build_id() -> str:
+    """Path, size and mtime of the loaded extension: a rebuilt kernel (faster or slower) must not
+    reuse the SPS table profiled with the old one. Empty without the extension."""
+    from ._native import NativeLibraryError, load_library
+
+    try:
+        lib = load_library()
+        st = os.stat(lib)
+    except (NativeLibraryError, OSError):
+        return ""
+    return f"{lib}:{st.st_size}:{int(st.st_mtime)}"
+
+
 def cached_sps_table(target_model, max_tokens: int, *, model_name: str, progress: bool = True):
     """The target's SPS table for B = 1..max_tokens batch tokens, profiled on this machine once
     (a progress line on stderr, a few seconds) and cached as JSON under :func:`sps_cache_dir`,
-    keyed by model, forward path, dtype, device, threads, CPU/GPU name and versions: what the
-    causal and async policies use when no --sps table is given."""
+    keyed by model, forward path, dtype, device, threads, CPU/GPU name, versions and the loaded
+    extension's build: what the causal and async policies use when no --sps table is given."""
     import hashlib
     import json
     import sys
@@ -347,6 +360,7 @@ def cached_sps_table(target_model, max_tokens: int, *, model_name: str, progress
         threads=torch.get_num_threads(),
         torch=torch.__version__,
         dspark_native=__version__,
+        native_build=_native_build_id(),
     )
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(sps_cache_dir(), f"sps-{digest}.json")
