@@ -12,7 +12,13 @@ from models_helpers import random_tensors, target_raw_config, target_shapes
 
 from dspark_native.models import build_target, load_drafter
 from dspark_native.models.config import ModelConfig
-from dspark_native.training.data import DataConfig, build_training_data, load_training_data, select_prompts
+from dspark_native.training.data import (
+    DataConfig,
+    build_training_data,
+    concat_training_data,
+    load_training_data,
+    select_prompts,
+)
 from dspark_native.training.evaluate import round_metrics
 from dspark_native.training.losses import cosine_lr, dspark_loss, l1_to_target, position_weights
 from dspark_native.training.trainer import TrainConfig, batch_for_step, new_drafter, step_loss, train
@@ -161,6 +167,29 @@ def test_select_prompts_interleaves_and_filters(tmp_path):
     got = select_prompts(_data_cfg([str(a), str(b)], sequences_per_shard=100, seed=0), _encode)
     doms = sorted(d for d, _ in got)
     assert doms == ["a", "a", "a", "b", "b"]  # b's 61-char prompt is longer than 40 tokens
+
+
+def test_select_prompts_skips_an_earlier_builds_prompts(tmp_path):
+    """skip_per_file drops what a build with (limit, max tokens) took: a second build with a
+    longer token limit gets the long prompts the first one filtered out, and later short ones."""
+    a = tmp_path / "a.jsonl"
+    lens = [5, 50, 6, 7, 60, 8, 9]  # characters = tokens under _encode
+    a.write_text("".join(json.dumps({"turns": [chr(97 + i) * n]}) + "\n" for i, n in enumerate(lens)))
+    first = select_prompts(_data_cfg([str(a)], limit_per_file=3, sequences_per_shard=100), _encode)
+    assert sorted(len(ids) for _, ids in first) == [5, 6, 7]
+    second = _data_cfg([str(a)], limit_per_file=3, max_prompt_tokens=80, skip_per_file=3, skip_max_prompt_tokens=40)
+    got = select_prompts(dataclasses.replace(second, sequences_per_shard=100), _encode)
+    assert sorted(len(ids) for _, ids in got) == [8, 50, 60]
+    assert not {tuple(i) for _, i in first} & {tuple(i) for _, i in got}
+
+
+def test_training_data_from_several_directories(tiny_data):
+    both = concat_training_data([tiny_data, tiny_data])
+    n = tiny_data.num_sequences
+    assert both.num_sequences == 2 * n and both.domains == tiny_data.domains * 2
+    a, b = both.split(n)
+    assert torch.equal(b.tokens, tiny_data.tokens) and torch.equal(b.features, tiny_data.features)
+    assert torch.equal(b.offsets, tiny_data.offsets) and torch.equal(a.answer_start, tiny_data.answer_start)
 
 
 # ----------------------------------------------------------------------------- training

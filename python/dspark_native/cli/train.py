@@ -36,6 +36,28 @@ def _train(parser: argparse.ArgumentParser):
     parser.add_argument("--answer-tokens", type=int, default=256, help="max answer length (default 256)")
     parser.add_argument("--data-batch", type=int, default=32, help="prompts decoded together (default 32)")
     parser.add_argument("--max-sequences", type=int, default=None, help="stop the data build after N sequences")
+    parser.add_argument(
+        "--skip-per-file",
+        type=int,
+        default=0,
+        metavar="N",
+        help="leave out each file's first N prompts that fit --skip-max-prompt-tokens (an earlier "
+        "build's prompts), so this build adds new ones",
+    )
+    parser.add_argument(
+        "--skip-max-prompt-tokens",
+        type=int,
+        default=0,
+        help="the earlier build's --max-prompt-tokens (default: the same)",
+    )
+    parser.add_argument(
+        "--extra-data-dir",
+        nargs="+",
+        default=[],
+        metavar="DIR",
+        help="also train on these finished data directories (read before --data-dir's sequences, so "
+        "--holdout still holds out the newest)",
+    )
     parser.add_argument("--no-generate", action="store_true", help="train on the finished shards only")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch-sequences", type=int, default=4)
@@ -129,6 +151,8 @@ def _train(parser: argparse.ArgumentParser):
                 batch=args.data_batch,
                 sequences_per_shard=args.data_batch,
                 target_layer_ids=ids,
+                skip_per_file=args.skip_per_file,
+                skip_max_prompt_tokens=args.skip_max_prompt_tokens,
             )
             try:
                 build_training_data(
@@ -144,7 +168,7 @@ def _train(parser: argparse.ArgumentParser):
             except (ValueError, FileNotFoundError) as exc:
                 raise UserError(str(exc)) from None
         try:
-            data = load_training_data(args.data_dir)
+            data = load_training_data([*args.extra_data_dir, args.data_dir])
             dev = None
             if args.holdout:
                 data, dev = data.split(args.holdout)

@@ -36,7 +36,9 @@ class DataConfig:
     ``limit_per_file``: prompts taken from each file (after dropping prompts longer than
     ``max_prompt_tokens``); answers of at most ``max_new_tokens`` tokens, ``batch`` prompts
     decoded together; ``sequences_per_shard`` sequences a shard; ``topk`` K of the stored target
-    distribution; ``seed`` the prompt-order shuffle."""
+    distribution; ``seed`` the prompt-order shuffle. ``skip_per_file`` > 0 leaves out each file's
+    first ``skip_per_file`` prompts that fit ``skip_max_prompt_tokens`` (0: ``max_prompt_tokens``),
+    i.e. what an earlier build with those limits took, so a second build adds new prompts only."""
 
     files: list[str]
     limit_per_file: int = 200
@@ -47,6 +49,8 @@ class DataConfig:
     topk: int = 32
     seed: int = 0
     target_layer_ids: list[int] = field(default_factory=list)
+    skip_per_file: int = 0
+    skip_max_prompt_tokens: int = 0
 
 
 def _read_prompts(path: str) -> list[str]:
@@ -71,11 +75,16 @@ def select_prompts(cfg: DataConfig, encode: Callable[[str], list[int]]) -> list[
     fit ``max_prompt_tokens``, the files interleaved round-robin (any prefix of the data mixes
     the domains), then shuffled within blocks of one shard with ``seed``."""
     per_file = []
+    skip_max = cfg.skip_max_prompt_tokens or cfg.max_prompt_tokens
     for path in cfg.files:
         dom = os.path.splitext(os.path.basename(path))[0]
         chosen = []
+        skipped = 0
         for text in _read_prompts(path):
             ids = encode(text)
+            if skipped < cfg.skip_per_file and len(ids) <= skip_max:
+                skipped += 1  # an earlier build's prompt
+                continue
             if len(ids) <= cfg.max_prompt_tokens:
                 chosen.append((dom, ids))
             if len(chosen) >= cfg.limit_per_file:
@@ -143,11 +152,16 @@ def build_training_data(
             raise FileNotFoundError(f"prompt file {p} does not exist")
     if cfg.topk < 1 or cfg.batch < 1 or cfg.sequences_per_shard < 1 or cfg.max_new_tokens < 1:
         raise ValueError("topk, batch, sequences_per_shard and max_new_tokens must be >= 1")
+    if cfg.skip_per_file < 0 or cfg.skip_max_prompt_tokens < 0:
+        raise ValueError("skip_per_file and skip_max_prompt_tokens must be >= 0")
     os.makedirs(out_dir, exist_ok=True)
     target.set_target_layer_ids(list(cfg.target_layer_ids))
     mpath = os.path.join(out_dir, MANIFEST)
     # Files are compared by name, so the same data can be resumed from another checkout.
     conf = dict(asdict(cfg), files=[os.path.basename(f) for f in cfg.files])
+    for k in ("skip_per_file", "skip_max_prompt_tokens"):  # absent from builds made before them
+        if not conf[k]:
+            del conf[k]
     want = dict(
         version=DATA_VERSION, config=conf, hidden_size=target.config.hidden_size, vocab_size=target.config.vocab_size
     )
@@ -257,8 +271,14 @@ class TrainingData:
         return a, b
 
 
-def load_training_data(out_dir: str) -> TrainingData:
-    """Read every finished shard listed in the manifest of ``out_dir``."""
+def load_training_data(out_dir: str | Sequence[str]) -> TrainingData:
+    """Read every finished shard listed in the manifest of ``out_dir`` (or of several data
+    directories, concatenated in the order given)."""
+    if not isinstance(out_dir, str):
+        parts = [load_training_data(d) for d in out_dir]
+        if not parts:
+            raise ValueError("load_training_data: no data directory given")
+        return concat_training_data(parts)
     from safetensors import safe_open
 
     mpath = os.path.join(out_dir, MANIFEST)
@@ -289,4 +309,24 @@ def load_training_data(out_dir: str) -> TrainingData:
         torch.cat(parts["topk_ids"]).long(),
         torch.cat(parts["topk_probs"]),
         domains,
+    )
+
+
+def concat_training_data(parts: Sequence[TrainingData]) -> TrainingData:
+    """The sequences of ``parts`` one after another (features of one width)."""
+    widths = {p.features.shape[-1] for p in parts}
+    if len(widths) != 1:
+        raise ValueError(f"training data with different feature widths cannot be combined: {sorted(widths)}")
+    offs, base = [], 0
+    for p in parts:
+        offs.append(p.offsets[:-1] + base)
+        base += int(p.offsets[-1])
+    return TrainingData(
+        torch.cat([p.tokens for p in parts]),
+        torch.cat(offs + [torch.tensor([base])]),
+        torch.cat([p.answer_start for p in parts]),
+        torch.cat([p.features for p in parts]),
+        torch.cat([p.topk_ids for p in parts]),
+        torch.cat([p.topk_probs for p in parts]),
+        [d for p in parts for d in p.domains],
     )
