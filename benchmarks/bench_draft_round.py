@@ -1,5 +1,7 @@
 """A DSpark drafter round against a target decode step (SmolLM2-135M, the shipped drafter), at
-batch 1, 4 and 16, with the full vocabulary and draft vocabularies of 16k, 8k and 4k tokens.
+batch 1, 4 and 16: a shipped drafter with its own draft vocabulary in fp32 and bf16, its backbone
+on the native kernel and on the torch layers; a full-vocabulary one restricted to random
+vocabularies of 16k, 8k and 4k tokens.
 
 A round = ingest of 2 new context rows per request (anchor + one accepted draft, the typical
 round) + the backbone forward over the block (``propose``) + the fused sequential stage
@@ -88,12 +90,14 @@ def main(argv=None) -> int:
     batches = (1,) if args.quick else (1, 4, 16)
     repeats = 10 if args.quick else args.repeats
     shipped_n = DrafterConfig.from_dict(read_config_json(shipped_drafter_dir())).draft_vocab_size
+    # (name, restrict to N random tokens or 0, dtype, propose backbone: native kernel or torch)
     if shipped_n:  # the shipped drafter has its own draft vocabulary: time it as shipped
         tag = f"{shipped_n // 1024}k"
-        variants = [(f"{tag} fp32", 0, torch.float32), (tag, 0, torch.bfloat16)]
+        variants = [(f"{tag} fp32 torch", 0, torch.float32, False), (f"{tag} torch", 0, torch.bfloat16, False)]
+        variants += [(f"{tag} fp32", 0, torch.float32, None), (tag, 0, torch.bfloat16, None)]
     else:  # a full-vocabulary drafter: time it restricted to random vocabularies as well
-        variants = [("full fp32", 0, torch.float32), ("full", 0, torch.bfloat16)]
-        variants += [(f"{n // 1024}k", n, torch.bfloat16) for n in (16384, 8192, 4096)]
+        variants = [("full fp32", 0, torch.float32, None), ("full", 0, torch.bfloat16, None)]
+        variants += [(f"{n // 1024}k", n, torch.bfloat16, None) for n in (16384, 8192, 4096)]
     gen = torch.Generator().manual_seed(0)
     rows = []
     for R in batches:
@@ -101,10 +105,11 @@ def main(argv=None) -> int:
         ids = torch.randint(0, V - 1, (R * CTX,), generator=gen)
         cu = torch.arange(0, R * CTX + 1, CTX)
         drafters = []
-        for name, n, dt in variants:
+        for name, n, dt, native in variants:
             d = load_drafter(shipped_drafter_dir(), tgt, dtype=dt)
             if n:
                 d = restrict_drafter(d, torch.randperm(V, generator=gen)[:n].sort().values)
+            d.native_propose = native
             d.allocate_cache(R, CTX + 16)
             drafters.append((name, n, dt, d))
         tgt.set_target_layer_ids(drafters[0][3].config.target_layer_ids)
@@ -164,6 +169,7 @@ def main(argv=None) -> int:
                     vocab=name,
                     N=n or d.config.draft_vocab_size or V,
                     dtype=str(dt).replace("torch.", ""),
+                    propose="native" if d.native_propose_ok() else "torch",
                     decode_ms=t_dec,
                     round_ms=t_round,
                     ingest_ms=t_ing,
@@ -175,7 +181,7 @@ def main(argv=None) -> int:
                     MB=b / 1e6,
                 )
             )
-    cols = ["batch", "vocab", "dtype", "decode_ms", "round_ms", "ingest_ms", "propose_ms", "stage_ms"]
+    cols = ["batch", "vocab", "dtype", "propose", "decode_ms", "round_ms", "ingest_ms", "propose_ms", "stage_ms"]
     cols += ["round_per_decode", "MB", "floor_ms", "x_floor"]
     print(
         f"load average {os.getloadavg()[0]:.2f}, copy bandwidth {bw / 1e9:.1f} GB/s, target weights {args.weights}, "

@@ -138,6 +138,15 @@ def _train(parser: argparse.ArgumentParser):
             raise UserError(str(exc)) from None
         chat_target = load_target(args)
         target = chat_target.model
+        if args.bf16 and target.device.type == "cpu":
+            from dspark_native.models.fused import cpu_has_bf16_matmul
+
+            if not cpu_has_bf16_matmul():
+                print(
+                    "warning: --bf16 on a CPU without bf16 matrix instructions (AVX512-BF16 / AMX): "
+                    "torch emulates them, and a step is many times slower than in fp32 here",
+                    file=sys.stderr,
+                )
         from dspark_native.models.config import default_target_layer_ids
 
         n = target.config.num_hidden_layers
