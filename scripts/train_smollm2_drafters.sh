@@ -5,7 +5,7 @@
 #
 # One data build (the target answers the first 300 fitting prompts of each training file; cached
 # and resumable in RUN_DIR/data: 861 sequences, 186,901 answer tokens, ~25 min on the 2-core VM),
-# then a DSpark drafter over a 16k draft vocabulary (bf16 autocast, 8 x 16 anchors per step, the
+# then a DSpark drafter over a 16k draft vocabulary (bf16 autocast on CPUs with bf16 instructions, 8 x 16 anchors per step, the
 # last 40 sequences held out for the logged tau), STS fitted on held-out gsm8k-a prompts, eval and
 # bench on ../shared/data/prompts/eval. Every step resumes where it stopped (`train` resumes from
 # RUN_DIR/dspark/train_state.pt). DFLASH=1 and EAGLE3=1 train the baselines with the same data,
@@ -17,11 +17,13 @@ SHARED=${SHARED:-$(cd "$(dirname "$0")/../.." && pwd)/shared}
 TRAIN=$SHARED/data/prompts/train
 EVAL=$SHARED/data/prompts/eval
 THREADS=${THREADS:-2}
+# bf16 autocast only where the CPU has bf16 matrix instructions (emulated, it is far slower than fp32)
+BF16=$(grep -qwE "avx512_bf16|amx_bf16" /proc/cpuinfo 2>/dev/null && echo --bf16 || true)
 # The file order fixes which prompts are used.
 PROMPTS=("$TRAIN/gsm8k-a.jsonl" "$TRAIN/livecodebench.jsonl" "$TRAIN/arena-hard-v2-a.jsonl" "$TRAIN/lbpp.jsonl"
          "$TRAIN/swe-bench.jsonl")
 COMMON=(--data-dir "$RUN/data" --prompts "${PROMPTS[@]}" --limit-per-file 300 --data-batch 32
-        --steps "$STEPS" --save-every 250 --batch-sequences 8 --anchors 16 --lr 1e-3 --bf16 --holdout 40
+        --steps "$STEPS" --save-every 250 --batch-sequences 8 --anchors 16 --lr 1e-3 $BF16 --holdout 40
         --threads "$THREADS")
 
 dspark-native train --kind dspark --draft-vocab 16384 --out "$RUN/dspark" "${COMMON[@]}"
