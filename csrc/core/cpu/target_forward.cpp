@@ -498,13 +498,7 @@ void gemm_panels(Isa which, const uint32_t* x, int64_t xs, int64_t M, const uint
     for (int64_t m0 = 0; m0 < M; m0 += kMaxRowsPerTile) {
       const int mb = static_cast<int>(std::min<int64_t>(kMaxRowsPerTile, M - m0));
       compute_tile(which, x + m0 * xs, xs, mb, panel, k2, tile);
-      for (int m = 0; m < mb; ++m) {
-        float* dst = y + (m0 + m) * ys + c0;
-        if (ep == Epilogue::kStore)
-          for (int c = 0; c < nc; ++c) dst[c] = tile[m][c];
-        else
-          for (int c = 0; c < nc; ++c) dst[c] += tile[m][c];
-      }
+      apply_tile(tile, mb, y + m0 * ys + c0, ys, nc, ep);
     }
   }
 }
@@ -613,6 +607,19 @@ void to_pairs(const float* src, int64_t k, uint32_t* dst) {
   }
 }
 
+// s[0:n] = softmax(s[0:n]) in place: max, exp_nonpos of the shifted scores summed in order, scale.
+inline void softmax_in_place(float* s, int64_t n) {
+  float mx = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
+  float sum = 0.0f;
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] = detail::exp_nonpos(s[j] - mx);
+    sum += s[j];
+  }
+  const float inv = 1.0f / sum;
+  for (int64_t j = 0; j < n; ++j) s[j] *= inv;
+}
+
 #if DSPARK_TF_X86
 // Scores and weighted sum of one (row, KV head) with AVX-512: each cached K/V row is loaded once
 // into registers and used by the g query heads of the group (g * d / 16 <= 16 registers).
@@ -635,18 +642,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))) bool attend_av
       sc[hh * span + j] = _mm512_reduce_add_ps(acc) * scale;
     }
   }
-  for (int64_t hh = 0; hh < g; ++hh) {
-    float* s = sc + hh * span;
-    float mx = -INFINITY;
-    for (int64_t j = 0; j < span; ++j) mx = std::max(mx, s[j]);
-    float sum = 0.0f;
-    for (int64_t j = 0; j < span; ++j) {
-      s[j] = detail::exp_nonpos(s[j] - mx);
-      sum += s[j];
-    }
-    const float inv = 1.0f / sum;
-    for (int64_t j = 0; j < span; ++j) s[j] *= inv;
-  }
+  for (int64_t hh = 0; hh < g; ++hh) softmax_in_place(sc + hh * span, span);
   __m512 o[16];
   for (int64_t i = 0; i < g * nc; ++i) o[i] = _mm512_setzero_ps();
   for (int64_t j = 0; j < span; ++j) {
@@ -696,15 +692,7 @@ __attribute__((target("avx2,fma"))) bool attend_avx2(const float* q0, int64_t g,
       _mm256_store_ps(lanes, acc);
       s[j] = (((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))) * scale;
     }
-    float mx = -INFINITY;
-    for (int64_t i = 0; i < span; ++i) mx = std::max(mx, s[i]);
-    float total = 0.0f;
-    for (int64_t i = 0; i < span; ++i) {
-      s[i] = detail::exp_nonpos(s[i] - mx);
-      total += s[i];
-    }
-    const float inv = 1.0f / total;
-    for (int64_t i = 0; i < span; ++i) s[i] *= inv;
+    softmax_in_place(s, span);
     __m256 o[16];
     for (int64_t c = 0; c < nc; ++c) o[c] = _mm256_setzero_ps();
     for (int64_t i = 0; i < span; ++i) {
@@ -716,6 +704,25 @@ __attribute__((target("avx2,fma"))) bool attend_avx2(const float* q0, int64_t g,
   return true;
 }
 #endif
+
+// The portable (row, KV head) unit: any ISA, any head_dim.
+void attend_portable(const float* q0, int64_t g, int64_t d, const float* K, const float* V, int64_t span,
+                     float scale, float* sc, float* out) {
+  for (int64_t j = 0; j < span; ++j) {
+    const float* k = K + j * d;
+    for (int64_t hh = 0; hh < g; ++hh) sc[hh * span + j] = dot(q0 + hh * d, k, d) * scale;
+  }
+  for (int64_t hh = 0; hh < g; ++hh) softmax_in_place(sc + hh * span, span);
+  for (int64_t i = 0; i < g * d; ++i) out[i] = 0.0f;
+  for (int64_t j = 0; j < span; ++j) {
+    const float* v = V + j * d;
+    for (int64_t hh = 0; hh < g; ++hh) {
+      const float w = sc[hh * span + j];
+      float* o = out + hh * d;
+      for (int64_t i = 0; i < d; ++i) o[i] += w * v[i];
+    }
+  }
+}
 
 struct Plan {
   std::vector<int64_t> row_req, row_pos_in_cache;  // [T]
@@ -881,40 +888,14 @@ class Forward {
     float* sc = &scores_[static_cast<size_t>(tid) * scratch_per_thread_];  // [g][span]
     float* out = sc + g * span;                                            // [g][d]
     const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+    bool done = false;  // a vector path took the shape
 #if DSPARK_TF_X86
-    if (which_ == Isa::kAmx || which_ == Isa::kAvx512Bf16 || which_ == Isa::kAvx512) {
-      if (attend_avx512(q0, g, d, K, V, span, scale, sc, out)) {
-        for (int64_t hh = 0; hh < g; ++hh) to_pairs(out + hh * d, d, &xb_[t * k2a_ + (kvh * g + hh) * (d / 2)]);
-        return;
-      }
-    } else if (which_ == Isa::kAvx2 && attend_avx2(q0, g, d, K, V, span, scale, sc, out)) {
-      for (int64_t hh = 0; hh < g; ++hh) to_pairs(out + hh * d, d, &xb_[t * k2a_ + (kvh * g + hh) * (d / 2)]);
-      return;
-    }
+    if (which_ == Isa::kAmx || which_ == Isa::kAvx512Bf16 || which_ == Isa::kAvx512)
+      done = attend_avx512(q0, g, d, K, V, span, scale, sc, out);
+    else if (which_ == Isa::kAvx2)
+      done = attend_avx2(q0, g, d, K, V, span, scale, sc, out);
 #endif
-    for (int64_t j = 0; j < span; ++j) {
-      const float* k = K + j * d;
-      for (int64_t hh = 0; hh < g; ++hh) sc[hh * span + j] = dot(q0 + hh * d, k, d) * scale;
-    }
-    for (int64_t hh = 0; hh < g; ++hh) {
-      float* s = sc + hh * span;
-      float mx = -INFINITY;
-      for (int64_t j = 0; j < span; ++j) mx = std::max(mx, s[j]);
-      for (int64_t j = 0; j < span; ++j) s[j] = detail::exp_nonpos(s[j] - mx);
-      float sum = 0.0f;
-      for (int64_t j = 0; j < span; ++j) sum += s[j];
-      const float inv = 1.0f / sum;
-      for (int64_t j = 0; j < span; ++j) s[j] *= inv;
-    }
-    for (int64_t i = 0; i < g * d; ++i) out[i] = 0.0f;
-    for (int64_t j = 0; j < span; ++j) {
-      const float* v = V + j * d;
-      for (int64_t hh = 0; hh < g; ++hh) {
-        const float w = sc[hh * span + j];
-        float* o = out + hh * d;
-        for (int64_t i = 0; i < d; ++i) o[i] += w * v[i];
-      }
-    }
+    if (!done) attend_portable(q0, g, d, K, V, span, scale, sc, out);
     for (int64_t hh = 0; hh < g; ++hh) to_pairs(out + hh * d, d, &xb_[t * k2a_ + (kvh * g + hh) * (d / 2)]);
   }
 
