@@ -100,7 +100,7 @@ def _train(parser: argparse.ArgumentParser):
 
     def run(args) -> int:
         from dspark_native.training.data import DataConfig, build_training_data, load_training_data
-        from dspark_native.training.trainer import TrainConfig, train
+        from dspark_native.training.trainer import TrainConfig, feature_layer_ids, train
 
         files = args.prompts
         if files is not None and "-" in files:
@@ -147,10 +147,7 @@ def _train(parser: argparse.ArgumentParser):
                     "torch emulates them, and a step is many times slower than in fp32 here",
                     file=sys.stderr,
                 )
-        from dspark_native.models.config import default_target_layer_ids
-
-        n = target.config.num_hidden_layers
-        ids = default_target_layer_ids(n, 5) if n >= 5 else list(range(n))
+        ids = feature_layer_ids(target)
         if not args.no_generate:
             dcfg = DataConfig(
                 files=[os.path.abspath(f) for f in files],

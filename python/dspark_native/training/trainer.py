@@ -125,6 +125,15 @@ def vocab_coverage(data: TrainingData, ids: torch.Tensor) -> float:
     return float(member[ans].double().mean()) if ans.numel() else 0.0
 
 
+def feature_layer_ids(target, target_layer_ids: list[int] | None = None) -> list[int]:
+    """The target layers whose outputs a new drafter reads: ``target_layer_ids`` if given, else 5
+    evenly spaced (all layers of a target with fewer than 5)."""
+    if target_layer_ids:
+        return list(target_layer_ids)
+    n = target.config.num_hidden_layers
+    return default_target_layer_ids(n, 5) if n >= 5 else list(range(n))
+
+
 def new_drafter(
     target, cfg: TrainConfig, target_layer_ids: list[int] | None = None, draft_vocab_ids: torch.Tensor | None = None
 ) -> nn.Module:
@@ -137,7 +146,7 @@ def new_drafter(
         raise ValueError(f"new_drafter: draft_vocab = {cfg.draft_vocab} needs that many draft_vocab_ids")
     tc = target.config
     n = tc.num_hidden_layers
-    ids = list(target_layer_ids) if target_layer_ids else (default_target_layer_ids(n, 5) if n >= 5 else list(range(n)))
+    ids = feature_layer_ids(target, target_layer_ids)
     raw = tc.to_dict()
     fam = "Qwen3" if tc.qk_norm else "Llama"
     raw.update(num_target_layers=n, target_layer_ids=ids, tie_word_embeddings=False)
@@ -197,14 +206,13 @@ def new_drafter(
 def _init_checkpoint(target, cfg: TrainConfig, target_layer_ids) -> tuple[dict, torch.Tensor | None]:
     """(fp32 state dict of the trained tensors, draft-vocabulary target ids or None) of the drafter
     at ``cfg.init_from``, after checking that it is the drafter ``cfg`` describes."""
+    from ..engine import drafter_kind
     from ..models.loaders import load_drafter
 
     src = load_drafter(cfg.init_from, target, dtype=torch.float32, set_target_layers=False)
     c = src.config
-    kind = "eagle3" if c.kind == "eagle3" else ("dspark" if c.markov_rank > 0 else "dflash")
-    n = target.config.num_hidden_layers
-    ids = list(target_layer_ids) if target_layer_ids else (default_target_layer_ids(n, 5) if n >= 5 else list(range(n)))
-    checks = [("kind", kind, cfg.kind), ("target_layer_ids", list(c.target_layer_ids), ids)]
+    ids = feature_layer_ids(target, target_layer_ids)
+    checks = [("kind", drafter_kind(src), cfg.kind), ("target_layer_ids", list(c.target_layer_ids), ids)]
     if cfg.kind != "eagle3":
         checks += [
             ("num_hidden_layers", c.num_hidden_layers, cfg.num_layers),
