@@ -132,19 +132,53 @@ def tiny_data(tiny_target, tmp_path_factory):
 
 
 def test_data_rows_are_the_targets(tiny_target, tiny_data):
+    """Rows captured while generating equal one prefill over prompt + answer (to the bf16 /
+    fp16 storage rounding), the answer is the target's greedy continuation, and the prompt rows
+    before the last carry no distribution."""
     d = tiny_data
     assert d.num_sequences == 8
-    i = 5
-    o, n = int(d.offsets[i]), int(d.offsets[i + 1] - d.offsets[i])
-    seq = d.tokens[o : o + n]
-    cache = tiny_target.new_cache(1, n)
-    logits, hid = tiny_target(seq, torch.tensor([0, n]), torch.tensor([0]), cache)
-    torch.testing.assert_close(d.features[o : o + n], hid.to(torch.bfloat16))
-    p = torch.softmax(logits, -1)
-    torch.testing.assert_close(d.topk_probs[o : o + n].float(), p.topk(8, -1).values, atol=1e-3, rtol=1e-3)
-    # the answer is the target's own greedy continuation of the prompt
-    a = int(d.answer_start[i])
-    assert seq[a:].tolist() == logits[a - 1 : -1].argmax(-1).tolist()
+    for i in (0, 5):
+        o, n = int(d.offsets[i]), int(d.offsets[i + 1] - d.offsets[i])
+        seq = d.tokens[o : o + n]
+        a = int(d.answer_start[i])
+        assert n > a
+        cache = tiny_target.new_cache(1, n)
+        logits, hid = tiny_target(seq, torch.tensor([0, n]), torch.tensor([0]), cache)
+        torch.testing.assert_close(
+            d.features[o : o + n].float(), hid.to(torch.bfloat16).float(), atol=2e-2, rtol=1.6e-2
+        )
+        p = torch.softmax(logits, -1)
+        torch.testing.assert_close(
+            d.topk_probs[o + a - 1 : o + n].float(), p[a - 1 :].topk(8, -1).values, atol=1e-3, rtol=1e-3
+        )
+        assert (d.topk_ids[o : o + a - 1] == -1).all() and (d.topk_probs[o : o + a - 1] == 0).all()
+        assert seq[a:].tolist() == logits[a - 1 : -1].argmax(-1).tolist()
+
+
+def test_generate_rows_stops_and_batches(tiny_target):
+    """Sequences of one batch stop independently (stop token kept, max_new_tokens exact) and get
+    the same rows as when generated alone."""
+    from dspark_native.training.data import _generate_rows
+
+    layers = list(tiny_target.config.target_layer_ids)
+    tiny_target.set_target_layer_ids([1, 2])
+    prompts = [[5, 9, 3, 7], [11, 2], [4, 4, 4, 8, 1, 6]]
+    alone = [_generate_rows(tiny_target, [p], 6, [], 4) for p in prompts]
+    stop = alone[1][0][0][2]  # the third token the second prompt answers with
+    ans, feats, ids, probs = _generate_rows(tiny_target, prompts, 6, [stop], 4)
+    off = 0
+    for p, (a1, f1, i1, p1) in zip(prompts, alone, strict=True):
+        a = a1[0]
+        want = a[: a.index(stop) + 1] if stop in a else a
+        got = ans[prompts.index(p)]
+        assert got == want and len(got) <= 6
+        n = len(p) + len(got)
+        torch.testing.assert_close(feats[off : off + n].float(), f1[:n].float(), atol=2e-2, rtol=1.6e-2)
+        assert torch.equal(ids[off : off + len(p) - 1], i1[: len(p) - 1])
+        torch.testing.assert_close(probs[off : off + n].float(), p1[:n].float(), atol=2e-3, rtol=2e-3)
+        off += n
+    assert feats.shape[0] == ids.shape[0] == probs.shape[0] == off
+    tiny_target.set_target_layer_ids(layers)
 
 
 def test_data_build_resumes(tiny_target, tiny_data, tmp_path):

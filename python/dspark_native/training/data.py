@@ -2,12 +2,15 @@
 
 As DeepSpec does, the target *regenerates* the answers: every prompt is wrapped in the chat
 template and answered by the target itself (greedy), so the drafter learns the distribution it
-will be verified against. One prefill over prompt + answer then gives what training needs:
+will be verified against. The rows training needs are captured while the answer is generated
+(one ragged prefill of the prompts, then batched greedy decode steps: what the engine computes
+when it serves the drafter, and nothing computed twice):
 
 * ``features``  bf16 [S, k*H]: raw outputs of the drafter's ``target_layer_ids`` (context input);
 * ``topk_ids`` int32 [S, K] and ``topk_probs`` fp16 [S, K]: the target's next-token distribution
   at T = 1, truncated to its K most likely tokens (the rest is kept as one "residual" mass). This
   is the compact form of the target logits: K = 32 stores 192 bytes a token instead of 4*V.
+  Training reads it at answer rows only, so prompt rows before the last hold ids -1 / probs 0.
 
 Shards (``shard_00000.safetensors``, ...) hold whole sequences and are written atomically; the
 manifest lists finished shards, so an interrupted build resumes at the first missing shard. The
@@ -27,7 +30,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 MANIFEST = "manifest.json"
-DATA_VERSION = 1
+#: 2: rows captured while generating (one pass); the prompt rows before the last have no
+#: distribution (topk_ids -1). 1: a second prefill over prompt + answer. Both load.
+DATA_VERSION = 2
 
 
 @dataclass
@@ -110,20 +115,62 @@ def _atomic_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def _target_rows(target, seqs: Sequence[list[int]], topk: int):
-    """One prefill per sequence: features bf16 [S, k*H], top-k ids/probs of softmax(logits)."""
-    feats, ids, probs = [], [], []
-    cache = target.new_cache(1, max(len(s) for s in seqs))
-    for s in seqs:
-        cache.reset([0])
-        x = torch.tensor(s, dtype=torch.int64)
-        logits, hid = target(x, torch.tensor([0, len(s)]), torch.tensor([0]), cache)
-        p = torch.softmax(logits.float(), -1)
-        pv, pi = p.topk(topk, -1)
-        feats.append(hid.to(torch.bfloat16))
-        ids.append(pi.to(torch.int32))
-        probs.append(pv.to(torch.float16))
-    return torch.cat(feats), torch.cat(ids), torch.cat(probs)
+def _generate_rows(target, prompts: Sequence[list[int]], max_new_tokens: int, eos_ids: Sequence[int], topk: int):
+    """Greedy answers of ``prompts`` together with the rows training needs, in one pass.
+
+    One ragged prefill of all prompts (features only, logits of each prompt's last row), then
+    batched decode steps; every step's features and next-token distribution are the rows of the
+    token it fed, so nothing is recomputed afterwards. Each sequence's final token is fed once
+    more, so its row has real features too. Rows of the prompt before its last one get
+    ``topk_ids`` -1 / ``topk_probs`` 0: training reads distributions at answer rows only.
+
+    Returns (answers: list of token lists, features bf16 [S, k*H], topk_ids int32 [S, K],
+    topk_probs fp16 [S, K]) with S = sum(len(prompt) + len(answer)), sequences in order.
+    """
+    B = len(prompts)
+    stop = set(int(e) for e in eos_ids)
+    lens = [len(p) for p in prompts]
+    cache = target.new_cache(B, max(lens) + max_new_tokens + 1)
+    cu = torch.tensor([0] + lens).cumsum(0)
+    x = torch.tensor([t for p in prompts for t in p], dtype=torch.int64)
+    logits, hid = target(x, cu, torch.arange(B), cache, logit_rows="last")
+    hid = hid.to(torch.bfloat16)
+    feats = [[hid[int(cu[i]) : int(cu[i + 1])]] for i in range(B)]
+    ids = [[torch.full((n - 1, topk), -1, dtype=torch.int32)] for n in lens]
+    probs = [[torch.zeros(n - 1, topk, dtype=torch.float16)] for n in lens]
+    answers: list[list[int]] = [[] for _ in range(B)]
+
+    def keep_rows(seqs, logits):  # the next-token distribution of each sequence's last fed row
+        pv, pi = torch.softmax(logits.float(), -1).topk(topk, -1)
+        for j, i in enumerate(seqs):
+            ids[i].append(pi[j : j + 1].to(torch.int32))
+            probs[i].append(pv[j : j + 1].to(torch.float16))
+
+    live = list(range(B))  # sequences whose next token is still to be chosen, rows of logits
+    keep_rows(live, logits)
+    while live:
+        nxt = logits.argmax(-1).tolist()
+        going = set()
+        for j, i in enumerate(live):
+            answers[i].append(nxt[j])
+            if nxt[j] not in stop and len(answers[i]) < max_new_tokens:
+                going.add(i)
+        # every chosen token is fed, the final ones too, so each row has real features
+        x = torch.tensor(nxt, dtype=torch.int64)
+        logits, hid = target(x, torch.arange(len(live) + 1), torch.tensor(live), cache)
+        hid = hid.to(torch.bfloat16)
+        for j, i in enumerate(live):
+            feats[i].append(hid[j : j + 1])
+        keep_rows(live, logits)
+        rows = [j for j, i in enumerate(live) if i in going]
+        logits = logits[rows]
+        live = [live[j] for j in rows]
+    return (
+        answers,
+        torch.cat([torch.cat(f) for f in feats]),
+        torch.cat([torch.cat(t) for t in ids]),
+        torch.cat([torch.cat(t) for t in probs]),
+    )
 
 
 def build_training_data(
@@ -142,8 +189,6 @@ def build_training_data(
     ``out_dir`` holds data built with a different configuration.
     """
     from safetensors.torch import save_file
-
-    from ..engine import Engine, SamplingParams
 
     if not cfg.files:
         raise ValueError("DataConfig.files: at least one prompt file is needed")
@@ -182,17 +227,22 @@ def build_training_data(
     n_shard = cfg.sequences_per_shard
     shards = [prompts[i : i + n_shard] for i in range(0, len(prompts), n_shard)]
     done = {s["file"] for s in manifest["shards"]}
-    engine = Engine(target, None, max_batch=cfg.batch, max_seq=cfg.max_prompt_tokens + cfg.max_new_tokens + 1)
     t0, made = time.perf_counter(), 0
     for si, shard in enumerate(shards):
         name = f"shard_{si:05d}.safetensors"
         if name in done:
             continue
-        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0, stop_token_ids=list(eos_ids))
-        outs = engine.generate([p for _, p in shard], params)
-        engine.release()
-        seqs = [p + o.token_ids for (_, p), o in zip(shard, outs, strict=True)]
-        feats, tids, tprobs = _target_rows(target, seqs, cfg.topk)
+        answers, feats, tids, tprobs = [], [], [], []
+        for c in range(0, len(shard), cfg.batch):
+            got = _generate_rows(
+                target, [p for _, p in shard[c : c + cfg.batch]], cfg.max_new_tokens, eos_ids, cfg.topk
+            )
+            answers += got[0]
+            feats.append(got[1])
+            tids.append(got[2])
+            tprobs.append(got[3])
+        feats, tids, tprobs = torch.cat(feats), torch.cat(tids), torch.cat(tprobs)
+        seqs = [p + a for (_, p), a in zip(shard, answers, strict=True)]
         lens = torch.tensor([len(s) for s in seqs])
         tensors = dict(
             tokens=torch.tensor([t for s in seqs for t in s], dtype=torch.int32),
@@ -210,12 +260,12 @@ def build_training_data(
                 file=name,
                 sequences=len(seqs),
                 tokens=int(lens.sum()),
-                answer_tokens=int(sum(len(o.token_ids) for o in outs)),
+                answer_tokens=int(sum(len(a) for a in answers)),
                 domains=[d for d, _ in shard],
             )
         )
         _atomic_json(mpath, manifest)
-        made += int(sum(len(o.token_ids) for o in outs))
+        made += int(sum(len(a) for a in answers))
         if progress:
             el = time.perf_counter() - t0
             print(
