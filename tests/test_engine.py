@@ -201,6 +201,35 @@ def test_oracle_and_wrong_drafters_under_every_policy(target, policy):
             assert sum(o.stats.budget for o in outs) > 0, f"{policy} verified nothing"
 
 
+def test_sps_scope_round_measures_the_overhead(target):
+    """sps_scope "round": the causal policy gets the round's measured time beyond the table's
+    forward as overhead_s (output unchanged: lossless either way); "target" leaves the table
+    alone; anything else is refused."""
+    drafter = tiny_drafter(target, "dspark", block_size=5, aligned=False)
+    prompts = _prompts(3, seed=11)
+    params = SamplingParams(max_new_tokens=12)
+    want = _want(target, prompts, params)
+    # a table far faster than this machine: every round's time is mostly overhead
+    fast = [1e6] * 32
+    eng = Engine(target, drafter, policy="causal", policy_kwargs=dict(sps_table=fast), max_batch=3, max_seq=64)
+    assert eng.sps_scope == "round" and eng.round_overhead_s is None
+    assert [o.token_ids for o in eng.generate(prompts, params)] == want
+    assert eng.round_overhead_s is not None and eng.round_overhead_s > 0
+    assert eng.policy.overhead_s == eng.round_overhead_s
+    eng.reset_round_overhead()
+    assert eng.round_overhead_s is None and eng.policy.overhead_s == 0.0
+    flat = Engine(
+        target, drafter, policy="causal", policy_kwargs=dict(sps_table=fast), max_batch=3, max_seq=64, sps_scope="target"
+    )
+    assert [o.token_ids for o in flat.generate(prompts, params)] == want
+    assert flat.round_overhead_s is None and flat.policy.overhead_s == 0.0
+    stat = Engine(target, drafter, policy="static", max_batch=3, max_seq=64)  # no SPS: nothing measured
+    stat.generate(prompts, params)
+    assert stat.round_overhead_s is None
+    with pytest.raises(ValueError, match="sps_scope"):
+        Engine(target, drafter, max_batch=1, max_seq=64, sps_scope="engine")
+
+
 def test_plain_engine_matches_generate_greedy(target):
     for p in ([5], [1, 2, 3, 4, 5, 6, 7]):
         eng = Engine(target, None, max_batch=1, max_seq=64)

@@ -55,6 +55,24 @@ def test_policies_share_one_interface():
     assert torch.equal(HardwareAwareCausal(sps)(c), ops.schedule_prefix(c, sps).lengths)
 
 
+def test_round_overhead_is_the_sps_of_the_whole_round():
+    """overhead_s turns the forward's table into the round's, 1 / (1 / sps + overhead), and a
+    fixed cost per round makes Algorithm 1 verify longer (it amortises the cost)."""
+    sps = 1.0 / (0.010 + 0.002 * torch.arange(1, 9, dtype=torch.float32))  # 12 ms + 2 ms a token
+    c = torch.tensor([[0.6, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6]])
+    bare = HardwareAwareCausal(sps)
+    assert bare(c).tolist() == [2]  # 1.96 tokens / 16 ms beats 1.6 / 14 and 2.18 / 18
+    ov = HardwareAwareCausal(sps, overhead_s=0.05)
+    want = ops.schedule_prefix(c, 1.0 / (1.0 / sps + 0.05)).lengths
+    assert torch.equal(ov(c), want) and want.tolist() == [5]  # 2.38 tokens / 72 ms is the best
+    ov.overhead_s = 0.0  # back to the table as profiled
+    assert ov(c).tolist() == [2]
+    ov.overhead_s = float("nan")  # a broken measurement never reaches the kernel
+    assert ov(c).tolist() == [2]
+    assert HardwareAwareAsync(sps, overhead_s=0.05).budget_from(c) >= int(want)
+    assert bare.host_sps() == pytest.approx(sps.tolist())
+
+
 def test_async_policy_budget_from_two_rounds_ago_then_top_k():
     gen = torch.Generator().manual_seed(3)
     R, G = 6, 5

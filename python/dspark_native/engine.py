@@ -414,6 +414,10 @@ class Engine:
         num_drafts: drafts per round: the DSpark/DFlash block is capped to it; EAGLE-3 default
             its ttt_length.
         max_batch: concurrent requests (cache slots). max_seq: context length per request.
+        sps_scope: what the causal / async policies' steps per second are of. "round" (default):
+            the whole round; the engine measures each round's time beyond the table's target
+            forward (drafter, bookkeeping; a moving average) and hands it to the policy as
+            ``overhead_s``. "target": the profiled target forward alone, as the table is.
     """
 
     def __init__(
@@ -427,11 +431,14 @@ class Engine:
         num_drafts: int | None = None,
         max_batch: int = 8,
         max_seq: int = 1024,
+        sps_scope: str = "round",
     ):
         if not isinstance(target, (TargetModel, TransformersTarget)):
             raise TypeError(f"target must be a TargetModel or a TransformersTarget, got {type(target).__name__}")
         if max_batch < 1 or max_seq < 2:
             raise ValueError("max_batch must be >= 1 and max_seq >= 2")
+        if sps_scope not in ("round", "target"):
+            raise ValueError(f"sps_scope must be 'round' or 'target', got {sps_scope!r}")
         self.target = target
         self.drafter = None if plain else drafter
         self.kind = drafter_kind(self.drafter)
@@ -484,6 +491,9 @@ class Engine:
         #: num_accepted [R]) -- the data STS calibration needs
         self.round_log: list | None = None
         self._generator: torch.Generator | None = None  # EAGLE-3 sampling, on the target's device
+        self.sps_scope = sps_scope
+        #: moving average of a round's seconds beyond the SPS table's forward time (sps_scope "round")
+        self.round_overhead_s: float | None = None
 
     # -- public API ------------------------------------------------------------------------------
     def add(
@@ -672,6 +682,27 @@ class Engine:
         for rq in new:
             rq.stats.time["prefill"] += dt
 
+    def reset_round_overhead(self) -> None:
+        """Forget the measured round overhead (the policy sees the profiled table again)."""
+        self.round_overhead_s = None
+        if isinstance(self.policy, _scheduler().HardwareAwareCausal):
+            self.policy.overhead_s = 0.0
+
+    def _note_round_time(self, wall_s: float, batch_tokens: int) -> None:
+        """Round time beyond what the SPS table predicts for its forward -> the causal / async
+        policy's ``overhead_s`` (sps_scope "round"): a moving average, so one slow round (a
+        noisy machine) moves it little and a changed batch (drafter cost grows with it) is
+        followed within a few rounds."""
+        pol = self.policy
+        if self.sps_scope != "round" or not isinstance(pol, _scheduler().HardwareAwareCausal):
+            return
+        table = pol.host_sps()
+        pred = 1.0 / table[min(batch_tokens, len(table)) - 1]
+        extra = max(0.0, wall_s - pred)
+        old = self.round_overhead_s
+        self.round_overhead_s = extra if old is None else 0.8 * old + 0.2 * extra
+        pol.overhead_s = self.round_overhead_s
+
     def _round(self) -> None:
         """One round for every active request (module docstring, docs/engine.md). Host syncs: the
         verification lengths when a confidence policy computed them on the device, and one read of
@@ -705,7 +736,7 @@ class Engine:
         times = {p: 0.0 for p in PHASES}
 
         # 1. draft ------------------------------------------------------------------------------
-        t0 = time.perf_counter()
+        t0 = t_round = time.perf_counter()
         drafts = q = conf = None
         if self.kind in ("dspark", "dflash") and max(caps_l) > 0:
             with _torch_threads(self.drafter_threads):
@@ -859,6 +890,8 @@ class Engine:
                 with _torch_threads(self.drafter_threads):
                     self.drafter.ingest(kslots, hidden.index_select(0, sel), kcu)
         times["rollback"] = time.perf_counter() - t0
+        if drafts is not None:
+            self._note_round_time(time.perf_counter() - t_round, sum(lengths_l) + R)
         self.rounds += 1
         for p in ("draft", "schedule", "verify", "rollback"):
             self.time[p] += times[p]

@@ -399,6 +399,7 @@ def build_engine(
     num_drafts: int | None = None,
     max_batch: int = 1,
     max_seq: int = 2048,
+    sps_scope: str = "round",
 ):
     """The speculative :class:`dspark_native.engine.Engine`.
 
@@ -406,7 +407,9 @@ def build_engine(
     threshold of ``threshold``; sps_table: SPSTable of the causal/async policies (default a
     synthetic memory-bound table), which must cover ``max_batch * (drafts + 1)`` batch tokens
     (else SPSTableTooShort);
-    num_drafts: drafts per round (default the drafter's block). Raises SetupError."""
+    num_drafts: drafts per round (default the drafter's block); sps_scope: "round" (the
+    policies see the round's measured cost beyond the forward) or "target" (the table alone).
+    Raises SetupError."""
     from .engine import Engine
 
     kw = dict(threshold=threshold)
@@ -421,6 +424,7 @@ def build_engine(
             num_drafts=num_drafts,
             max_batch=max_batch,
             max_seq=max_seq,
+            sps_scope=sps_scope,
         )
     except ValueError as exc:
         raise SetupError(str(exc)) from None
@@ -445,6 +449,7 @@ def warm_up(engine, prompt_ids, tokens: int = 4) -> None:
     engine.release()
     engine.time = {k: 0.0 for k in engine.time}
     engine.rounds = 0
+    engine.reset_round_overhead()  # first calls are slow: not the machine's round cost
 
 
 def build_plain_engine(target_model, *, max_batch: int = 1, max_seq: int = 2048):

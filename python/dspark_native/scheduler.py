@@ -122,7 +122,15 @@ def _sps_tensor(sps, device) -> torch.Tensor:
 
 
 class HardwareAwareCausal(SchedulePolicy):
-    """Paper Algorithm 1 with the early stop (``schedule_prefix`` mode "causal")."""
+    """Paper Algorithm 1 with the early stop (``schedule_prefix`` mode "causal").
+
+    ``overhead_s``: seconds every round costs besides the target forward (drafting, the
+    bookkeeping of the round). Algorithm 1 maximises tokens x steps per second of the *round*;
+    a table profiled on the target forward alone leaves that fixed cost out and so favours
+    rounds that are too short (the fixed cost is what longer rounds amortise). With
+    ``overhead_s`` > 0 the table used is ``1 / (1 / sps + overhead_s)``. The engine sets it from
+    the rounds it measures (``Engine.sps_scope = "round"``); 0 = the table as profiled.
+    """
 
     name = "causal"
 
@@ -132,14 +140,26 @@ class HardwareAwareCausal(SchedulePolicy):
         min_len=None,
         max_len=None,
         token_budget: int | None = None,
+        overhead_s: float = 0.0,
     ):
         self.sps, self.min_len, self.max_len, self.token_budget = sps, min_len, max_len, token_budget
+        self.overhead_s = float(overhead_s)
         self._cache: dict[torch.device, torch.Tensor] = {}
 
     def _table(self, device):
         if device not in self._cache:
             self._cache[device] = _sps_tensor(self.sps, device)
-        return self._cache[device]
+        base = self._cache[device]
+        ov = self.overhead_s
+        if not ov > 0:  # also NaN
+            return base
+        return 1.0 / (1.0 / base + ov)
+
+    def host_sps(self) -> list[float]:
+        """The profiled table as host floats (entry i = SPS at i + 1 tokens), without overhead."""
+        if getattr(self, "_host", None) is None:
+            self._host = [float(x) for x in torch.as_tensor(_sps_tensor(self.sps, "cpu")).tolist()]
+        return self._host
 
     def schedule(self, confidences):
         c = _check_conf(confidences)

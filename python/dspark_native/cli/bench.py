@@ -128,6 +128,7 @@ def _bench(parser: argparse.ArgumentParser):
                 time_s=t_spec,
                 time_split=_phase_split(t_spec),
                 identical_greedy=all(r["identical"] for r in reqs) if args.temperature == 0 else None,
+                round_overhead_ms=None if spec.round_overhead_s is None else 1e3 * spec.round_overhead_s,
                 requests=reqs,
             )
             domains.append(d)
@@ -137,8 +138,9 @@ def _bench(parser: argparse.ArgumentParser):
         )
         print(
             f"target: {target.name}; drafter: {drafter.name} ({spec.kind}, {spec.gamma} drafts/round, "
-            f"policy {args.policy}, "
-            f"batch {args.max_batch}, T={args.temperature:g})"
+            f"policy {args.policy}"
+            + (f", SPS of the {args.sps_scope}" if args.policy in ("causal", "async") else "")
+            + f", batch {args.max_batch}, T={args.temperature:g})"
         )
         print(hdr)
         for d in domains:
@@ -160,6 +162,7 @@ def _bench(parser: argparse.ArgumentParser):
                         kind=spec.kind,
                         num_drafts=spec.gamma,
                         policy=args.policy,
+                        sps_scope=args.sps_scope,
                         device=str(target.model.device),
                         dtype=str(target.model.dtype).replace("torch.", ""),
                         stop=args.stop,

@@ -115,6 +115,14 @@ def add_decode_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--num-drafts", type=int, default=None, help="drafts per round (default: the drafter's block)")
     g.add_argument(
+        "--sps-scope",
+        choices=("round", "target"),
+        default="round",
+        help="what the causal / async policies' steps per second are of: round (default: the "
+        "profiled target forward plus the round's measured drafting and bookkeeping time) or "
+        "target (the profiled table alone)",
+    )
+    g.add_argument(
         "--threshold", type=float, default=None, help="survival threshold of --policy threshold (default 0.5)"
     )
     g.add_argument(
@@ -362,6 +370,7 @@ def build_engine(args, target: runtime.ChatTarget, drafter):
             num_drafts=args.num_drafts,
             max_batch=args.max_batch,
             max_seq=args.max_seq,
+            sps_scope=args.sps_scope,
         )
     except runtime.SPSTableTooShort as exc:
         raise UserError(

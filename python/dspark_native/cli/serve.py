@@ -61,6 +61,13 @@ def _serve(parser: argparse.ArgumentParser):
         help="verification-length policy (default causal: verification depth adapts to the load)",
     )
     d.add_argument("--num-drafts", type=int, default=None, help="drafts per round (default: the drafter's block)")
+    d.add_argument(
+        "--sps-scope",
+        choices=("round", "target"),
+        default="round",
+        help="what the causal / async policies' steps per second are of: round (default: the "
+        "profiled forward plus the round's measured drafting time) or target (the table alone)",
+    )
     d.add_argument("--threshold", type=float, default=0.5, help="survival threshold of --policy threshold")
     d.add_argument(
         "--sps",
@@ -152,6 +159,7 @@ def _engine_with_table(args, target, drafter_model, table):
             num_drafts=args.num_drafts,
             max_batch=args.max_batch,
             max_seq=args.max_seq,
+            sps_scope=args.sps_scope,
         )
     except runtime.SetupError as exc:
         raise UserError(str(exc)) from None
