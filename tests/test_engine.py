@@ -219,7 +219,13 @@ def test_sps_scope_round_measures_the_overhead(target):
     eng.reset_round_overhead()
     assert eng.round_overhead_s is None and eng.policy.overhead_s == 0.0
     flat = Engine(
-        target, drafter, policy="causal", policy_kwargs=dict(sps_table=fast), max_batch=3, max_seq=64, sps_scope="target"
+        target,
+        drafter,
+        policy="causal",
+        policy_kwargs=dict(sps_table=fast),
+        max_batch=3,
+        max_seq=64,
+        sps_scope="target",
     )
     assert [o.token_ids for o in flat.generate(prompts, params)] == want
     assert flat.round_overhead_s is None and flat.policy.overhead_s == 0.0

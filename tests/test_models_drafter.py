@@ -101,6 +101,32 @@ def test_dspark_propose_matches_reference(tmp_path, prefix, native):
         torch.testing.assert_close(U4, U3, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("prefix", ["Qwen3", "Llama"])
+def test_native_ingest_matches_torch_ingest(tmp_path, prefix):
+    """The native ingest (inject_context: fc, hidden_norm and every layer's K/V in one call on
+    bf16 panels) writes the context K/V the torch layers write, to bf16 rounding, at the same
+    positions; lengths advance alike."""
+    traw, c, W, target, drafter = _setup(tmp_path, prefix, "DSparkModel")
+    drafter.native_propose = None
+    if not drafter._native_ingest_ok():
+        pytest.skip("the native ingest needs the compiled extension on the CPU")
+    kH = 5 * c["hidden_size"]
+    ctx = torch.randn(9, kH, generator=torch.Generator().manual_seed(3))
+    caches = []
+    for native in (None, False):
+        drafter.native_propose = native
+        drafter.allocate_cache(3, 24)
+        drafter.ingest(_t([1]), ctx[:2], _t([0, 2]))
+        drafter.ingest(_t([0, 1]), ctx[2:], _t([0, 4, 7]))
+        assert drafter.cache.lengths.tolist() == [4, 5, 0]
+        caches.append((drafter.cache.k_cache.float().clone(), drafter.cache.v_cache.float().clone()))
+    (kn, vn), (kt, vt) = caches
+    for a, b in ((kn, kt), (vn, vt)):
+        assert ((a - b).norm() / b.norm()).item() < 2e-2
+        assert torch.equal(a == 0, b == 0)  # the same positions written, nothing else
+    drafter.native_propose = None
+
+
 def test_forward_train_matches_reference(tmp_path):
     traw, c, W, target, drafter = _setup(tmp_path, "Qwen3", "DSparkModel")
     kH = 5 * c["hidden_size"]

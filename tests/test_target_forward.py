@@ -16,8 +16,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # helpers live b
 from models_helpers import random_tensors, target_raw_config, target_shapes, write_checkpoint
 
 from dspark_native.models import load_target
-from dspark_native.ops import pack_gate_up_panels, pack_panels, target_forward, target_forward_isa
-from dspark_native.reference import target_forward_reference
+from dspark_native.ops import inject_context, pack_gate_up_panels, pack_panels, target_forward, target_forward_isa
+from dspark_native.reference import inject_context_reference, target_forward_reference
 from dspark_native.reference.target_forward import unpack_panels
 
 ISAS = ["generic", "baseline", "avx512", "avx512-bf16", ""]  # "" = the best this CPU has (AMX here)
@@ -360,3 +360,166 @@ def test_model_native_path_close_to_reference_and_prefill_split(ckpt):
     cl, _ = model(s[5:7], torch.tensor([0, 2]), torch.tensor([0]), cache)
     torch.testing.assert_close(tl[:2], cl, atol=0.05, rtol=0.05)
     assert target_forward_isa() in ("amx-bf16", "avx512-bf16", "avx512", "avx2", "generic")
+
+
+# --------------------------------------------------------------------------- inject_context
+
+
+def _inject_case(arch="Qwen3ForCausalLM", blocks=(3, 1, 5), base=(4, 0, 7), k_layers=3, seed=5, **over):
+    """inject_context arguments on _case's weights: fc [H, k H], context_norm, ragged rows."""
+    c, args, _ = _case(arch, **over)
+    g = torch.Generator().manual_seed(seed)
+    H = c["H"]
+    F = k_layers * H
+    lw = []
+    for li in range(c["L"]):
+        w = args["layer_weights"][9 * li : 9 * li + 9]
+        lw += [w[0], w[7], w[8]]  # qkv panels, k_norm, qkv_bias
+    _, pos, cu, base_t, k, v = _batch(c, list(blocks), list(base), seed=seed)
+    feats = torch.randn(sum(blocks), F, generator=g) * 2.0
+    fc = torch.randn(H, F, generator=g) / F**0.5
+    norm = 1.0 + 0.1 * torch.randn(H, generator=g)
+    a = dict(
+        features=feats,
+        positions=pos,
+        cu_seqlens=cu,
+        slots=torch.arange(len(blocks)).flip(0).contiguous(),
+        base=base_t,
+        k_cache=k,
+        v_cache=v,
+        fc=pack_panels(fc),
+        context_norm=norm,
+        layer_weights=lw,
+        inv_freq=args["inv_freq"],
+    )
+    return c, a
+
+
+def _inject(fn, c, a, **over):
+    a = dict(a, **over)
+    fn(
+        a["features"],
+        a["positions"],
+        a["cu_seqlens"],
+        a["slots"],
+        a["base"],
+        a["k_cache"],
+        a["v_cache"],
+        a["fc"],
+        a["context_norm"],
+        a["layer_weights"],
+        a["inv_freq"],
+        num_heads=c["Hq"],
+        eps=1e-6,
+    )
+
+
+@pytest.mark.parametrize("arch", ["Qwen3ForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM"])
+def test_inject_context_matches_reference(arch):
+    """K/V written where the reference writes them (k norm, bias, RoPE per architecture), to fp32
+    summation rounding; every other cache entry untouched."""
+    c, a = _inject_case(arch)
+    k0, v0 = a["k_cache"].clone(), a["v_cache"].clone()
+    kr, vr = k0.clone(), v0.clone()
+    _inject(inject_context, c, a)
+    _inject(inject_context_reference, c, a, k_cache=kr, v_cache=vr)
+    torch.testing.assert_close(a["k_cache"], kr, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(a["v_cache"], vr, atol=2e-5, rtol=2e-5)
+    changed = (a["k_cache"] != k0).any(-1)  # [L, slots, Hkv, seq]
+    assert int(changed.sum()) == c["L"] * c["Hkv"] * 9  # 9 rows, nothing else moved
+
+
+def test_inject_context_rows_independent_and_empty():
+    """A row's K/V do not depend on the rows beside it (one call = one call per request, bit for
+    bit); zero rows write nothing."""
+    c, a = _inject_case("LlamaForCausalLM", hidden=64, inter=64)
+    ks, vs = a["k_cache"].clone(), a["v_cache"].clone()
+    _inject(inject_context, c, a)
+    cu = a["cu_seqlens"].tolist()
+    for r in range(len(cu) - 1):
+        rows = slice(cu[r], cu[r + 1])
+        _inject(
+            inject_context,
+            c,
+            a,
+            features=a["features"][rows].contiguous(),
+            positions=a["positions"][rows].contiguous(),
+            cu_seqlens=torch.tensor([0, cu[r + 1] - cu[r]]),
+            slots=a["slots"][r : r + 1].contiguous(),
+            base=a["base"][r : r + 1].contiguous(),
+            k_cache=ks,
+            v_cache=vs,
+        )
+    assert torch.equal(ks, a["k_cache"]) and torch.equal(vs, a["v_cache"])
+    k0 = ks.clone()
+    none = torch.zeros(0, dtype=torch.int64)
+    empty = dict(features=torch.zeros(0, a["features"].shape[1]), positions=none, slots=none, base=none)
+    _inject(inject_context, c, a, **empty, cu_seqlens=torch.tensor([0]), k_cache=ks)
+    assert torch.equal(ks, k0)
+
+
+def test_inject_context_every_isa_agrees():
+    code = r"""
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+from test_target_forward import _inject_case, _inject
+from dspark_native.ops import inject_context, target_forward_isa
+out = []
+for blocks, base in (((3, 8), (4, 2)), ((1,), (5,)), ((5,), (0,))):
+    c, a = _inject_case("LlamaForCausalLM", blocks=blocks, base=base, hidden=64, inter=64)
+    _inject(inject_context, c, a)
+    out += a["k_cache"].flatten().tolist() + a["v_cache"].flatten().tolist()
+print(json.dumps(dict(isa=target_forward_isa(), kv=out)))
+"""
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = {}
+    for isa in ISAS:
+        env = dict(os.environ, DSPARK_CPU_ISA=isa)
+        r = subprocess.run([sys.executable, "-c", code, here], env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        res = json.loads(r.stdout.strip().splitlines()[-1])
+        out[res["isa"]] = torch.tensor(res["kv"])
+    assert "generic" in out
+    for name, kv in out.items():
+        torch.testing.assert_close(kv, out["generic"], atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_inject_context_hostile_input_named():
+    c, a = _inject_case()
+    k0 = a["k_cache"].clone()
+    with pytest.raises(RuntimeError, match="slots must be distinct"):
+        _inject(inject_context, c, a, slots=torch.tensor([1, 1, 0]))
+    with pytest.raises(RuntimeError, match="exceeds max_seq"):
+        _inject(inject_context, c, a, base=torch.tensor([4, 0, 20]))
+    with pytest.raises(RuntimeError, match="fc must hold the panels"):
+        _inject(inject_context, c, a, fc=a["fc"][:-32].contiguous())
+    with pytest.raises(RuntimeError, match="3 tensors per layer"):
+        _inject(inject_context, c, a, layer_weights=a["layer_weights"][:-1])
+    with pytest.raises(TypeError, match="features must be Float"):
+        _inject(inject_context, c, a, features=a["features"].double())
+    with pytest.raises(RuntimeError, match="cu_seqlens must start at 0 and end at num_rows"):
+        _inject(inject_context, c, a, cu_seqlens=torch.tensor([0, 3, 4, 8]))
+    assert torch.equal(a["k_cache"], k0)  # nothing written on error
+    c2, a2 = _inject_case("LlamaForCausalLM", num_attention_heads=2, num_key_value_heads=1, head_dim=12)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        _inject(inject_context, c2, a2)
+
+
+def test_inject_context_opcheck():
+    c, a = _inject_case(blocks=(2, 1), base=(3, 0))
+    args = (
+        a["features"],
+        a["positions"],
+        a["cu_seqlens"],
+        a["slots"],
+        a["base"],
+        a["k_cache"],
+        a["v_cache"],
+        a["fc"],
+        a["context_norm"],
+        a["layer_weights"],
+        a["inv_freq"],
+        c["Hq"],
+        1e-6,
+    )
+    torch.library.opcheck(torch.ops.dspark.inject_context.default, args, test_utils=("test_schema", "test_faketensor"))

@@ -910,6 +910,133 @@ class Forward {
   std::vector<int32_t> feature_slot_;
 };
 
+// Drafter context injection (dspark_inject_context_cpu): fc + hidden_norm of the context rows,
+// then per layer the k/v panels of its qkv weight, k norm + RoPE, cache writes. Same team and
+// phase structure as Forward; the q panels are never read.
+class InjectContext {
+ public:
+  InjectContext(const dspark_inject_context_params& p, int nt) : p_(p), nt_(nt), barrier_(nt) {
+    const int64_t N = p.num_rows, H = p.hidden_size, d = p.head_dim;
+    Hq_ = p.num_heads;
+    Hkv_ = p.num_kv_heads;
+    nqkv_ = (Hq_ + 2 * Hkv_) * d;
+    k2f_ = (p.feature_size + 1) / 2;
+    k2h_ = (H + 1) / 2;
+    xf_.assign(static_cast<size_t>(N) * k2f_, 0u);
+    xb_.assign(static_cast<size_t>(N) * k2h_, 0u);
+    c_.assign(static_cast<size_t>(N) * H, 0.0f);
+    kv_.assign(static_cast<size_t>(N) * nqkv_, 0.0f);  // q columns stay unused
+    cos_.assign(static_cast<size_t>(N) * (d / 2), 0.0f);
+    sin_.assign(static_cast<size_t>(N) * (d / 2), 0.0f);
+    row_req_.resize(N);
+    row_cache_pos_.resize(N);
+    for (int32_t r = 0; r < p.num_requests; ++r)
+      for (int64_t t = p.cu_seqlens[r]; t < p.cu_seqlens[r + 1]; ++t) {
+        row_req_[t] = r;
+        row_cache_pos_[t] = p.base[r] + (t - p.cu_seqlens[r]);
+      }
+    which_ = isa();
+  }
+
+  void run(int tid) {
+    const dspark_inject_context_params& p = p_;
+    const int64_t N = p.num_rows, H = p.hidden_size, d = p.head_dim, half = d / 2;
+    int64_t b, e;
+    split(N, tid, nt_, b, e);
+    for (int64_t t = b; t < e; ++t) {
+      to_pairs(p.features + t * p.feature_size, p.feature_size, &xf_[t * k2f_]);
+      for (int64_t i = 0; i < half; ++i) {
+        const float ang = static_cast<float>(p.positions[t]) * p.inv_freq[i];
+        cos_[t * half + i] = std::cos(ang);
+        sin_[t * half + i] = std::sin(ang);
+      }
+    }
+    barrier_.wait();
+    split((H + kPanel - 1) / kPanel, tid, nt_, b, e);
+    gemm_panels(which_, xf_.data(), k2f_, N, p.fc, k2f_, H, b, e, c_.data(), H, Epilogue::kStore);
+    barrier_.wait();
+    split(N, tid, nt_, b, e);
+    for (int64_t t = b; t < e; ++t) rmsnorm_to_pairs(&c_[t * H], p.context_norm, H, p.rms_norm_eps, &xb_[t * k2h_]);
+    const int64_t panel_k = Hq_ * d / kPanel, panels_qkv = (nqkv_ + kPanel - 1) / kPanel;
+    const int64_t layer_stride = p.max_requests * Hkv_ * p.max_seq * d;
+    for (int32_t l = 0; l < p.num_layers; ++l) {
+      barrier_.wait();  // xb_ ready (l = 0) / the previous layer's kv_ consumed
+      split(panels_qkv - panel_k, tid, nt_, b, e);
+      gemm_panels(which_, xb_.data(), k2h_, N, p.layers[l].qkv, k2h_, nqkv_, panel_k + b, panel_k + e, kv_.data(), nqkv_,
+                  Epilogue::kStore);
+      barrier_.wait();
+      split(N * Hkv_, tid, nt_, b, e);
+      for (int64_t u = b; u < e; ++u) kv_unit(l, u / Hkv_, u % Hkv_, layer_stride);
+    }
+  }
+
+ private:
+  // k head `kvh` of row t: bias, norm (Qwen3), RoPE, into the cache; its v head likewise.
+  void kv_unit(int32_t l, int64_t t, int64_t kvh, int64_t layer_stride) {
+    const dspark_inject_context_params& p = p_;
+    const int64_t d = p.head_dim, half = d / 2;
+    const dspark_target_layer& L = p.layers[l];
+    const int64_t kcol = (Hq_ + kvh) * d, vcol = (Hq_ + Hkv_ + kvh) * d;
+    float* x = &kv_[t * nqkv_ + kcol];
+    if (L.qkv_bias != nullptr)
+      for (int64_t i = 0; i < d; ++i) x[i] += L.qkv_bias[kcol + i];
+    if (L.k_norm != nullptr) {
+      const float r = 1.0f / std::sqrt(mean_square(x, d) + p.rms_norm_eps);
+      for (int64_t i = 0; i < d; ++i) x[i] = L.k_norm[i] * (x[i] * r);
+    }
+    const float* c = &cos_[t * half];
+    const float* s = &sin_[t * half];
+    const int64_t r = row_req_[t];
+    const int64_t off = l * layer_stride + ((p.slots[r] * Hkv_ + kvh) * p.max_seq + row_cache_pos_[t]) * d;
+    float* kdst = p.k_cache + off;
+    for (int64_t i = 0; i < half; ++i) {
+      const float x1 = x[i], x2 = x[i + half];
+      kdst[i] = x1 * c[i] - x2 * s[i];
+      kdst[i + half] = x2 * c[i] + x1 * s[i];
+    }
+    const float* vsrc = &kv_[t * nqkv_ + vcol];
+    float* vdst = p.v_cache + off;
+    if (L.qkv_bias != nullptr)
+      for (int64_t i = 0; i < d; ++i) vdst[i] = vsrc[i] + L.qkv_bias[vcol + i];
+    else
+      std::memcpy(vdst, vsrc, sizeof(float) * d);
+  }
+
+  const dspark_inject_context_params& p_;
+  const int nt_;
+  Barrier barrier_;
+  Isa which_;
+  int64_t Hq_, Hkv_, nqkv_, k2f_, k2h_;
+  std::vector<uint32_t> xf_, xb_;
+  std::vector<float> c_, kv_, cos_, sin_;
+  std::vector<int64_t> row_req_, row_cache_pos_;
+};
+
+// Runs work.run(tid) on a team of nt threads (the caller is thread 0); rethrows the first error.
+template <class Work>
+void run_team(Work& work, int nt) {
+  std::vector<std::thread> team;
+  std::vector<std::exception_ptr> errors(nt);
+  for (int t = 1; t < nt; ++t)
+    team.emplace_back([&, t] {
+      try {
+        work.run(t);
+        Forward::finish_thread();
+      } catch (...) {
+        errors[t] = std::current_exception();
+      }
+    });
+  try {
+    work.run(0);
+    Forward::finish_thread();
+  } catch (...) {
+    errors[0] = std::current_exception();
+  }
+  for (auto& th : team) th.join();
+  for (auto& e : errors)
+    if (e) std::rethrow_exception(e);
+}
+
 const char* isa_name(Isa v) {
   switch (v) {
     case Isa::kAmx: return "amx-bf16";
@@ -982,6 +1109,46 @@ dspark_status check(const dspark_target_forward_params* p) {
   return DSPARK_OK;
 }
 
+#define IC_REQUIRE(cond, msg) DSPARK_CHECK_ARG(cond, std::string("inject_context: ") + msg)
+
+dspark_status check_inject(const dspark_inject_context_params* p) {
+  IC_REQUIRE(p != nullptr, "params is NULL");
+  IC_REQUIRE(p->num_layers >= 1, "num_layers must be >= 1");
+  IC_REQUIRE(p->hidden_size >= 1, "hidden_size must be >= 1");
+  IC_REQUIRE(p->num_heads >= 1 && p->num_kv_heads >= 1 && p->num_heads % p->num_kv_heads == 0,
+             "num_heads must be a positive multiple of num_kv_heads");
+  IC_REQUIRE(p->head_dim >= 2 && p->head_dim % 2 == 0 && p->head_dim <= 256,
+             "head_dim must be even and in [2, 256], got " + std::to_string(p->head_dim));
+  IC_REQUIRE(static_cast<int64_t>(p->num_heads) * p->head_dim % kPanel == 0,
+             "num_heads * head_dim must be a multiple of 16 (the k rows start a panel)");
+  IC_REQUIRE(p->rms_norm_eps > 0.0f, "rms_norm_eps must be > 0");
+  IC_REQUIRE(p->feature_size >= 1, "feature_size must be >= 1");
+  IC_REQUIRE(p->inv_freq && p->layers && p->fc && p->context_norm, "inv_freq, layers, fc and context_norm are required");
+  for (int32_t l = 0; l < p->num_layers; ++l)
+    IC_REQUIRE(p->layers[l].qkv != nullptr, "layers[" + std::to_string(l) + "].qkv is NULL");
+  IC_REQUIRE(p->num_requests >= 0 && p->num_rows >= 0, "num_requests and num_rows must be >= 0");
+  IC_REQUIRE(p->max_requests >= 1 && p->max_seq >= 1, "max_requests and max_seq must be >= 1");
+  if (p->num_rows > 0)
+    IC_REQUIRE(p->features && p->positions && p->k_cache && p->v_cache, "features, positions, k_cache, v_cache are required");
+  IC_REQUIRE(p->cu_seqlens != nullptr, "cu_seqlens is required");
+  IC_REQUIRE(p->num_requests == 0 || (p->slots && p->base), "slots and base are required");
+  IC_REQUIRE(p->cu_seqlens[0] == 0 && p->cu_seqlens[p->num_requests] == p->num_rows,
+             "cu_seqlens must start at 0 and end at num_rows");
+  std::vector<char> seen(static_cast<size_t>(p->max_requests), 0);
+  for (int32_t r = 0; r < p->num_requests; ++r) {
+    const int64_t n = p->cu_seqlens[r + 1] - p->cu_seqlens[r];
+    const std::string rs = std::to_string(r);
+    IC_REQUIRE(n >= 0, "cu_seqlens must be non-decreasing (request " + rs + ")");
+    IC_REQUIRE(p->slots[r] >= 0 && p->slots[r] < p->max_requests, "slots[" + rs + "] out of [0, max_requests)");
+    IC_REQUIRE(!seen[p->slots[r]], "slots must be distinct (slot " + std::to_string(p->slots[r]) + " twice)");
+    seen[p->slots[r]] = 1;
+    IC_REQUIRE(p->base[r] >= 0 && p->base[r] + n <= p->max_seq,
+               "base[" + rs + "] + rows = " + std::to_string(p->base[r] + n) + " exceeds max_seq = " +
+                   std::to_string(p->max_seq));
+  }
+  return DSPARK_OK;
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace dspark
@@ -1001,30 +1168,29 @@ extern "C" dspark_status dspark_target_forward_cpu(const dspark_target_forward_p
     const int want = params->num_threads > 0 ? params->num_threads : cpu::num_threads();
     const int nt = std::max(1, want);
     cpu::Forward fwd(*params, nt);
-    std::vector<std::thread> team;
-    std::vector<std::exception_ptr> errors(nt);
-    for (int t = 1; t < nt; ++t)
-      team.emplace_back([&, t] {
-        try {
-          fwd.run(t);
-          cpu::Forward::finish_thread();
-        } catch (...) {
-          errors[t] = std::current_exception();
-        }
-      });
-    try {
-      fwd.run(0);
-      cpu::Forward::finish_thread();
-    } catch (...) {
-      errors[0] = std::current_exception();
-    }
-    for (auto& th : team) th.join();
-    for (auto& e : errors)
-      if (e) std::rethrow_exception(e);
+    cpu::run_team(fwd, nt);
   } catch (const std::bad_alloc&) {
     return fail(DSPARK_ERR_OUT_OF_MEMORY, "target_forward: out of host memory for scratch");
   } catch (const std::exception& e) {
     return fail(DSPARK_ERR_INTERNAL, std::string("target_forward: ") + e.what());
+  }
+  return DSPARK_OK;
+}
+
+extern "C" dspark_status dspark_inject_context_cpu(const dspark_inject_context_params* params) {
+  using namespace dspark;
+  clear_error();
+  const dspark_status st = cpu::check_inject(params);
+  if (st != DSPARK_OK || params->num_rows == 0) return st;
+  try {
+    const int want = params->num_threads > 0 ? params->num_threads : cpu::num_threads();
+    const int nt = std::max(1, want);
+    cpu::InjectContext work(*params, nt);
+    cpu::run_team(work, nt);
+  } catch (const std::bad_alloc&) {
+    return fail(DSPARK_ERR_OUT_OF_MEMORY, "inject_context: out of host memory for scratch");
+  } catch (const std::exception& e) {
+    return fail(DSPARK_ERR_INTERNAL, std::string("inject_context: ") + e.what());
   }
   return DSPARK_OK;
 }

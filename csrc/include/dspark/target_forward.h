@@ -103,6 +103,51 @@ typedef struct dspark_target_forward_params {
   int32_t block_attention;   /* 0: causal rows; 1: each row attends to its request's whole block */
 } dspark_target_forward_params;
 
+/*
+ * Drafter context injection (DFlash's "KV injection"): a DFlash / DSpark drafter's layers see the
+ * target's context only through K/V cached from the target's features. For N context rows
+ * (request r owns rows cu_seqlens[r] .. cu_seqlens[r+1]-1, at cache positions base[r] + (t - cu[r])):
+ *   c     = bf16(rmsnorm(bf16(features[t]) W_fc^T) * context_norm)          (fc, then hidden_norm)
+ *   k, v  = c W_{k,v}^T (+ qkv_bias), per layer l: the k and v rows of layers[l].qkv
+ *   k     = rmsnorm_per_head(k) * k_norm (Qwen3 only), then rotate-half RoPE at positions[t]
+ *   -> layer l's cache, slot slots[r], position base[r] + (t - cu[r]).
+ * Context rows bypass the layers' input norm: c is written as is (the drafter's hidden_norm
+ * plays that part). Only qkv, k_norm and qkv_bias of each layer are read. Same GEMM rounding as
+ * dspark_target_forward_cpu (bf16 inputs, fp32 accumulation, fixed order: a row's K/V do not
+ * depend on the other rows). Restrictions: num_heads * head_dim a multiple of 16 (the k rows
+ * start a panel), head_dim even and <= 256, fp32 cache.
+ */
+typedef struct dspark_inject_context_params {
+  int32_t num_layers;        /* >= 1 */
+  int32_t hidden_size;       /* H >= 1 */
+  int32_t num_heads;         /* Hq >= 1; Hq d a multiple of 16 */
+  int32_t num_kv_heads;      /* Hkv >= 1, divides Hq */
+  int32_t head_dim;          /* d, even, <= 256 */
+  float rms_norm_eps;        /* > 0 */
+  const float* inv_freq;     /* [d / 2] RoPE inverse frequencies (scaling applied) */
+  const dspark_target_layer* layers; /* [num_layers]: qkv panels of [(Hq + 2 Hkv) d, H], k_norm, qkv_bias */
+  int64_t feature_size;      /* F >= 1: columns of features (k target layers x H) */
+  const uint16_t* fc;        /* panels of [H, F] */
+  const float* context_norm; /* [H] */
+
+  int32_t num_requests;      /* R >= 0 */
+  int64_t num_rows;          /* N >= 0 */
+  const int64_t* cu_seqlens; /* [R + 1] non-decreasing, cu[0] = 0, cu[R] = N */
+  const int64_t* slots;      /* [R] distinct cache slots in [0, max_requests) */
+  const int64_t* base;       /* [R] cached positions of each request before this call */
+  const int64_t* positions;  /* [N] RoPE position of each row */
+  const float* features;     /* [N, F] fp32 target features */
+
+  float* k_cache;            /* [num_layers, max_requests, Hkv, max_seq, d] fp32, contiguous */
+  float* v_cache;
+  int64_t max_requests;
+  int64_t max_seq;           /* base[r] + rows of r must be <= max_seq */
+  int32_t num_threads;       /* 0 = dspark_set_num_threads' value / all cores */
+} dspark_inject_context_params;
+
+/* Appends the context rows' K/V; on error nothing is written (all checks precede the work). */
+DSPARK_API dspark_status dspark_inject_context_cpu(const dspark_inject_context_params* params);
+
 /* Elements (uint16) of the panel array of a [n, k] weight (16-row panels of k/2 bf16 pairs). */
 DSPARK_API int64_t dspark_target_panel_elements(int64_t n, int64_t k);
 

@@ -198,6 +198,11 @@ class DSparkDrafter(nn.Module):
         #: backbone of :meth:`propose` on the CPU: None = the native whole-forward kernel where it
         #: can run (:meth:`native_propose_ok`), False = always the torch layers
         self.native_propose: bool | None = None
+        #: threads of the native ingest of up to 16 rows (a round's; 0: the kernel's default, every
+        #: core; a prompt's ingest always uses every core). One: a few rows' GEMMs (~4 MB of bf16
+        #: weights) take one core ~0.4 ms, less than a second thread's start-up and barriers
+        #: cost when the cores are busy.
+        self.ingest_threads: int = 1
 
     @property
     def dtype(self) -> torch.dtype:
@@ -322,6 +327,9 @@ class DSparkDrafter(nn.Module):
         N = ctx_features.shape[0]
         if N == 0:
             return
+        if cache.k_cache.dtype == torch.float32 and self._native_ingest_ok():
+            self._ingest_native(req_l, base_l, counts_l, cu_l, ctx_features)
+            return
         dev = self.device
         meta = upload(torch.tensor([req_l, base_l, counts_l, cu_l[:-1]], dtype=torch.int64), dev)
         req, base, counts, starts = meta[0], meta[1], meta[2], meta[3]
@@ -336,6 +344,58 @@ class DSparkDrafter(nn.Module):
             cache.k_cache[li, slot_t, :, pos_t] = k.to(cache.dtype)
             cache.v_cache[li, slot_t, :, pos_t] = v.to(cache.dtype)
         cache.advance(req, counts, req_l, counts_l)
+
+    def _native_ingest_ok(self) -> bool:
+        """The native ingest (``inject_context``) runs where the native propose does, for an fc
+        without bias and q rows that fill whole panels (Hq d a multiple of 16)."""
+        c = self.config
+        return self.fc.bias is None and (c.num_attention_heads * c.head_dim) % 16 == 0 and self.native_propose_ok()
+
+    def _ingest_native(self, req_l, base_l, counts_l, cu_l, ctx_features: torch.Tensor) -> None:
+        """:meth:`ingest` as one ``inject_context`` call (bf16 panels, fp32 accumulation, the
+        drafter's thread team): fc + hidden_norm + every layer's K/V of the new context rows."""
+        from ..ops.target_forward import inject_context
+
+        c, cache = self.config, self.cache
+        nw = self._native_weights()
+        fc, norm = self._native_context_weights()
+        lw = nw[0].layer_weights
+        layer_kv = [t for li in range(len(self.layers)) for t in (lw[9 * li], lw[9 * li + 7], lw[9 * li + 8])]
+        pos = torch.cat([torch.arange(b, b + n, dtype=torch.int64) for b, n in zip(base_l, counts_l, strict=True)])
+        feats = ctx_features.to(torch.float32).contiguous()
+        inject_context(
+            feats,
+            pos,
+            torch.tensor(cu_l, dtype=torch.int64),
+            torch.tensor(req_l, dtype=torch.int64),
+            torch.tensor(base_l, dtype=torch.int64),
+            cache.k_cache,
+            cache.v_cache,
+            fc,
+            norm,
+            layer_kv,
+            nw[0].inv_freq,
+            num_heads=c.num_attention_heads,
+            eps=c.rms_norm_eps,
+            num_threads=self.ingest_threads if feats.shape[0] <= 16 else 0,  # a prompt: every core
+        )
+        counts = torch.tensor(counts_l, dtype=torch.int64)
+        cache.advance(torch.tensor(req_l, dtype=torch.int64), counts, req_l, counts_l)
+
+    def _native_context_weights(self):
+        """(fc panels, hidden_norm weight fp32) for ``inject_context``, packed again whenever
+        either source weight changes."""
+        from ..ops.target_forward import pack_panels
+
+        srcs = (self.fc.weight, self.hidden_norm.weight)
+        key = tuple((t.data_ptr(), t._version) for t in srcs)
+        cached = getattr(self, "_native_ctx_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        with torch.no_grad():
+            out = (pack_panels(self.fc.weight), self.hidden_norm.weight.detach().float().contiguous())
+        self._native_ctx_cache = (key, out)
+        return out
 
     def crop(self, request_ids, lengths) -> None:
         """Roll the context cache of the given slots back to ``lengths`` positions."""

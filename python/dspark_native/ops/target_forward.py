@@ -1,5 +1,6 @@
-"""``target_forward``: typed wrapper and fake kernel (schema and kernel: csrc/torch/target_forward.cpp,
-contract: csrc/include/dspark/target_forward.h), plus the weight packing the kernel reads.
+"""``target_forward`` and ``inject_context``: typed wrappers and fake kernels (schemas and kernels:
+csrc/torch/target_forward.cpp, contract: csrc/include/dspark/target_forward.h), plus the weight
+packing the kernels read.
 
 Used by :mod:`dspark_native.models.fused` (``TargetModel.set_weights("native")``); engines that
 hold their own weights can call it directly.
@@ -16,7 +17,7 @@ from ._util import register_fake_if_built
 
 load_library()
 
-__all__ = ["pack_panels", "pack_gate_up_panels", "target_forward", "target_forward_isa"]
+__all__ = ["pack_panels", "pack_gate_up_panels", "target_forward", "inject_context", "target_forward_isa"]
 
 PANEL = 16  # output features per panel
 
@@ -112,6 +113,55 @@ def target_forward(
     )
 
 
+def inject_context(
+    features: torch.Tensor,
+    positions: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    slots: torch.Tensor,
+    base: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    fc: torch.Tensor,
+    context_norm: torch.Tensor,
+    layer_weights: Sequence[torch.Tensor],
+    inv_freq: torch.Tensor,
+    *,
+    num_heads: int,
+    eps: float,
+    num_threads: int = 0,
+) -> None:
+    """A DFlash / DSpark drafter's context K/V from target features ("KV injection", CPU).
+
+    Args:
+        features: [N, F] fp32 target features (F = k target layers x H), rows of request r at
+            cu_seqlens[r] .. cu_seqlens[r+1]-1, cache positions base[r] + (t - cu[r]).
+        positions: [N] int64 RoPE positions. cu_seqlens: [R + 1] int64. slots, base: [R] int64.
+        k_cache, v_cache: [L, max_requests, Hkv, max_seq, d] fp32, written in place.
+        fc: panels of the [H, F] fc weight (:func:`pack_panels`). context_norm: [H] fp32
+            (the drafter's hidden_norm).
+        layer_weights: 3 tensors per layer: the layer's qkv panels (as for
+            :func:`target_forward`; only its k and v rows are read), k_norm [d] fp32 and
+            qkv_bias [(Hq + 2 Hkv) d] fp32 (empty tensors when the model has none).
+        inv_freq: [d / 2] fp32. num_heads: Hq (Hq d a multiple of 16).
+    """
+    torch.ops.dspark.inject_context(
+        features,
+        positions,
+        cu_seqlens,
+        slots,
+        base,
+        k_cache,
+        v_cache,
+        fc,
+        context_norm,
+        list(layer_weights),
+        inv_freq,
+        num_heads,
+        eps,
+        num_threads,
+    )
+
+
 def target_forward_isa() -> str:
     """The GEMM micro-kernel the CPU runs: "avx512-bf16", "avx512", "avx2" or "generic"."""
     return torch.ops.dspark.target_forward_isa()
@@ -141,3 +191,23 @@ def _fake(
 ):
     T, H = h.shape
     return (h.new_empty(logit_rows.shape[0], vocab_size), h.new_empty(T, len(feature_layers) * H))
+
+
+@register_fake_if_built("inject_context")
+def _fake_inject(
+    features,
+    positions,
+    cu_seqlens,
+    slots,
+    base,
+    k_cache,
+    v_cache,
+    fc,
+    context_norm,
+    layer_weights,
+    inv_freq,
+    num_heads,
+    eps,
+    num_threads=0,
+):
+    return None

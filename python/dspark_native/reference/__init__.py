@@ -9,6 +9,6 @@ from .dspark_draft import dspark_draft_reference  # noqa: F401
 from .kv_compact import kv_compact_reference  # noqa: F401
 from .sampling import *  # noqa: F401,F403
 from .schedule_prefix import schedule_prefix_reference  # noqa: F401
-from .target_forward import target_forward_reference  # noqa: F401
+from .target_forward import inject_context_reference, target_forward_reference  # noqa: F401
 from .verify_chain import verify_chain_reference  # noqa: F401
 from .verify_tree import verify_tree_reference  # noqa: F401

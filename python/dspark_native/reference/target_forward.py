@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["target_forward_reference", "unpack_panels"]
+__all__ = ["target_forward_reference", "inject_context_reference", "unpack_panels"]
 
 PANEL = 16
 
@@ -109,3 +109,49 @@ def target_forward_reference(
     logits = (_bf16(_rms(rows, final_norm, eps)) @ Wh.T).float()
     features = torch.cat([feats[i] for i in feature_layers], -1) if feature_layers else h.new_empty(T, 0)
     return logits, features
+
+
+def inject_context_reference(
+    features,
+    positions,
+    cu_seqlens,
+    slots,
+    base,
+    k_cache,
+    v_cache,
+    fc,
+    context_norm,
+    layer_weights: Sequence[torch.Tensor],
+    inv_freq,
+    *,
+    num_heads: int,
+    eps: float,
+    num_threads: int = 0,
+) -> None:
+    """Reference of :func:`dspark_native.ops.inject_context` (writes the caches in place)."""
+    N, F = features.shape
+    L, _, Hkv, _, d = k_cache.shape
+    H = context_norm.shape[0]
+    Hq, half = num_heads, d // 2
+    nq = (Hq + 2 * Hkv) * d
+    cu = cu_seqlens.tolist()
+    row_req = [r for r in range(len(cu) - 1) for _ in range(cu[r], cu[r + 1])]
+    row_pos = [int(base[r]) + t - cu[r] for t, r in enumerate(row_req)]
+    ang = positions.float()[:, None] * inv_freq.float()[None, :]
+    cos, sin = torch.cos(ang)[:, None, :], torch.sin(ang)[:, None, :]
+    c = (_bf16(features) @ unpack_panels(fc, H, F).double().T).float()
+    x = _bf16(_rms(c, context_norm, eps))
+    for li in range(L):
+        wq, k_norm, bias = layer_weights[3 * li : 3 * li + 3]
+        kv = (x @ unpack_panels(wq, nq, H).double()[Hq * d :].T).float()
+        if bias.numel():
+            kv = kv + bias.float()[Hq * d :]
+        k = kv[:, : Hkv * d].reshape(N, Hkv, d)
+        v = kv[:, Hkv * d :].reshape(N, Hkv, d)
+        if k_norm.numel():
+            k = _rms(k, k_norm, eps)
+        k1, k2 = k[..., :half], k[..., half:]
+        k = torch.cat([k1 * cos - k2 * sin, k2 * cos + k1 * sin], -1)
+        for t, r in enumerate(row_req):
+            k_cache[li, slots[r], :, row_pos[t]] = k[t]
+            v_cache[li, slots[r], :, row_pos[t]] = v[t]
